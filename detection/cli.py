@@ -1,0 +1,157 @@
+"""`python -m detection COMMAND`: the entry points of the MLproject, usable without `mlflow run`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+DESCRIPTION = """\
+Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow.
+
+Typical use:
+  python -m detection synth data/demo --images 12       # offline demo data
+  python -m detection validate data/demo                # every problem in one pass
+  python -m detection train --config experiments/smoke.yaml --data-dir data/demo
+  mlflow ui --backend-store-uri sqlite:///mlflow.db      # look at the runs
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train, log and register a model",
+        description="Train the configured Faster R-CNN on DATA_DIR as one MLflow run: every config value as a "
+                    "param, losses per step, validation detection rate and FDR per epoch, a checkpoint per epoch, "
+                    "and a registered model version with the alias tracking.alias (default challenger). Under "
+                    "`mlflow run` it attaches to the run MLflow made.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection train --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1\n"
+               "  python -m detection train --resume 0123abcd...   # continue an interrupted run\n",
+    )
+    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/*.yaml (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)")
+    p.add_argument("--resume", default="", metavar="RUN_ID",
+                   help="continue RUN_ID from its last checkpoint, with its recorded config and split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+
+    p = sub.add_parser("validate", help="list every problem of a dataset folder",
+                       description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
+                                   "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
+                                   "no image without ground truth or the reverse). Exits 1 when any problem is found.")
+    p.add_argument("data_dir", type=Path)
+
+    p = sub.add_parser("synth", help="write an H&E-looking synthetic dataset (offline demo data)",
+                       description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
+                                   "tumour nuclei in nests and small dark non-tumour nuclei.")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--images", type=int, default=12, help="number of images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--per-case", type=int, default=4, help="images per case (default: %(default)s)")
+
+    p = sub.add_parser("stats", help="RGB mean and std of the training split, for model.image_mean/std",
+                       description="Measure per-channel pixel mean and std over the training split that CONFIG "
+                                   "would make of DATA_DIR, and optionally write a config that uses them.")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)")
+    p.add_argument("--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from . import tracking
+    from .train import train
+
+    overrides = [o for o in args.overrides if o.strip()]
+    cfg = None
+    if not args.resume:
+        try:
+            cfg = config_mod.load(args.config, overrides)
+        except config_mod.ConfigError as e:
+            tracking.fail_launched_run(e)
+            raise
+    elif overrides:
+        print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
+    run_id, version = train(cfg, args.data_dir, args.resume or None)
+    print(f"run {run_id} finished; registered version {version}. Look at it with: "
+          f"mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .data import check_dataset
+
+    problems = check_dataset(args.data_dir)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.data_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.data_dir}: valid")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .progress import Bar
+    from .synth import write_dataset
+
+    if args.images < 1 or args.per_case < 1:
+        raise config_mod.ConfigError(f"--images={args.images} and --per-case={args.per_case} must be >= 1")
+    with Bar(args.images, "synth", every=1) as bar:
+        write_dataset(args.out_dir, args.images, args.seed, args.per_case, on_image=bar.advance)
+    print(f"wrote {args.images} images to {args.out_dir}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .data import load_dataset
+    from .progress import Bar
+    from .split import make_split
+    from .stats import as_config, channel_stats
+
+    cfg = config_mod.load(args.config)
+    samples = load_dataset(args.data_dir)
+    split = make_split(samples, cfg.data.split, {s.name: "" for s in samples})
+    train = [s for s in samples if s.name in set(split.train)]
+    with Bar(len(train), "stats", every=10) as bar:
+        stats = channel_stats(train, on_image=bar.advance)
+    print(f"training split of {args.data_dir}: {stats.images} images")
+    print(f"  image_mean {list(stats.mean)}")
+    print(f"  image_std  {list(stats.std)}")
+    print(f"  variance of per-image means {list(stats.var_of_image_means)} (cf. the paper's image_std)")
+    if args.write:
+        base = os.path.relpath(Path(args.config).resolve(), args.write.resolve().parent)
+        args.write.write_text(as_config(stats, base, args.data_dir.name))
+        print(f"wrote {args.write}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DatasetError
+    from .model import WeightsError
+    from .split import SplitError
+    from .tracking import TrackingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,102 @@
+"""The registered model: an MLflow pyfunc holding the weights (a state_dict) and the resolved config.
+
+A state_dict plus config loads on any machine, GPU or not, without pickling torchvision classes.
+Input: one RGB uint8 image (H, W, 3), a batch (N, H, W, 3), a list of them, or a DataFrame whose
+`image` column holds base64-encoded TIFF or PNG files. Output: one row per detection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import tifffile
+import torch
+import yaml
+
+from . import config as config_mod
+from .model import build_model
+
+COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
+
+
+class InputError(ValueError):
+    pass
+
+
+def decode_image(data: str | bytes) -> np.ndarray:
+    """A base64 (or raw) TIFF or PNG file as an RGB uint8 array."""
+    raw = data
+    if isinstance(data, str):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InputError(f"image column holds a string that is not base64 ({e})") from None
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        from torchvision.io import ImageReadMode, decode_png
+
+        return decode_png(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    try:
+        return tifffile.imread(io.BytesIO(raw))
+    except Exception as e:
+        raise InputError(f"image bytes are neither PNG nor a readable TIFF ({type(e).__name__}: {e})") from None
+
+
+def as_images(model_input) -> list[np.ndarray]:
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise InputError(f"DataFrame input needs an 'image' column of base64 TIFF/PNG, got {list(model_input.columns)}")
+        images = [decode_image(v) for v in model_input["image"]]
+    elif isinstance(model_input, np.ndarray):
+        images = [model_input] if model_input.ndim == 3 else list(model_input)
+    elif isinstance(model_input, (list, tuple)):
+        images = [np.asarray(i) for i in model_input]
+    else:
+        raise InputError(f"unsupported input type {type(model_input).__name__}; send RGB uint8 arrays or base64 images")
+    if not images:
+        raise InputError("no images in the request")
+    for i, img in enumerate(images):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise InputError(f"image {i}: expected RGB uint8 (H, W, 3), got {img.dtype} {img.shape}")
+    return images
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, images: list[np.ndarray], classes: tuple[str, ...]) -> pd.DataFrame:
+    """Run the model on whole images (one at a time, to bound memory) as a table of detections."""
+    rows = []
+    for i, img in enumerate(images):
+        tensor = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        out = model([tensor])[0]
+        boxes = out["boxes"].numpy()
+        labels = out["labels"].numpy()
+        rows.append(pd.DataFrame({
+            "image": i,
+            "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+            "score": out["scores"].numpy(),
+            "label": labels,
+            "class": [classes[k - 1] for k in labels],
+            "cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
+        }))
+    return pd.concat(rows, ignore_index=True)[COLUMNS]
+
+
+def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[config_mod.Config, torch.nn.Module]:
+    cfg = config_mod.from_dict(yaml.safe_load(Path(config_path).read_text()), source=str(config_path))
+    model = build_model(cfg.model, pretrained=False)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return cfg, model.eval()
+
+
+class Detector(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        return detect(self.model, as_images(model_input), self.config.data.classes)
+

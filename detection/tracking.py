@@ -1,0 +1,194 @@
+"""Every MLflow call of the project, so the engine, metrics and post-processing stay pure.
+
+Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is attached to; run directly, a run
+is created in `tracking.experiment`. A run ends FINISHED only after every metric and artifact is
+written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+from mlflow.tracking import MlflowClient
+
+from .config import Config
+
+TAG = "detection."
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(
+            f"tracking server {uri} is unreachable ({e}); start it (mlflow server --host 127.0.0.1) "
+            f"or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
+def launched_run_id() -> str | None:
+    """The run `mlflow run` made for this process, if any."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri()}: {e.message}") from None
+
+
+def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:
+    """Record why a run launched by `mlflow run` could not start training, and mark it FAILED."""
+    run_id = launched_run_id()
+    if not run_id:
+        return
+    client = MlflowClient()
+    client.set_tag(run_id, TAG + "error", str(error)[:5000])
+    client.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
+    client.set_terminated(run_id, status="FAILED")
+
+
+def read_artifact_text(run_id: str, path: str) -> str:
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"run {run_id} has no artifact {path!r} ({e}); it cannot be resumed") from None
+
+
+def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
+    listed = {a.path for a in MlflowClient().list_artifacts(run_id, str(Path(path).parent))}
+    if path not in listed:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def last_steps(run_id: str) -> dict[str, int]:
+    """The highest step already logged for each metric, so a resumed run logs none twice."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+class Tracker:
+    """The active run's logging calls; steps at or below `skip` (per metric) were logged before."""
+
+    def __init__(self, run_id: str, skip: dict[str, int] | None = None):
+        self.run_id = run_id
+        self.skip = skip or {}
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in values.items() if step > self.skip.get(k, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        logged = get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        mlflow.set_tags({TAG + k: v for k, v in tags.items()})
+
+    def log_text(self, text: str, path: str) -> None:
+        mlflow.log_text(text, path)
+
+    def log_figure(self, figure, path: str) -> None:
+        mlflow.log_figure(figure, path)
+
+    def log_file(self, path: Path, artifact_dir: str) -> None:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+    def log_table(self, table: pd.DataFrame, path: str) -> None:
+        mlflow.log_table(table, path)
+
+    def log_dataset(self, table: pd.DataFrame, source: str, digest: str, name: str, context: str) -> None:
+        dataset = mlflow.data.from_pandas(table, source=LocalArtifactDatasetSource(source), name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+
+
+@contextlib.contextmanager
+def run(experiment: str, resume: str | None, system_metrics: bool) -> Iterator[Tracker]:
+    """Attach to (or create, or reopen for resuming) the run and end it with the right status."""
+    launched = launched_run_id()
+    if resume:
+        get_run(resume)
+        if launched and launched != resume:
+            MlflowClient().set_tag(launched, TAG + "resumed_run", resume)
+        active = mlflow.start_run(run_id=resume, log_system_metrics=system_metrics)
+        skip = last_steps(resume)
+    else:
+        if not launched:
+            mlflow.set_experiment(experiment)
+        active = mlflow.start_run(log_system_metrics=system_metrics)
+        skip = {}
+    try:
+        yield Tracker(active.info.run_id, skip)
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as e:
+        mlflow.set_tag(TAG + "error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of the logged model; listing them skips MLflow's slow inference."""
+    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "scipy", "tifffile", "pyyaml", "cloudpickle"]
+    return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+def log_model(python_model, artifacts: dict[str, str], input_example: np.ndarray, name: str = "model"):
+    """Log the pyfunc, then load it back and predict once: a model that fails here is never registered."""
+    # Any number of RGB uint8 images of any size; inferring from the example would pin its size.
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=python_model,
+        artifacts=artifacts,
+        pip_requirements=requirements(),
+        signature=signature,
+        input_example=input_example,
+    )
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    loaded.predict(input_example)
+    return info
+
+
+def register(model_uri: str, name: str, alias: str, tags: dict[str, str]) -> int:
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
