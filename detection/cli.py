@@ -142,6 +142,7 @@ COMMANDS = {"train": cmd_train, "validate": cmd_validate, "synth": cmd_synth, "s
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetError
+    from .engine import NonFiniteLoss
     from .model import WeightsError
     from .split import SplitError
     from .tracking import TrackingError
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the run is FAILED and keeps its last good checkpoint", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ import contextlib
 import os
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -132,7 +132,9 @@ class Tracker:
         mlflow.log_table(table, path)
 
     def log_dataset(self, table: pd.DataFrame, source: str, digest: str, name: str, context: str) -> None:
-        dataset = mlflow.data.from_pandas(table, source=LocalArtifactDatasetSource(source), name=name, digest=digest)
+        with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
         mlflow.log_input(dataset, context=context)
 
 

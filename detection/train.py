@@ -7,6 +7,7 @@ prepare (config, data, split, model: everything that can fail fast, before a run
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from .progress import Bar
 from .sampling import TrainPatches, collate, validation_patches
 from .split import SPLITS, Split, SplitError, make_split
 
-CHECKPOINT = "checkpoints/last.pt"
+# Checkpoints alternate between two files and `latest.json` names the one last written in full,
+# so a process killed while copying a checkpoint still leaves the previous one intact.
+CHECKPOINT_DIR = "checkpoints"
 OVERLAYS_PER_EPOCH = 4
 
 
@@ -91,9 +94,19 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _save_checkpoint(tr: tracking.Tracker, state: dict, workdir: Path) -> None:
-    path = workdir / "last.pt"
+    path = workdir / f"slot-{state['epoch'] % 2}.pt"
     torch.save(state, path)
-    tr.log_file(path, "checkpoints")
+    tr.log_file(path, CHECKPOINT_DIR)
+    tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": path.name}), f"{CHECKPOINT_DIR}/latest.json")
+    path.unlink()
+
+
+def latest_checkpoint(run_id: str, dst: Path) -> Path | None:
+    """The last complete checkpoint of a run; None if it was interrupted in its first epoch."""
+    latest = tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/latest.json", dst)
+    if latest is None:
+        return None
+    return tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{json.loads(latest.read_text())['file']}", dst)
 
 
 def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None) -> torch.nn.Module:
@@ -192,7 +205,7 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
             log_setup(tr, prep)
         with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
             # A run interrupted in its first epoch has no checkpoint yet and starts over.
-            checkpoint = tracking.download_if_present(resume, CHECKPOINT, Path(tmp)) if resume else None
+            checkpoint = latest_checkpoint(resume, Path(tmp)) if resume else None
             model = fit(tr, prep, checkpoint)
         version = finish(tr, prep, model)
     return tr.run_id, version

@@ -1,0 +1,64 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SAMPLE = SHARED / "brecahad-sample"
+GROUND_TRUTH = SHARED / "brecahad-groundtruth"
+
+# Tiny training settings: a real smoke model, sized so one epoch takes seconds on 2 cores.
+TINY = ("data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 "
+        "train.figure_every=1")
+
+
+def need_shared(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: the real BreCaHAD files live in ../shared/data next to the repo")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """Six synthetic images in three cases of two: enough for a case split."""
+    from detection.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, images=6, seed=1, per_case=2)
+    return out
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def make(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        for p in dst.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        return dst
+    return make
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Path:
+    """A fresh sqlite MLflow store in a temp dir, as the working directory of the run."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return workdir
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "detection", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

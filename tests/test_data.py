@@ -1,0 +1,138 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from detection.config import BRECAHAD_CLASSES
+from detection.data import DatasetError, check_dataset, load_dataset, points_to_boxes, read_points
+from detection.sampling import crop, validation_patches
+from detection.config import DataConfig
+from tests.conftest import GROUND_TRUTH, SAMPLE, need_shared, run_cli
+
+
+def test_reads_real_ground_truth_files():
+    root = need_shared(GROUND_TRUTH)
+    points = read_points(root / "Case_1-02.json")
+    assert set(points) == set(BRECAHAD_CLASSES)
+    assert len(points["tumor"]) == 153 and len(points["mitosis"]) == 3 and len(points["non_mitosis"]) == 0
+    # normalised coordinates become pixels of the 1360x1024 image
+    raw = json.loads((root / "Case_1-02.json").read_text())["tumor"][0]
+    assert points["tumor"][0] == pytest.approx([raw["x"] * 1360, raw["y"] * 1024])
+
+
+def test_reads_the_real_sample():
+    samples = load_dataset(need_shared(SAMPLE))
+    assert len(samples) == 18
+    assert {s.case for s in samples} == {"Case_101", "Case_102", "Case_103", "Case_105"}
+    image = samples[0].read_image()
+    assert image.shape == (1024, 1360, 3) and image.dtype == np.uint8
+    assert all(len(s.points["tumor"]) >= 20 for s in samples)
+    xy = np.concatenate([s.points["tumor"] for s in samples])
+    assert xy.min() >= 0 and xy[:, 0].max() <= 1360 and xy[:, 1].max() <= 1024
+
+
+def test_points_become_square_boxes_clipped_to_the_image():
+    boxes = points_to_boxes(np.array([[100.0, 50.0], [5.0, 1020.0]]), 32, width=1360, height=1024)
+    assert boxes.tolist() == [[84, 34, 116, 66], [0, 1004, 21, 1024]]
+    assert points_to_boxes(np.zeros((0, 2)), 32, 10, 10).shape == (0, 4)
+
+
+def test_patch_keeps_points_inside_and_flips_them(synth_dir):
+    sample = load_dataset(synth_dir)[0]
+    image = sample.read_image()
+    cfg = DataConfig()
+    plain = crop(sample, image, cfg, 100, 200, flip=False)
+    flipped = crop(sample, image, cfg, 100, 200, flip=True)
+    assert plain.image.shape == (512, 680, 3)
+    assert np.array_equal(flipped.image, plain.image[:, ::-1])
+    inside = sorted((x - 100, y - 200) for x, y in sample.points["tumor"] if 100 <= x < 780 and 200 <= y < 712)
+    assert np.allclose(sorted(map(tuple, plain.points.tolist())), inside, atol=1e-3)
+    assert np.allclose(flipped.points[:, 0], 680 - plain.points[:, 0])
+    assert (plain.boxes[:, 2] - plain.boxes[:, 0]).max() == pytest.approx(32, abs=1e-3)
+    assert (plain.labels == 1).all()
+
+
+def test_validation_patches_repeat_exactly(synth_dir):
+    samples = load_dataset(synth_dir)[:2]
+    a, b = validation_patches(samples, DataConfig(), 0, 5), validation_patches(samples, DataConfig(), 0, 5)
+    assert len(a) == 10 and [p.origin for p in a] == [p.origin for p in b]
+    assert len({p.origin for p in a}) > 1
+
+
+def test_synthetic_data_is_valid_and_annotated(synth_dir):
+    assert check_dataset(synth_dir) == []
+    samples = load_dataset(synth_dir)
+    assert len(samples) == 6 and len({s.case for s in samples}) == 3
+    assert all(len(s.points["tumor"]) > 30 and len(s.points["non_tumor"]) > 10 for s in samples)
+
+
+# --- bad input: each problem names its file -----------------------------------------------------
+
+def _break(root, kind):
+    image, label = root / "images" / "Case_1-01.tif", root / "groundTruth" / "Case_1-01.json"
+    if kind == "truncated":
+        image.write_bytes(image.read_bytes()[:100_000])
+        return image, "unreadable TIFF"
+    if kind == "shape":
+        tifffile.imwrite(image, np.zeros((512, 680, 3), np.uint8), photometric="rgb")
+        return image, "shape (512, 680, 3)"
+    if kind == "dtype":
+        tifffile.imwrite(image, np.zeros((1024, 1360, 3), np.uint16), photometric="rgb")
+        return image, "dtype uint16"
+    if kind == "channels":
+        tifffile.imwrite(image, np.zeros((1024, 1360), np.uint8))
+        return image, "1 channel(s)"
+    if kind == "json":
+        label.write_text('{"tumor": [')
+        return label, "not valid JSON"
+    if kind == "key":
+        doc = json.loads(label.read_text()) | {"tumour": []}
+        label.write_text(json.dumps(doc))
+        return label, "unknown key 'tumour'"
+    if kind == "range":
+        doc = json.loads(label.read_text())
+        doc["tumor"][0]["x"] = 1.7
+        label.write_text(json.dumps(doc))
+        return label, "tumor[0].x = 1.7 is outside [0, 1]"
+    if kind == "no-label":
+        label.unlink()
+        return image, "no ground truth"
+    if kind == "no-image":
+        image.unlink()
+        return label, "no image"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "shape", "dtype", "channels", "json", "key", "range", "no-label", "no-image"])
+def test_bad_input_is_named(kind, synth_dir, copy_of):
+    root = copy_of(synth_dir)
+    path, words = _break(root, kind)
+    problems = check_dataset(root)
+    assert len(problems) == 1 and str(path) in problems[0] and words in problems[0]
+    with pytest.raises(DatasetError) as e:
+        load_dataset(root)
+    assert e.value.problems == problems
+
+
+def test_empty_and_missing_folders(tmp_path):
+    assert "no such folder" in check_dataset(tmp_path / "nope")[0]
+    assert "missing folder" in check_dataset(tmp_path)[0]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "groundTruth").mkdir()
+    assert check_dataset(tmp_path) == [f"{tmp_path}: images/ and groundTruth/ are empty"]
+
+
+def test_validate_lists_every_problem_and_exits_nonzero(synth_dir, copy_of, tmp_path):
+    root = copy_of(synth_dir)
+    bad_image = root / "images" / "Case_2-01.tif"
+    bad_image.write_bytes(bad_image.read_bytes()[:4096])
+    bad_json = root / "groundTruth" / "Case_3-02.json"
+    bad_json.write_text("{not json")
+    result = run_cli("validate", str(root), cwd=tmp_path)
+    assert result.returncode == 1
+    assert str(bad_image) in result.stdout and str(bad_json) in result.stdout
+    assert "2 problem(s)" in result.stderr
+    ok = run_cli("validate", str(synth_dir), cwd=tmp_path)
+    assert ok.returncode == 0 and "valid" in ok.stdout

@@ -1,0 +1,162 @@
+"""End-to-end training on real MLflow stores in temp dirs (marked slow: seconds to a minute each)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from detection.data import load_dataset
+from tests.conftest import ROOT, TINY, run_cli
+
+pytestmark = pytest.mark.slow
+SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+MODEL = "brecahad-faster-rcnn"
+
+
+def _runs(client: MlflowClient):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _artifacts(client, run_id, path=None):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out.extend(_artifacts(client, run_id, a.path) if a.is_dir else [a.path])
+    return out
+
+
+def _steps(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _mlflow_run(store: Path, data_dir: Path, overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
+         "-P", f"config={SMOKE}", "-P", f"data_dir={data_dir}", "-P", f"overrides={overrides}"],
+        cwd=store, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
+    result = _mlflow_run(store, synth_dir, f"train.epochs=1 {TINY}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.backbone"] == "resnet18" and params["train.epochs"] == "1"
+    assert params["model.rpn_nms_thresh"] == "0.8" and params["data.split.mode"] == "case"
+    assert "train.epochs=1" in params["overrides"]  # the entry point's own params too
+    assert _steps(client, run.info.run_id, "train/loss") == [0, 1]  # 2 training images, batch 1
+    for key in ("train/loss_classifier", "train/loss_box_reg", "train/loss_objectness", "train/loss_rpn_box_reg"):
+        assert _steps(client, run.info.run_id, key) == [0, 1]
+    for key in ("val/loss", "val/detection_rate", "val/fdr", "lr"):
+        assert _steps(client, run.info.run_id, key) == [0]
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    files = _artifacts(client, run.info.run_id)
+    for f in ("config.yaml", "split.json", "loss_curve.png", "checkpoints/latest.json"):
+        assert f in files
+    assert any(f.startswith("val_patches/epoch_001/") and f.endswith(".png") for f in files)
+    split = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/split.json"))
+    assert run.data.tags["detection.split_hash"] and len(split["train"]) == 2 and len(split["sha256"]) == 6
+    contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(contexts) == {"training", "validation", "testing"} and contexts["training"].digest
+
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    assert version.run_id == run.info.run_id and int(version.version) == 1
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
+    image = load_dataset(synth_dir)[0].read_image()
+    out = model.predict(image[None])
+    assert list(out.columns)[:6] == ["image", "x1", "y1", "x2", "y2", "score"]
+    assert (out["score"] > 0.05).all() and len(out) <= 200
+    torch_model = model.unwrap_python_model().model
+    assert not any(p.is_cuda for p in torch_model.parameters())
+
+
+def test_invalid_data_fails_the_mlflow_run_and_creates_no_run_directly(store, synth_dir, copy_of):
+    bad = copy_of(synth_dir)
+    (bad / "groundTruth" / "Case_1-01.json").write_text("{oops")
+    result = _mlflow_run(store, bad, f"train.epochs=1 {TINY}")
+    assert result.returncode != 0
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert run.info.status == "FAILED"
+    problems = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/problems.txt")
+    assert "Case_1-01.json" in problems and "not valid JSON" in problems
+    assert not client.search_registered_models()
+
+    direct = run_cli("train", "--config", SMOKE, "--data-dir", str(bad), cwd=store)
+    assert direct.returncode == 2 and "Case_1-01.json: not valid JSON" in direct.stderr
+    assert len(_runs(client)) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=tmp_path,
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2 and f"tracking server {uri} is unreachable" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_dir):
+    # An absurd learning rate: the first step is finite, the second (epoch 2) is not.
+    result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o",
+                     f"{TINY} train.epochs=2 train.batch_size=2 train.lr=1e30", cwd=store)
+    assert result.returncode == 1 and "loss is not finite at step 1" in result.stderr
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert run.info.status == "FAILED" and "NonFiniteLoss" in run.data.tags["detection.error"]
+    latest = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/checkpoints/latest.json"))
+    assert latest["epoch"] == 0
+    path = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoints/{latest['file']}")
+    state = torch.load(path, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not client.search_registered_models()
+
+
+def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir):
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "detection", "train", "--config", SMOKE, "--data-dir",
+                             str(synth_dir), "-o", f"{TINY} train.epochs=3"], cwd=store, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not list(store.glob("mlruns/*/*/artifacts/checkpoints/latest.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hard crash: no handler runs
+        proc.wait()
+    client = MlflowClient()
+    (run,) = _runs(client)
+    assert run.info.status == "RUNNING"
+    run_id = run.info.run_id
+    done_before = len(client.get_metric_history(run_id, "val/loss"))
+    assert done_before in (1, 2)
+
+    result = run_cli("train", "--data-dir", str(synth_dir), "--resume", run_id, cwd=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and len(_runs(client)) == 1
+    assert _steps(client, run_id, "train/loss") == [0, 1, 2, 3, 4, 5]
+    for key in ("val/loss", "val/detection_rate", "val/fdr", "lr"):
+        assert _steps(client, run_id, key) == [0, 1, 2]
+    lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert np.allclose(lrs, [1e-4, 0.95e-4, 0.95 ** 2 * 1e-4])  # the schedule carried over the restart
+    assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
