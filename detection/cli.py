@@ -50,12 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
                                    "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
                                    "no image without ground truth or the reverse). Exits 1 when any problem is found.")
-    p.add_argument("data_dir", type=Path)
+    p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
 
     p = sub.add_parser("synth", help="write an H&E-looking synthetic dataset (offline demo data)",
                        description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
                                    "tumour nuclei in nests and small dark non-tumour nuclei.")
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="folder to write images/ and groundTruth/ into")
     p.add_argument("--images", type=int, default=12, help="number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--per-case", type=int, default=4, help="images per case (default: %(default)s)")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="RGB mean and std of the training split, for model.image_mean/std",
                        description="Measure per-channel pixel mean and std over the training split that CONFIG "
                                    "would make of DATA_DIR, and optionally write a config that uses them.")
-    p.add_argument("data_dir", type=Path)
+    p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
     p.add_argument("--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)")
     p.add_argument("--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics")
     return parser

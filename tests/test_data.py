@@ -54,6 +54,13 @@ def test_patch_keeps_points_inside_and_flips_them(synth_dir):
     assert (plain.labels == 1).all()
 
 
+def test_several_classes_get_their_own_labels(synth_dir):
+    sample = load_dataset(synth_dir)[0]
+    patch = crop(sample, sample.read_image(), DataConfig(classes=("tumor", "non_tumor")), 0, 0, flip=False)
+    assert set(patch.labels.tolist()) == {1, 2}
+    assert len(patch.boxes) == len(patch.labels) == len(patch.points)
+
+
 def test_validation_patches_repeat_exactly(synth_dir):
     samples = load_dataset(synth_dir)[:2]
     a, b = validation_patches(samples, DataConfig(), 0, 5), validation_patches(samples, DataConfig(), 0, 5)

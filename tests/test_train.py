@@ -160,3 +160,38 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
     lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
     assert np.allclose(lrs, [1e-4, 0.95e-4, 0.95 ** 2 * 1e-4])  # the schedule carried over the restart
     assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
+
+
+def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "served-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        work = tmp_path / "client"
+        work.mkdir()
+        result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o", f"{TINY} train.epochs=1",
+                         cwd=work, env={"MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(tracking_uri=uri)
+        version = client.get_model_version_by_alias(MODEL, "challenger")
+        assert client.get_run(version.run_id).info.status == "FINISHED"
+        assert "checkpoints/latest.json" in _artifacts(client, version.run_id)
+        assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()  # all went to the server
+        assert list((tmp_path / "served-artifacts").rglob("slot-0.pt"))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -1,0 +1,37 @@
+# The two set-up commands of README.md:
+#   make demo   venv + install, synthetic demo data, a tracked smoke training run, registered model
+#   make test   venv + install, the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= data/demo
+
+.PHONY: demo test install ui clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+$(DEMO)/images:
+	$(BIN)/python -m detection synth $(DEMO) --images 16 --seed 0
+
+demo: install $(DEMO)/images
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local \
+		-P config=experiments/smoke.yaml -P data_dir=$(DEMO)
+	@echo
+	@echo "Done. Open the MLflow UI on the local store with:"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+	@echo "then browse http://127.0.0.1:5000 (experiment 'Default' holds the run, 'Models' the registered version)."
+
+test: install
+	$(BIN)/python -m pytest
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean-demo:
+	rm -rf $(DEMO) mlflow.db mlruns/[0-9]* mlruns/models
