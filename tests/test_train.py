@@ -39,7 +39,8 @@ def _steps(client, run_id, key):
 
 
 def _mlflow_run(store: Path, data_dir: Path, overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                              "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # sample within a short run
     return subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
          "-P", f"config={SMOKE}", "-P", f"data_dir={data_dir}", "-P", f"overrides={overrides}"],
