@@ -40,11 +40,42 @@ def _add_train(sub) -> None:
                    help="continue RUN_ID from its last checkpoint, with its recorded config and split")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="judge a registered model on held-out images",
+        description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
+                    "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
+                    "point with 95%% bootstrap intervals over images, COCO AP and AP50, a per-image table, the "
+                    "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
+                    "overlays. Metrics are named SPLIT/... (test/detection_rate).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
+               "--data-dir data/demo --protocol whole\n",
+    )
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("--split", default="test", choices=("test", "val", "all"),
+                   help="test/val: the held-out images recorded by the model's training run; all: every image "
+                        "of DATA_DIR, e.g. a new cohort (default: %(default)s)")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
+                   help="paper: 10 random patches per image (fixed seed); whole: whole images, tiled at the "
+                        "training scale when larger than the patch (default: %(default)s)")
+    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"),
+                   help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
+                        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
+    p.add_argument("--allow-overlap", default="false", choices=("true", "false"),
+                   help="evaluate images whose content was in the training split (the run is tagged)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_evaluate(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -74,18 +105,32 @@ def cmd_train(args) -> int:
     from .train import train
 
     overrides = [o for o in args.overrides if o.strip()]
-    cfg = None
-    if not args.resume:
-        try:
-            cfg = config_mod.load(args.config, overrides)
-        except config_mod.ConfigError as e:
-            tracking.fail_launched_run(e)
-            raise
-    elif overrides:
+    if args.resume and overrides:
         print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
-    run_id, version = train(cfg, args.data_dir, args.resume or None)
+    try:
+        cfg = None if args.resume else config_mod.load(args.config, overrides)
+        run_id, version = train(cfg, args.data_dir, args.resume or None)
+    except Exception as e:
+        tracking.fail_launched_run(e, getattr(e, "problems", None))
+        raise
     print(f"run {run_id} finished; registered version {version}. Look at it with: "
           f"mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import tracking
+    from .evaluate import Request, evaluate
+
+    req = Request(args.model, args.data_dir, args.split, args.protocol, args.matching, args.seed,
+                  args.allow_overlap == "true", args.device)
+    try:
+        run_id, metrics = evaluate(req)
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    keys = ("detection_rate", "fdr", "precision", "f1", "ap50", "ap")
+    print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
     return 0
 
 
@@ -137,12 +182,13 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetError
     from .engine import NonFiniteLoss
+    from .evaluate import EvaluationError
     from .model import WeightsError
     from .split import SplitError
     from .tracking import TrackingError
@@ -150,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError) as e:
+    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

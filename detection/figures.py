@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .sampling import Patch  # noqa: E402
+import pandas as pd  # noqa: E402
 
 
 def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], steps_per_epoch: int):
@@ -34,17 +34,50 @@ def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], ste
     return fig
 
 
-def overlay(patch: Patch, boxes: np.ndarray, scores: np.ndarray, title: str = ""):
+def overlay(image: np.ndarray, gt_boxes: np.ndarray, boxes: np.ndarray, scores: np.ndarray, title: str):
     """Ground truth in red, predictions in green, as in the paper's figures."""
-    h, w = patch.image.shape[:2]
+    h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
-    ax.imshow(patch.image)
-    for x1, y1, x2, y2 in patch.boxes:
+    ax.imshow(image)
+    for x1, y1, x2, y2 in gt_boxes:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
     for (x1, y1, x2, y2), s in zip(boxes, scores):
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.0, alpha=float(0.4 + 0.6 * s)))
-    ax.set_title(title or f"{patch.name} at {patch.origin}: ground truth red, predictions green", fontsize=9)
+    ax.set_title(f"{title}: ground truth red, predictions green", fontsize=9)
     ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def threshold_curve(table: pd.DataFrame, operating: float, title: str):
+    """The paper's Fig. 4: detection rate (TPR) and false discovery rate against the score threshold."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(table.threshold, table.detection_rate, color="tab:green", lw=2, label="detection rate (TPR)")
+    ax.plot(table.threshold, table.fdr, color="tab:red", lw=2, label="false discovery rate")
+    ax.axvline(operating, color="grey", ls="--", lw=1, label=f"operating point {operating:g}")
+    ax.set_xlabel("score threshold")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def pr_curve(table: pd.DataFrame, operating: float, title: str):
+    """Precision against recall over the score thresholds, the operating point marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    has = (table.tp + table.fp) > 0
+    ax.plot(table.detection_rate[has], table.precision[has], color="tab:blue", lw=2)
+    at = table.iloc[(table.threshold - operating).abs().argmin()]
+    ax.plot([at.detection_rate], [at.precision], "o", color="black", label=f"threshold {at.threshold:g}")
+    ax.set_xlabel("recall (detection rate)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
     fig.tight_layout()
     return fig
 

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,55 @@ TAG = "detection."
 
 class TrackingError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version, resolved from `models:/name@alias` or `models:/name/version`."""
+
+    uri: str
+    name: str
+    version: int
+    run_id: str | None  # the training run
+
+    @property
+    def pinned(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(uri: str) -> ModelRef:
+    """The registry entry behind a model URI, or an error naming what is missing and what exists."""
+    if not uri.startswith("models:/"):
+        raise TrackingError(f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    body = uri[len("models:/"):]
+    name, sep, alias = body.partition("@")
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name if sep else body.rsplit("/", 1)[0])
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        raise TrackingError(f"no registered model named {(name if sep else body.rsplit('/', 1)[0])!r} in "
+                            f"{tracking_uri()} (registered: {known})") from None
+    try:
+        if sep:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = body.rpartition("/")
+            if not version.isdigit():
+                raise TrackingError(f"model {uri!r}: {version!r} is not a version number; use models:/{name}/N or @ALIAS")
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise TrackingError(f"model {uri!r} does not exist: {e.message}") from None
+    return ModelRef(uri, mv.name, int(mv.version), mv.run_id)
+
+
+def load_model(ref: ModelRef):
+    """The registered pyfunc and its wrapped Detector (config and torch model)."""
+    try:
+        pyfunc = mlflow.pyfunc.load_model(ref.pinned)
+    except Exception as e:
+        raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {type(e).__name__}: {e}") from e
+    return pyfunc.unwrap_python_model()
 
 
 def tracking_uri() -> str:
@@ -65,11 +115,14 @@ def get_run(run_id: str):
 
 
 def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:
-    """Record why a run launched by `mlflow run` could not start training, and mark it FAILED."""
+    """Record why a run launched by `mlflow run` failed before its work began, and mark it FAILED.
+    A run that already ended (the `run` context ends its own on errors) is left as it is."""
     run_id = launched_run_id()
     if not run_id:
         return
     client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
     client.set_tag(run_id, TAG + "error", str(error)[:5000])
     client.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
     client.set_terminated(run_id, status="FAILED")
@@ -83,7 +136,8 @@ def read_artifact_text(run_id: str, path: str) -> str:
 
 
 def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
-    listed = {a.path for a in MlflowClient().list_artifacts(run_id, str(Path(path).parent))}
+    parent = str(Path(path).parent)
+    listed = {a.path for a in MlflowClient().list_artifacts(run_id, None if parent == "." else parent)}
     if path not in listed:
         return None
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
@@ -125,7 +179,7 @@ class Tracker:
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)
 
-    def log_file(self, path: Path, artifact_dir: str) -> None:
+    def log_file(self, path: Path, artifact_dir: str | None) -> None:
         mlflow.log_artifact(str(path), artifact_dir)
 
     def log_table(self, table: pd.DataFrame, path: str) -> None:
@@ -139,7 +193,7 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def run(experiment: str, resume: str | None, system_metrics: bool) -> Iterator[Tracker]:
+def run(experiment: str, resume: str | None = None, system_metrics: bool = False) -> Iterator[Tracker]:
     """Attach to (or create, or reopen for resuming) the run and end it with the right status."""
     launched = launched_run_id()
     if resume:

@@ -21,9 +21,9 @@ import yaml
 from . import config as config_mod
 from . import figures, tracking
 from .config import Config
-from .data import DatasetError, Sample, content_digest, load_dataset
+from .data import Sample, content_digest, load_dataset
 from .engine import LOSS_NAMES, pick_device, train_one_epoch, validate
-from .model import WeightsError, build_model, parameter_count
+from .model import build_model, parameter_count
 from .predict import Detector
 from .progress import Bar
 from .sampling import TrainPatches, collate, validation_patches
@@ -163,7 +163,7 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
     tr.log_figure(curve, "loss_curve.png")
     figures.close(curve)
     for k, (patch, det) in enumerate(zip(val_set[:OVERLAYS_PER_EPOCH], detections)):
-        fig = figures.overlay(patch, det["boxes"], det["scores"])
+        fig = figures.overlay(patch.image, patch.boxes, det["boxes"], det["scores"], f"{patch.name} at {patch.origin}")
         tr.log_figure(fig, f"val_patches/epoch_{epoch + 1:03d}/{k}_{patch.name}.png")
         figures.close(fig)
 
@@ -195,11 +195,7 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
     recorded = None
     if resume:
         cfg, recorded = recorded_run(resume)
-    try:
-        prep = prepare(cfg, data_dir, recorded)
-    except (DatasetError, SplitError, WeightsError) as e:
-        tracking.fail_launched_run(e, getattr(e, "problems", None))
-        raise
+    prep = prepare(cfg, data_dir, recorded)
     with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics) as tr:
         if not resume:
             log_setup(tr, prep)

@@ -62,3 +62,27 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     full_env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
     return subprocess.run([sys.executable, "-m", "detection", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synth_dir) -> dict:
+    """One tiny smoke model trained on the synthetic data and registered in its own sqlite store."""
+    workdir = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = run_cli("train", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(synth_dir),
+                     "-o", f"{TINY} train.epochs=1", cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger"}
+
+
+@pytest.fixture
+def in_store(trained, monkeypatch):
+    """Point this test's MLflow client at the trained model's store."""
+    import mlflow
+
+    monkeypatch.chdir(trained["workdir"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(trained["uri"])
+    return trained
