@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .tune import DEFAULT_RANGES, DEFAULT_STORAGE
 
 DESCRIPTION = """\
 Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow.
@@ -70,12 +71,56 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="Optuna study over the thresholds that cut false positives",
+        description="Search post-processing (score threshold, NMS IoU, detections per image, class-agnostic NMS) "
+                    "by replaying the validation split's cached raw predictions, or training-time IoU thresholds "
+                    "and the learning rate by training one model per trial. One parent MLflow run per study, one "
+                    "nested run per trial; the objective is measured on the validation split only. When the "
+                    "study ends, the chosen point is evaluated once on the test split and registered as a new "
+                    "version with the alias challenger. Rerun with the same --study to resume it; start several "
+                    "workers on one --storage to share it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection tune --data-dir data/demo --study pp --n-trials 200\n"
+               "  python -m detection tune --data-dir data/demo --study front --objective pareto --n-trials 100\n"
+               "  python -m detection tune --data-dir data/demo --study iou --kind training --n-trials 4 "
+               "--train-overrides 'train.epochs=2'\n"
+               "  optuna-dashboard optuna-journal.log      # watch the study\n",
+    )
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
+    p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
+    p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
+    p.add_argument("--storage", default="",
+                   help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
+                        f"postgresql://... (default: {DEFAULT_STORAGE} beside mlflow.db)")
+    p.add_argument("--kind", default="postprocess", choices=("postprocess", "training"),
+                   help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
+                        "(default: %(default)s)")
+    p.add_argument("--objective", default="f1", choices=("f1", "recall_at_fdr", "pareto"),
+                   help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
+                        "maximise detection rate and minimise FDR (default: %(default)s)")
+    p.add_argument("--max-fdr", type=float, default=0.2, help="FDR bound of recall_at_fdr (default: %(default)s)")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
+                   help="evaluation protocol of the cached predictions (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
+                        + ", ".join(DEFAULT_RANGES))
+    p.add_argument("--train-overrides", default="", metavar="KEY=VALUE ...",
+                   help="config overrides for training trials, e.g. 'train.epochs=2'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_evaluate(sub)
+    _add_tune(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -134,6 +179,27 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from . import tracking
+    from .tune import TuneRequest, parse_ranges, tune
+
+    try:
+        req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials, args.storage or None, args.kind,
+                          args.objective, args.max_fdr, args.protocol, args.seed, parse_ranges(args.range),
+                          tuple(args.train_overrides.split()))
+        parent, result = tune(req)
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    print(f"study {args.study}: parent run {parent}")
+    if result:
+        print(f"chose trial {result['trial']} {result['params']}; registered version {result['version']} "
+              f"as challenger; test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test"].items()))
+    else:
+        print("other workers are still running trials; the last one to finish registers the result")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from .data import check_dataset
 
@@ -182,13 +248,14 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetError
     from .engine import NonFiniteLoss
     from .evaluate import EvaluationError
+    from .tune import TuneError
     from .model import WeightsError
     from .split import SplitError
     from .tracking import TrackingError
@@ -196,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError) as e:
+    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
+            TuneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -64,6 +64,8 @@ class ModelConfig:
     box_nms_thresh: float = 0.8
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 200
+    # Class-agnostic NMS is not in torchvision's RoIHeads; the registered model applies it by replay.
+    box_nms_class_agnostic: bool = False
     roi_featmap_names: tuple[str, ...] = ("0", "1")
     roi_output_size: int = 21
     roi_sampling_ratio: int = 2

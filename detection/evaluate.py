@@ -144,8 +144,9 @@ def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, 
         figures.close(fig)
 
 
-def evaluate(req: Request) -> tuple[str, dict[str, float]]:
-    """Run one evaluation; returns the run id and the metrics logged under `{split}/`."""
+def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, float]]:
+    """Run one evaluation (nested under `parent` if given); returns the run id and the metrics
+    logged under `{split}/`."""
     req.check()
     tracking.check_reachable()
     ref = tracking.resolve_model(req.model)
@@ -158,10 +159,11 @@ def evaluate(req: Request) -> tuple[str, dict[str, float]]:
             f"{', '.join(overlap[:8])}; pass allow_overlap=true to evaluate anyway (the run is tagged)")
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
-    pp = PostProcess.of_model(model)
-    with tracking.run(cfg.tracking.experiment) as tr:
+    pp = PostProcess.of_config(cfg.model)
+    with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate-{req.split}-{req.protocol}") as tr:
         tr.set_tags({"model_name": ref.name, "model_version": ref.version, "training_run_id": ref.run_id or "",
                      "model_uri": ref.uri, "protocol": req.protocol, "split": req.split, "matching": req.matching,
+                     "seed": req.seed,
                      "evaluation": "true", "data_digest": content_digest(samples, hashes)}
                     | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {}))
         tr.log_params({"eval.model": ref.uri, "eval.model_version": ref.version, "eval.data_dir": str(req.data_dir),
@@ -187,6 +189,23 @@ def _optional_split(ref: tracking.ModelRef) -> Split | None:
         return recorded_split(ref)
     except EvaluationError:
         return None
+
+
+def cached_evaluation(req: Request, parent: str | None = None) -> tuple[str, Cache]:
+    """The cache of an earlier evaluation of the same model version, split, protocol and seed on the
+    same images, or a new evaluation's: the tune study replays it instead of running the model."""
+    ref = tracking.resolve_model(req.model)
+    split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
+    samples, hashes = select(req, split)
+    digest = content_digest(samples, hashes)
+    for run in tracking.find_runs(
+            f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
+            f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
+            f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
+            f"tags.`detection.data_digest` = '{digest}'"):
+        return run.info.run_id, load_cache(run.info.run_id)
+    run_id, _ = evaluate(req, parent)
+    return run_id, load_cache(run_id)
 
 
 def load_cache(run_id: str) -> Cache:

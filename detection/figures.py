@@ -82,5 +82,24 @@ def pr_curve(table: pd.DataFrame, operating: float, title: str):
     return fig
 
 
+def tradeoff(trials: list[dict], chosen: int, title: str):
+    """Every trial as (FDR, detection rate), coloured by F1, the chosen one ringed."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fdr = [t["fdr"] for t in trials]
+    dr = [t["detection_rate"] for t in trials]
+    points = ax.scatter(fdr, dr, c=[t["f1"] for t in trials], cmap="viridis", s=18)
+    fig.colorbar(points, ax=ax, label="F1")
+    pick = next(t for t in trials if t["trial"] == chosen)
+    ax.scatter([pick["fdr"]], [pick["detection_rate"]], s=160, facecolors="none", edgecolors="red", lw=2,
+               label=f"chosen: trial {chosen}")
+    ax.set_xlabel("false discovery rate (validation)")
+    ax.set_ylabel("detection rate (validation)")
+    ax.set_title(f"study {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

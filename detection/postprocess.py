@@ -33,9 +33,15 @@ class PostProcess:
     class_agnostic: bool = False
 
     @classmethod
-    def of_model(cls, model) -> PostProcess:
-        r = model.roi_heads
-        return cls(float(r.score_thresh), float(r.nms_thresh), int(r.detections_per_img))
+    def of_config(cls, m) -> PostProcess:
+        """The post-processing a ModelConfig asks for."""
+        return cls(m.box_score_thresh, m.box_nms_thresh, m.box_detections_per_img, m.box_nms_class_agnostic)
+
+    def as_overrides(self) -> list[str]:
+        """The same settings as config overrides, for a model version that carries them."""
+        return [f"model.box_score_thresh={self.score_thresh}", f"model.box_nms_thresh={self.nms_thresh}",
+                f"model.box_detections_per_img={self.detections_per_img}",
+                f"model.box_nms_class_agnostic={str(self.class_agnostic).lower()}"]
 
 
 @contextlib.contextmanager

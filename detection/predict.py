@@ -20,7 +20,9 @@ import torch
 import yaml
 
 from . import config as config_mod
+from .inference import detect_tiled
 from .model import build_model
+from .postprocess import PostProcess, raw_outputs, replay
 
 COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
 
@@ -67,20 +69,22 @@ def as_images(model_input) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, images: list[np.ndarray], classes: tuple[str, ...]) -> pd.DataFrame:
-    """Run the model on whole images (one at a time, to bound memory) as a table of detections."""
+def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config) -> pd.DataFrame:
+    """Detections on whole images as the `whole` evaluation protocol makes them: raw outputs of
+    tiles at the training scale, merged, then the version's post-processing replayed per image."""
+    pp = PostProcess.of_config(cfg.model)
     rows = []
     for i, img in enumerate(images):
-        tensor = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-        out = model([tensor])[0]
-        boxes = out["boxes"].numpy()
-        labels = out["labels"].numpy()
+        with raw_outputs(model):
+            b, s, lab = detect_tiled(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, torch.device("cpu"))
+        keep = replay(b, s, lab, pp)
+        boxes, scores, labels = b[keep], s[keep], lab[keep]
         rows.append(pd.DataFrame({
             "image": i,
             "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-            "score": out["scores"].numpy(),
+            "score": scores,
             "label": labels,
-            "class": [classes[k - 1] for k in labels],
+            "class": [cfg.data.classes[k - 1] for k in labels],
             "cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
         }))
     return pd.concat(rows, ignore_index=True)[COLUMNS]
@@ -98,5 +102,5 @@ class Detector(mlflow.pyfunc.PythonModel):
         self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        return detect(self.model, as_images(model_input), self.config.data.classes)
+        return detect(self.model, as_images(model_input), self.config)
 

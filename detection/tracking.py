@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -193,10 +195,55 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def run(experiment: str, resume: str | None = None, system_metrics: bool = False) -> Iterator[Tracker]:
-    """Attach to (or create, or reopen for resuming) the run and end it with the right status."""
+def _detached_from_launched_run():
+    """Hide `mlflow run`'s MLFLOW_RUN_ID so a new run can start beside (or under) the launched one."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def ensure_store() -> None:
+    """Create a fresh sqlite store's tables under a file lock: workers that start together would
+    otherwise race to create them and corrupt the database."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        with FileLock(str(path) + ".lock", timeout=300):
+            MlflowClient().search_experiments(max_results=1)
+
+
+@contextlib.contextmanager
+def _ending(active) -> Iterator[Tracker]:
+    """End the active run FINISHED, or FAILED (KILLED on Ctrl-C) with the error logged."""
+    try:
+        yield Tracker(active.info.run_id, {})
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as e:
+        # An exception may name the status it means (a pruned trial is KILLED, not FAILED).
+        mlflow.set_tag(TAG + "error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run(status=getattr(e, "run_status", "FAILED"))
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+@contextlib.contextmanager
+def run(experiment: str, resume: str | None = None, system_metrics: bool = False,
+        parent: str | None = None, name: str | None = None) -> Iterator[Tracker]:
+    """Attach to (or create, or reopen for resuming) the run and end it with the right status.
+    With `parent`, a new nested run is made under that run, whatever `mlflow run` launched."""
     launched = launched_run_id()
-    if resume:
+    skip: dict[str, int] = {}
+    if parent:
+        with _detached_from_launched_run():
+            active = mlflow.start_run(experiment_id=get_run(parent).info.experiment_id, parent_run_id=parent,
+                                      run_name=name, log_system_metrics=system_metrics)
+    elif resume:
         get_run(resume)
         if launched and launched != resume:
             MlflowClient().set_tag(launched, TAG + "resumed_run", resume)
@@ -205,25 +252,73 @@ def run(experiment: str, resume: str | None = None, system_metrics: bool = False
     else:
         if not launched:
             mlflow.set_experiment(experiment)
-        active = mlflow.start_run(log_system_metrics=system_metrics)
-        skip = {}
-    try:
-        yield Tracker(active.info.run_id, skip)
-    except KeyboardInterrupt:
-        mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException as e:
-        mlflow.set_tag(TAG + "error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
+        active = mlflow.start_run(log_system_metrics=system_metrics, run_name=name)
+    with _ending(active) as tr:
+        tr.skip = skip
+        yield tr
+
+
+@contextlib.contextmanager
+def reopen(run_id: str) -> Iterator[Tracker]:
+    """Log more into an existing run (a study's parent), ending it like `run` does."""
+    with _ending(mlflow.start_run(run_id=run_id)) as tr:
+        yield tr
+
+
+def create_run(experiment: str, name: str, tags: dict[str, Any]) -> str:
+    """A run left RUNNING for several processes to nest their runs under (a study's parent):
+    the run `mlflow run` launched, else a new one in `experiment`."""
+    client = MlflowClient()
+    run_id = launched_run_id()
+    if run_id is None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    for k, v in tags.items():
+        client.set_tag(run_id, TAG + k, str(v))
+    return run_id
+
+
+def tag_launched_run(key: str, value: str) -> None:
+    launched = launched_run_id()
+    if launched:
+        MlflowClient().set_tag(launched, TAG + key, value)
 
 
 def requirements() -> list[str]:
     """Pinned requirements of the logged model; listing them skips MLflow's slow inference."""
     names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "scipy", "tifffile", "pyyaml", "cloudpickle"]
     return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+def find_runs(filter_string: str) -> list:
+    """Finished runs in any experiment matching an MLflow filter, newest first."""
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, f"{filter_string} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+
+
+def create_child_run(parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                     tags: dict[str, str]) -> str:
+    """A finished nested run under `parent`, written in one batch (the tune study's trials)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient()
+    child = client.create_run(get_run(parent).info.experiment_id, run_name=name,
+                              tags={"mlflow.parentRunId": parent} | {TAG + k: str(v) for k, v in tags.items()})
+    now = int(1000 * time.time())
+    client.log_batch(child.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(child.info.run_id, "FINISHED")
+    return child.info.run_id
+
+
+def set_run_status(run_id: str, status: str) -> None:
+    client = MlflowClient()
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
 
 
 def log_model(python_model, artifacts: dict[str, str], input_example: np.ndarray, name: str = "model"):
@@ -243,8 +338,8 @@ def log_model(python_model, artifacts: dict[str, str], input_example: np.ndarray
     return info
 
 
-def register(model_uri: str, name: str, alias: str, tags: dict[str, str]) -> int:
-    version = mlflow.register_model(model_uri, name, tags=tags)
+def register(model_uri: str, name: str, alias: str, tags: dict[str, Any]) -> int:
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     MlflowClient().set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from . import config as config_mod
 from . import figures, tracking
 from .config import Config
 from .data import Sample, content_digest, load_dataset
-from .engine import LOSS_NAMES, pick_device, train_one_epoch, validate
+from .engine import LOSS_NAMES, Validation, pick_device, train_one_epoch, validate
 from .model import build_model, parameter_count
 from .predict import Detector
 from .progress import Bar
@@ -109,7 +110,9 @@ def latest_checkpoint(run_id: str, dst: Path) -> Path | None:
     return tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{json.loads(latest.read_text())['file']}", dst)
 
 
-def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None) -> torch.nn.Module:
+def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
+        on_epoch: Callable[[int, Validation], None] | None = None) -> torch.nn.Module:
+    """Train for the remaining epochs; `on_epoch(epoch, validation)` may stop early by raising."""
     cfg, model = prep.cfg, prep.model
     device = pick_device(cfg.train.device)
     amp = cfg.train.amp and device.type == "cuda"
@@ -154,6 +157,8 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None) -> torch
             _save_checkpoint(tr, {"epoch": epoch, "step": step, "model": model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "scaler": scaler.state_dict()}, work)
+            if on_epoch:
+                on_epoch(epoch, val)
     return model
 
 
@@ -168,16 +173,20 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
         figures.close(fig)
 
 
-def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
-    """Log the trained model as a pyfunc (checked by loading it back), then register it."""
-    cfg = prep.cfg
+def log_detector(cfg: Config, model: torch.nn.Module) -> str:
+    """Log weights + config as the project's pyfunc in the active run (checked by loading it back)."""
     with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
         weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
         config_path.write_text(config_mod.dump(cfg))
         example = np.random.default_rng(0).integers(0, 256, (1, 64, 80, 3), dtype=np.uint8)
-        info = tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)}, example)
-    version = tracking.register(info.model_uri, cfg.tracking.registered_model, cfg.tracking.alias,
+        return tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)}, example).model_uri
+
+
+def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
+    """Log the trained model, then register it with the configured alias."""
+    cfg = prep.cfg
+    version = tracking.register(log_detector(cfg, model), cfg.tracking.registered_model, cfg.tracking.alias,
                                 {"split_hash": prep.split.digest, "config": cfg.name})
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
     return version
@@ -205,3 +214,14 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
             model = fit(tr, prep, checkpoint)
         version = finish(tr, prep, model)
     return tr.run_id, version
+
+
+def train_trial(cfg: Config, data_dir: Path, split: Split, parent: str, name: str,
+                on_epoch: Callable[[int, Validation], None]) -> tuple[str, str]:
+    """One tuning trial: a nested run that trains on a recorded split and logs its model
+    unregistered. Returns the run id and the logged model's URI."""
+    prep = prepare(cfg, data_dir, split)
+    with tracking.run(cfg.tracking.experiment, parent=parent, name=name) as tr:
+        log_setup(tr, prep)
+        model = fit(tr, prep, None, on_epoch)
+        return tr.run_id, log_detector(cfg, model)
