@@ -242,7 +242,8 @@ def run(experiment: str, resume: str | None = None, system_metrics: bool = False
     if parent:
         with _detached_from_launched_run():
             active = mlflow.start_run(experiment_id=get_run(parent).info.experiment_id, parent_run_id=parent,
-                                      run_name=name, log_system_metrics=system_metrics)
+                                      nested=mlflow.active_run() is not None, run_name=name,
+                                      log_system_metrics=system_metrics)
     elif resume:
         get_run(resume)
         if launched and launched != resume:

@@ -151,7 +151,7 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
             val = validate(model, val_set, device, amp, cfg.eval.match_radius, cfg.model.num_classes,
                            on_patch=lambda: bar.advance(phase="val"))
             tr.log_metrics({"val/loss": val.loss, "val/detection_rate": val.counts.detection_rate,
-                            "val/fdr": val.counts.false_discovery_rate, "lr": lr}, epoch)
+                            "val/fdr": val.counts.false_discovery_rate, "val/f1": val.counts.f1, "lr": lr}, epoch)
             if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
                 log_figures(tr, val_set, val.detections, epoch, per_epoch)
             _save_checkpoint(tr, {"epoch": epoch, "step": step, "model": model.state_dict(),

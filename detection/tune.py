@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from . import figures, tracking
 from .config import Config
-from .evaluate import Request, cached_evaluation, evaluate, judge, log_report
+from .evaluate import Request, cached_evaluation, evaluate, judge, log_report, recorded_split
 from .inference import Cache
 from .matching import PREFIX_MATCHERS, Counts
 from .metrics import flags
@@ -264,6 +264,12 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             for k, v in mine.items():
                 study.set_user_attr(k, v)
         else:
+            try:
+                tracking.get_run(parent)
+            except tracking.TrackingError:
+                raise TuneError(f"study {req.study!r} in {req.storage or DEFAULT_STORAGE} belongs to MLflow run "
+                                f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
+                                f"another study name or storage") from None
             tracking.set_run_status(parent, "RUNNING")
             if tracking.launched_run_id() != parent:
                 tracking.tag_launched_run("study_parent", parent)
@@ -293,9 +299,9 @@ def run_postprocess(s: Study, replayer: Replayer) -> None:
 
 
 def run_training(s: Study, data_dir: Path) -> None:
-    from .train import recorded_run, train_trial
+    from .train import train_trial
 
-    _, split = recorded_run(s.ref.run_id)
+    split = recorded_split(s.ref)
     base = s.config.replace(*s.req.train_overrides)
     space = s.req.space()
     single = len(s.study.directions) == 1
@@ -362,6 +368,8 @@ def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
             from .train import log_detector
 
             model_uri = log_detector(cfg, s.model)
+            # The tuned version's run is this one: it carries the split so the version can be judged.
+            tr.log_text(recorded_split(s.ref).to_json(), "split.json")
             test_metrics = report.metrics
         else:
             model_uri = chosen.user_attrs["model_uri"]
@@ -417,9 +425,11 @@ def tune(req: TuneRequest) -> tuple[str, dict | None]:
     test_cache = None
     s = open_study(req, storage, ref, cfg, detector.model)
     if req.kind == "postprocess":
-        # Pinned to the resolved version: an alias may move while the study runs.
-        _, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), parent=s.parent)
-        _, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), parent=s.parent)
+        # Pinned to the resolved version: an alias may move while the study runs. Workers take
+        # turns, so the first one's inference pass serves the others.
+        with _study_lock(req):
+            _, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), parent=s.parent)
+            _, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), parent=s.parent)
         run_postprocess(s, Replayer(val_cache, "greedy", cfg.eval.match_radius))
     else:
         run_training(s, req.data_dir)

@@ -1,0 +1,168 @@
+"""Optuna studies on a real (tiny) registered model; marked slow."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from detection.data import load_dataset
+from detection.evaluate import Request, cached_evaluation, load_cache
+from detection.inference import paper_items
+from detection.matching import Counts, box_centres, greedy_match
+from detection.postprocess import PostProcess, apply
+from detection.split import Split
+from detection.tune import Replayer, TuneError, TuneRequest, parse_ranges
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+MODEL = "brecahad-faster-rcnn"
+
+
+def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir):
+    detector = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger").unwrap_python_model()
+    model, cfg = detector.model, detector.config
+    version = MlflowClient().get_model_version_by_alias(MODEL, "challenger")
+    _, cache = cached_evaluation(Request(f"models:/{MODEL}/{version.version}", synth_dir, "val", "paper"))
+    split = Split.from_dict(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/split.json"))
+    by_name = {s.name: s for s in load_dataset(synth_dir)}
+    items = paper_items([by_name[n] for n in split.val], cfg, seed=0)
+    assert [it.name for it in items] == cache.items_name.tolist()
+    replayer = Replayer(cache, "greedy", cfg.eval.match_radius)
+    # Thresholds from the scores this (barely trained) model gives, so every setting keeps boxes.
+    low, high = (float(q) for q in np.quantile(cache.det_scores, [0.5, 0.95]))
+    for pp in (PostProcess(0.0, 0.8, 200), PostProcess(low, 0.4, 30), PostProcess(high, 0.65, 1000)):
+        apply(model, pp)
+        total = Counts(0, 0, 0)
+        with torch.no_grad():
+            for item in items:
+                image = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).float() / 255
+                out = model([image])[0]
+                tp = greedy_match(box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points,
+                                  cfg.eval.match_radius)
+                total = total + Counts(int(tp.sum()), int(len(tp) - tp.sum()), len(item.points) - int(tp.sum()))
+        assert replayer.counts(pp) == total
+        assert total.tp + total.fp > 0
+
+
+def _mlflow_tune(workdir, uri, *params):
+    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    args = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "tune", "--env-manager", "local"]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
+    client = MlflowClient()
+    before = {int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")}
+    source = client.get_model_version_by_alias(MODEL, "challenger")
+    journal = f"storage={tmp_path / 'journal.log'}"
+    result = _mlflow_tune(in_store["workdir"], in_store["uri"], f"data_dir={synth_dir}", "study=pp", "n_trials=40",
+                          f"model=models:/{MODEL}/{source.version}", journal)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   "tags.`detection.study` = 'pp' and tags.`detection.study_kind` = 'postprocess'")
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                              "and tags.`detection.trial` != ''")
+    assert len(trials) == 40 and all("val/f1" in t.data.metrics for t in trials)
+    assert all(t.data.params["pp.score_thresh"] for t in trials)
+    assert parent.info.status == "FINISHED"
+    for k in ("detection_rate", "fdr", "f1", "ap50"):
+        assert f"test/{k}" in parent.data.metrics
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/study.png", "figures/tradeoff.png", "figures/fig4_tpr_fdr.png"} <= files
+
+    new = client.get_model_version_by_alias(MODEL, "challenger")
+    assert int(new.version) not in before and new.tags["study"] == "pp"
+    chosen = parent.data.tags["detection.chosen_trial"]
+    assert new.tags["trial"] == chosen and new.tags["source_version"] == str(source.version)
+    tuned = mlflow.pyfunc.load_model(f"models:/{MODEL}/{new.version}").unwrap_python_model().config
+    assert tuned.model.box_score_thresh == pytest.approx(float(parent.data.params["chosen.score_thresh"]))
+    assert tuned.model.box_nms_thresh == pytest.approx(float(parent.data.params["chosen.nms_thresh"]))
+
+    # The val cache came from one inference pass, logged as an evaluation nested in the study.
+    evals = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                             "and tags.`detection.evaluation` = 'true'")
+    assert sorted(r.data.tags["detection.split"] for r in evals) == ["test", "val"]
+
+    again = _mlflow_tune(in_store["workdir"], in_store["uri"], f"data_dir={synth_dir}", "study=pp", "n_trials=5",
+                         f"model=models:/{MODEL}/{source.version}", journal)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                              "and tags.`detection.trial` != ''")
+    assert len(trials) == 45  # the rerun resumed the same study under the same parent run
+
+
+def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
+    env = dict(os.environ) | {"MLFLOW_TRACKING_URI": in_store["uri"]}
+    workers = [subprocess.Popen([sys.executable, "-m", "detection", "tune", "--model", f"models:/{MODEL}/{source.version}",
+                                 "--data-dir", str(synth_dir), "--study", "shared", "--n-trials", "20", "--storage",
+                                 storage, "--seed", str(seed), "--objective", "pareto"],
+                                cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for seed in (1, 2, 3)]
+    outputs = [w.communicate(timeout=900) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(numbers) == list(range(60))
+    assert sum("registered version" in out for out, _ in outputs) == 1  # one worker finished the study
+    client = MlflowClient()
+    parent = client.get_run(study.user_attrs["mlflow_run_id"])
+    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                              "and tags.`detection.trial` != ''")
+    assert len(trials) == 60
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "pareto_front.json" in files
+
+
+def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
+    result = run_cli("tune", "--data-dir", str(synth_dir), "--study", "iou", "--kind", "training", "--n-trials", "2",
+                     "--seed", "0", "--train-overrides", "train.epochs=1", cwd=in_store["workdir"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   "tags.`detection.study` = 'iou'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trained = [c for c in children if "model.rpn_fg_iou_thresh" in c.data.params]
+    assert len(trained) == 2 and all("val/f1" in c.data.metrics for c in trained)
+    new = client.get_model_version_by_alias(MODEL, "challenger")
+    assert new.tags["study"] == "iou" and new.run_id in {c.info.run_id for c in trained}
+    assert any(c.data.tags.get("detection.evaluation") == "true" and "test/f1" in c.data.metrics for c in children)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"ranges": {"score_thresh": (0.6, 0.2)}}, "low > high"),
+    ({"n_trials": 0}, "n_trials=0 must be > 0"),
+    ({"objective": "accuracy"}, "objective='accuracy'"),
+    ({"kind": "grid"}, "kind='grid'"),
+    ({"ranges": {"nms": (0.1, 0.2)}}, "range 'nms' is unknown"),
+])
+def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
+    base = dict(model="models:/x@y", data_dir=tmp_path, study="s", n_trials=5)
+    with pytest.raises(TuneError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        TuneRequest(**(base | change)).check()
+
+
+def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tmp_path):
+    bad = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--range", "score_thresh=0.9:0.1",
+                  cwd=in_store["workdir"])
+    assert bad.returncode == 2 and "low > high" in bad.stderr
+    dead = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--storage",
+                   "postgresql://user@127.0.0.1:9/optuna", cwd=in_store["workdir"])
+    assert dead.returncode == 2 and "cannot be opened" in dead.stderr
+    assert parse_ranges(["score_thresh=0.1:0.5 nms_thresh=0.3:0.6"]) == {"score_thresh": (0.1, 0.5),
+                                                                          "nms_thresh": (0.3, 0.6)}
+    with pytest.raises(TuneError, match="NAME=LOW:HIGH"):
+        parse_ranges(["score_thresh=0.1"])
