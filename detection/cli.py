@@ -114,6 +114,44 @@ def _add_tune(sub) -> None:
                    help="config overrides for training trials, e.g. 'train.epochs=2'")
 
 
+def _add_promote(sub) -> None:
+    p = sub.add_parser(
+        "promote", help="move the champion alias to a version that beats it",
+        description="Compare a candidate version with the current champion on the same images, protocol and "
+                    "matching (evaluating either one that lacks such an evaluation), and move the alias champion "
+                    "only when the candidate beats it by --min-delta on --metric. The former champion keeps the "
+                    "alias previous. The decision is a run (side-by-side table and figure) and tags on both "
+                    "versions. --rollback true swaps champion and previous back.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo\n"
+               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo "
+               "--rollback true\n",
+    )
+    p.add_argument("--candidate", required=True, help="models:/NAME/VERSION (or @ALIAS) to promote")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluation images")
+    p.add_argument("--metric", default="test/f1", help="SPLIT/NAME deciding the promotion (default: %(default)s); "
+                   "fdr, fp and fn count lower as better")
+    p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
+    p.add_argument("--rollback", default="false", choices=("true", "false"),
+                   help="swap the aliases champion and previous back instead")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"), help="evaluation protocol")
+    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"), help="evaluation matching")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="detect cells in images with a registered model",
+        description="Run a registered model on TIFF or PNG images of any size (larger ones are tiled, as in "
+                    "evaluation) and write, per image, the detections as JSON (boxes, scores, labels, centre "
+                    "points) and an overlay PNG with the predictions in green.",
+    )
+    p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@champion",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_tune(sub)
+    _add_promote(sub)
+    _add_predict(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -200,6 +240,49 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from . import tracking
+    from .promote import PromoteRequest, promote
+
+    try:
+        result = promote(PromoteRequest(args.candidate, args.data_dir, args.metric, args.min_delta,
+                                        args.rollback == "true", args.protocol, args.matching))
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    print(f"{result['decision']}: {result['reason']}; champion is version {result['champion']} "
+          f"(run {result['run_id']})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    import pandas as pd
+
+    from . import figures, tracking
+    from .predict import InputError, decode_image
+
+    ref = tracking.resolve_model(args.model)
+    detector = tracking.load_model(ref)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # `mlflow run` passes several images as one space-separated parameter.
+    for path in [Path(p) for arg in args.images for p in str(arg).split()]:
+        try:
+            image = decode_image(path.read_bytes())
+        except (OSError, InputError) as e:
+            raise InputError(f"{path}: {e}") from None
+        table = detector.predict(None, pd.DataFrame({"image": [image]}))
+        doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
+        (args.out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
+        boxes = table[["x1", "y1", "x2", "y2"]].to_numpy()
+        fig = figures.overlay(image, boxes[:0], boxes, table["score"].to_numpy(), f"{path.name}, {ref.pinned}")
+        fig.savefig(args.out / f"{path.stem}.png")
+        figures.close(fig)
+        print(f"{path}: {len(table)} detections -> {args.out / (path.stem + '.json')}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from .data import check_dataset
 
@@ -248,13 +331,16 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
+            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DatasetError
     from .engine import NonFiniteLoss
     from .evaluate import EvaluationError
+    from .predict import InputError
+    from .promote import PromotionError
     from .tune import TuneError
     from .model import WeightsError
     from .split import SplitError
@@ -264,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
-            TuneError) as e:
+            TuneError, PromotionError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

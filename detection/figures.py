@@ -101,5 +101,27 @@ def tradeoff(trials: list[dict], chosen: int, title: str):
     return fig
 
 
+def side_by_side(table: pd.DataFrame, metric: str, decision: str):
+    """The candidate's and the champion's metrics as grouped bars, the deciding one outlined."""
+    columns = [c for c in table.columns if c != "metric"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(columns)
+    x = np.arange(len(table))
+    for k, col in enumerate(columns):
+        values = table[col].astype(float).fillna(0.0)
+        bars = ax.bar(x + k * width, values, width, label=col)
+        for i, m in enumerate(table.metric):
+            if m == metric:
+                bars[i].set_edgecolor("black")
+                bars[i].set_linewidth(2)
+    ax.set_xticks(x + width * (len(columns) - 1) / 2, table.metric, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{decision} on {metric}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -1,8 +1,10 @@
 """The registered model: an MLflow pyfunc holding the weights (a state_dict) and the resolved config.
 
 A state_dict plus config loads on any machine, GPU or not, without pickling torchvision classes.
-Input: one RGB uint8 image (H, W, 3), a batch (N, H, W, 3), a list of them, or a DataFrame whose
-`image` column holds base64-encoded TIFF or PNG files. Output: one row per detection.
+Input: a DataFrame whose `image` column holds, per row, an RGB uint8 array (H, W, 3) (nested
+lists in JSON) or a base64-encoded TIFF or PNG file. Output: one row per detection with its image
+index, box, score, label, class name and centre point, after the post-processing the version
+carries. Bad input raises an MLflow INVALID_PARAMETER_VALUE error: HTTP 400 from the server.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import pandas as pd
 import tifffile
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import AnyType
 
 from . import config as config_mod
 from .inference import detect_tiled
@@ -49,23 +55,43 @@ def decode_image(data: str | bytes) -> np.ndarray:
         raise InputError(f"image bytes are neither PNG nor a readable TIFF ({type(e).__name__}: {e})") from None
 
 
+def _as_array(value, i: int) -> np.ndarray:
+    if isinstance(value, (str, bytes)):
+        return decode_image(value)
+    try:
+        img = np.asarray(value)
+    except ValueError as e:
+        raise InputError(f"image {i}: not a rectangular array ({e})") from None
+    # JSON carries pixels as plain integers: accept any integer array within 0..255.
+    if img.dtype.kind in "iu" and img.size and img.min() >= 0 and img.max() <= 255:
+        img = img.astype(np.uint8)
+    return img
+
+
 def as_images(model_input) -> list[np.ndarray]:
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
-            raise InputError(f"DataFrame input needs an 'image' column of base64 TIFF/PNG, got {list(model_input.columns)}")
-        images = [decode_image(v) for v in model_input["image"]]
+            raise InputError(f"input needs an 'image' column (RGB uint8 arrays or base64 TIFF/PNG), "
+                             f"got columns {list(model_input.columns)}")
+        images = [_as_array(v, i) for i, v in enumerate(model_input["image"])]
     elif isinstance(model_input, np.ndarray):
         images = [model_input] if model_input.ndim == 3 else list(model_input)
-    elif isinstance(model_input, (list, tuple)):
-        images = [np.asarray(i) for i in model_input]
     else:
-        raise InputError(f"unsupported input type {type(model_input).__name__}; send RGB uint8 arrays or base64 images")
+        raise InputError(f"unsupported input type {type(model_input).__name__}; send a DataFrame with an "
+                         f"'image' column")
     if not images:
         raise InputError("no images in the request")
     for i, img in enumerate(images):
-        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            raise InputError(f"image {i}: expected RGB uint8 (H, W, 3), got {img.dtype} {img.shape}")
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+            raise InputError(f"image {i}: expected RGB uint8 pixels (H, W, 3), got {img.dtype} {img.shape}")
     return images
+
+
+def encode_png(image: np.ndarray) -> str:
+    """An RGB uint8 image as base64 PNG, the compact way to send it to the server."""
+    from torchvision.io import encode_png as _encode
+
+    return base64.b64encode(_encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()).decode()
 
 
 @torch.no_grad()
@@ -102,5 +128,22 @@ class Detector(mlflow.pyfunc.PythonModel):
         self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        return detect(self.model, as_images(model_input), self.config)
+        try:
+            images = as_images(model_input)
+        except InputError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        return detect(self.model, images, self.config)
+
+
+def signature() -> ModelSignature:
+    """Any number of images of any size, each an array or a base64 file, in an `image` column."""
+    outputs = [ColSpec(DataType.long, "image")] + [ColSpec(DataType.float, c) for c in ("x1", "y1", "x2", "y2", "score")]
+    outputs += [ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class"),
+                ColSpec(DataType.float, "cx"), ColSpec(DataType.float, "cy")]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]), outputs=Schema(outputs))
+
+
+def input_example() -> pd.DataFrame:
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    return pd.DataFrame({"image": [encode_png(image)]})
 

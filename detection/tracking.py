@@ -21,11 +21,8 @@ from typing import Any
 
 import mlflow
 from filelock import FileLock
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
 from mlflow.tracking import MlflowClient
 
 from .config import Config
@@ -75,6 +72,25 @@ def resolve_model(uri: str) -> ModelRef:
     except MlflowException as e:
         raise TrackingError(f"model {uri!r} does not exist: {e.message}") from None
     return ModelRef(uri, mv.name, int(mv.version), mv.run_id)
+
+
+def alias_version(name: str, alias: str) -> ModelRef | None:
+    """The version an alias points at, or None when the alias is not set."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return ModelRef(f"models:/{name}@{alias}", mv.name, int(mv.version), mv.run_id)
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), prefix + k, str(v))
 
 
 def load_model(ref: ModelRef):
@@ -322,10 +338,8 @@ def set_run_status(run_id: str, status: str) -> None:
         client.set_terminated(run_id, status)
 
 
-def log_model(python_model, artifacts: dict[str, str], input_example: np.ndarray, name: str = "model"):
+def log_model(python_model, artifacts: dict[str, str], input_example, signature, name: str = "model"):
     """Log the pyfunc, then load it back and predict once: a model that fails here is never registered."""
-    # Any number of RGB uint8 images of any size; inferring from the example would pin its size.
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=python_model,

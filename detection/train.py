@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -25,7 +24,7 @@ from .config import Config
 from .data import Sample, content_digest, load_dataset
 from .engine import LOSS_NAMES, Validation, pick_device, train_one_epoch, validate
 from .model import build_model, parameter_count
-from .predict import Detector
+from .predict import Detector, input_example, signature
 from .progress import Bar
 from .sampling import TrainPatches, collate, validation_patches
 from .split import SPLITS, Split, SplitError, make_split
@@ -179,8 +178,8 @@ def log_detector(cfg: Config, model: torch.nn.Module) -> str:
         weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
         config_path.write_text(config_mod.dump(cfg))
-        example = np.random.default_rng(0).integers(0, 256, (1, 64, 80, 3), dtype=np.uint8)
-        return tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)}, example).model_uri
+        return tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)},
+                                  input_example(), signature()).model_uri
 
 
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -76,7 +77,7 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
     assert version.run_id == run.info.run_id and int(version.version) == 1
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
     image = load_dataset(synth_dir)[0].read_image()
-    out = model.predict(image[None])
+    out = model.predict(pd.DataFrame({"image": [image]}))
     assert list(out.columns)[:6] == ["image", "x1", "y1", "x2", "y2", "score"]
     assert (out["score"] > 0.05).all() and len(out) <= 200
     torch_model = model.unwrap_python_model().model
