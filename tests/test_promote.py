@@ -1,0 +1,180 @@
+"""Promotion with a metric gate, rollback, and serving, on a real sqlite registry; marked slow."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from detection import tracking
+from detection.data import load_dataset
+from detection.predict import encode_png
+from detection.train import log_detector
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+SOURCE = "models:/brecahad-faster-rcnn@challenger"
+
+
+@pytest.fixture(scope="module")
+def versions(trained):
+    """One registered model with versions that differ only in what they keep:
+    `all` keeps every box (high detection rate), `none` keeps nothing above 0.99, `tie` = `all`,
+    `other_split` records a different test split."""
+    os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
+    mlflow.set_tracking_uri(trained["uri"])
+    client = MlflowClient()
+    source = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
+    detector = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{source.version}").unwrap_python_model()
+    split = mlflow.artifacts.load_dict(f"runs:/{source.run_id}/split.json")
+    other = dict(split, test=split["val"], val=split["test"])
+    name = "promo"
+    made = {}
+    for key, overrides, recorded in (
+            ("none", ["model.box_score_thresh=0.99"], split),
+            ("all", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+            ("tie", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+            ("other_split", ["model.box_score_thresh=0.0"], other)):
+        mlflow.set_experiment("promo-versions")
+        with mlflow.start_run(run_name=key):
+            mlflow.log_text(json.dumps(recorded), "split.json")
+            uri = log_detector(detector.config.replace(*overrides), detector.model)
+        made[key] = tracking.register(uri, name, "challenger", {"case": key})
+    os.environ.pop("MLFLOW_TRACKING_URI")
+    return {"name": name, **made}
+
+
+def _aliases(name):
+    model = MlflowClient().get_registered_model(name)
+    return {a: int(v) for a, v in model.aliases.items() if a in ("champion", "previous")}
+
+
+def _promote(in_store, synth_dir, name, version, *extra):
+    return run_cli("promote", "--candidate", f"models:/{name}/{version}", "--data-dir", str(synth_dir),
+                   *extra, cwd=in_store["workdir"])
+
+
+def test_promotion_gate_and_rollback(in_store, synth_dir, versions):
+    name, metric = versions["name"], ["--metric", "test/detection_rate"]
+    first = _promote(in_store, synth_dir, name, versions["none"], *metric)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "first champion" in first.stdout and _aliases(name) == {"champion": versions["none"]}
+
+    better = _promote(in_store, synth_dir, name, versions["all"], *metric)
+    assert better.returncode == 0, better.stderr[-3000:]
+    assert better.stdout.startswith("promoted")
+    assert _aliases(name) == {"champion": versions["all"], "previous": versions["none"]}
+
+    worse = _promote(in_store, synth_dir, name, versions["none"], *metric)
+    assert worse.returncode == 0 and worse.stdout.startswith("kept champion")
+    tie = _promote(in_store, synth_dir, name, versions["tie"], *metric)
+    assert tie.returncode == 0 and tie.stdout.startswith("kept champion")
+    assert _aliases(name) == {"champion": versions["all"], "previous": versions["none"]}
+
+    client = MlflowClient()
+    tags = client.get_model_version(name, str(versions["tie"])).tags
+    assert tags["promotion.decision"] == "kept champion" and tags["promotion.metric"] == "test/detection_rate"
+    assert float(tags["promotion.candidate_value"]) == float(tags["promotion.champion_value"])
+    run = client.get_run(tags["promotion.promotion_run"])
+    assert run.data.tags["detection.decision"] == "kept champion"
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"side_by_side.json", "side_by_side.png"} <= files
+    for key in ("candidate_eval_run", "champion_eval_run"):
+        evaluated = client.get_run(tags[f"promotion.{key}"])
+        assert evaluated.data.tags["detection.evaluation"] == "true"
+
+    back = _promote(in_store, synth_dir, name, versions["all"], "--rollback", "true")
+    assert back.returncode == 0 and back.stdout.startswith("rolled back")
+    assert _aliases(name) == {"champion": versions["none"], "previous": versions["all"]}
+
+
+def test_refusals_leave_the_aliases_alone(in_store, synth_dir, versions, tmp_path):
+    name = versions["name"]
+    if not _aliases(name):
+        assert _promote(in_store, synth_dir, name, versions["none"]).returncode == 0
+    before = _aliases(name)
+    mismatch = _promote(in_store, synth_dir, name, versions["other_split"])
+    assert mismatch.returncode == 2 and "used different images" in mismatch.stderr
+    missing = _promote(in_store, synth_dir, name, 99)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    client = MlflowClient()
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    (broken_dir / "MLmodel").write_text("not: [a model")
+    broken = client.create_model_version(name, str(broken_dir))
+    refused = _promote(in_store, synth_dir, name, broken.version)
+    assert refused.returncode == 2 and "does not load" in refused.stderr
+    assert _aliases(name) == before
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, payload):
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth_dir, tmp_path):
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ) | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=in_store["workdir"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(1)
+        image = load_dataset(synth_dir)[0].read_image()
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
+        served = pd.DataFrame(body["predictions"])
+        local = mlflow.pyfunc.load_model(SOURCE).predict(pd.DataFrame({"image": [image]}))
+        assert status == 200 and len(served) == len(local)
+        assert served[["x1", "y1", "x2", "y2", "score"]].to_numpy() == pytest.approx(
+            local[["x1", "y1", "x2", "y2", "score"]].to_numpy(), abs=1e-4)
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _post(f"http://127.0.0.1:{port}/invocations",
+                  {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}})
+        assert bad.value.code == 400 and "neither PNG nor a readable TIFF" in bad.value.read().decode()
+        with pytest.raises(urllib.error.HTTPError) as empty:
+            _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
+        assert empty.value.code == 400
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):
+    path = synth_dir / "images" / "Case_1-01.tif"
+    result = run_cli("predict", str(path), "--model", SOURCE, "--out", str(tmp_path), cwd=in_store["workdir"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "Case_1-01.json").read_text())
+    assert doc["image"] == str(path) and doc["model"].startswith("models:/brecahad-faster-rcnn/")
+    local = mlflow.pyfunc.load_model(SOURCE).predict(pd.DataFrame({"image": [load_dataset(synth_dir)[0].read_image()]}))
+    assert len(doc["detections"]) == len(local)
+    assert (tmp_path / "Case_1-01.png").stat().st_size > 10_000
+    bad = run_cli("predict", str(synth_dir / "groundTruth" / "Case_1-01.json"), "--model", SOURCE,
+                  "--out", str(tmp_path), cwd=in_store["workdir"])
+    assert bad.returncode == 2 and "Case_1-01.json" in bad.stderr
