@@ -25,7 +25,6 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import Config
 
 TAG = "detection."
 
@@ -318,7 +317,7 @@ def find_runs(filter_string: str) -> list:
 def create_child_run(parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
                      tags: dict[str, str]) -> str:
     """A finished nested run under `parent`, written in one batch (the tune study's trials)."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = MlflowClient()
     child = client.create_run(get_run(parent).info.experiment_id, run_name=name,

@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
 from detection.evaluate import judge, load_cache
-from detection.inference import Cache
 from detection.postprocess import PostProcess, apply, raw_outputs, replay
 from detection.sampling import validation_patches
 from tests.conftest import ROOT, run_cli

@@ -9,11 +9,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
-from detection.evaluate import Request, cached_evaluation, load_cache
+from detection.evaluate import Request, cached_evaluation
 from detection.inference import paper_items
 from detection.matching import Counts, box_centres, greedy_match
 from detection.postprocess import PostProcess, apply
@@ -87,17 +86,22 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     assert tuned.model.box_score_thresh == pytest.approx(float(parent.data.params["chosen.score_thresh"]))
     assert tuned.model.box_nms_thresh == pytest.approx(float(parent.data.params["chosen.nms_thresh"]))
 
-    # The val cache came from one inference pass, logged as an evaluation nested in the study.
-    evals = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                             "and tags.`detection.evaluation` = 'true'")
-    assert sorted(r.data.tags["detection.split"] for r in evals) == ["test", "val"]
-
     again = _mlflow_tune(in_store["workdir"], in_store["uri"], f"data_dir={synth_dir}", "study=pp", "n_trials=5",
                          f"model=models:/{MODEL}/{source.version}", journal)
     assert again.returncode == 0, again.stderr[-3000:]
     trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                                               "and tags.`detection.trial` != ''")
     assert len(trials) == 45  # the rerun resumed the same study under the same parent run
+
+    # Both runs replayed one inference pass per split of the source version (made by the first
+    # study, or by an earlier evaluation of the same version and images).
+    evals = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               "tags.`detection.evaluation` = 'true' and "
+                               f"tags.`detection.model_version` = '{source.version}' and "
+                               "tags.`detection.protocol` = 'paper' and tags.`detection.model_name` = "
+                               f"'{MODEL}'")
+    splits = [r.data.tags["detection.split"] for r in evals]
+    assert splits.count("val") == 1 and "test" in splits
 
 
 def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_path):
@@ -110,7 +114,7 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
                                 cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for seed in (1, 2, 3)]
     outputs = [w.communicate(timeout=900) for w in workers]
-    for w, (out, err) in zip(workers, outputs):
+    for w, (_out, err) in zip(workers, outputs):
         assert w.returncode == 0, err[-3000:]
     import optuna
 
