@@ -124,7 +124,7 @@ def test_missing_test_images_and_leakage_are_refused(in_store, synth_dir, copy_o
     for name in split["train"]:
         assert name in leak.stderr
     allowed = run_cli("evaluate", "--data-dir", str(synth_dir), "--split", "all", "--allow-overlap", "true",
-                      "--protocol", "whole", cwd=in_store["workdir"])
+                      cwd=in_store["workdir"])
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     run = client.get_run(allowed.stdout.split()[1].rstrip(":"))
     assert run.data.tags["detection.allow_overlap"] == "true" and "all/detection_rate" in run.data.metrics
@@ -144,7 +144,7 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
     result = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), cwd=in_store["workdir"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "recorded no split.json" in result.stderr and "split=all" in result.stderr
-    whole = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), "--split", "all", "--protocol", "whole",
-                    cwd=in_store["workdir"])
-    assert whole.returncode == 0, whole.stderr[-2000:]  # a new cohort needs no recorded split
+    cohort = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), "--split", "all",
+                     cwd=in_store["workdir"])
+    assert cohort.returncode == 0, cohort.stderr[-2000:]  # a new cohort needs no recorded split
     client.delete_registered_model("orphan-model")
