@@ -1,7 +1,10 @@
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,35 @@ def in_store(trained, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(trained["uri"])
     return trained
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240):
+    """Start a real server in its own process group, wait until `ready_url` answers, and stop the
+    whole group afterwards (mlflow's servers spawn workers of their own)."""
+    import urllib.request
+
+    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, f"{command[:3]} did not start"
+                time.sleep(1)
+        yield server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -3,11 +3,7 @@
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +17,7 @@ from detection import tracking
 from detection.data import load_dataset
 from detection.predict import encode_png
 from detection.train import log_detector
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli, serving
 
 pytestmark = pytest.mark.slow
 SOURCE = "models:/brecahad-faster-rcnn@challenger"
@@ -118,12 +114,6 @@ def test_refusals_leave_the_aliases_alone(in_store, synth_dir, versions, tmp_pat
     assert _aliases(name) == before
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, payload):
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
@@ -131,21 +121,10 @@ def _post(url, payload):
 
 
 def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth_dir, tmp_path):
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ) | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=in_store["workdir"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
-                time.sleep(1)
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]
+    with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
         image = load_dataset(synth_dir)[0].read_image()
         status, body = _post(f"http://127.0.0.1:{port}/invocations",
                              {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
@@ -161,9 +140,6 @@ def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth
         with pytest.raises(urllib.error.HTTPError) as empty:
             _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
         assert empty.value.code == 400
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):

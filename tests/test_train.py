@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, free_port, run_cli, serving
 
 pytestmark = pytest.mark.slow
 SMOKE = str(ROOT / "experiments" / "smoke.yaml")
@@ -101,14 +100,8 @@ def test_invalid_data_fails_the_mlflow_run_and_creates_no_run_directly(store, sy
     assert len(_runs(client)) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=tmp_path,
                      env={"MLFLOW_TRACKING_URI": uri})
@@ -165,24 +158,12 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
 
 
 def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "served-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(1)
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+               str(tmp_path / "served-artifacts"), "--workers", "1"]
+    with serving(command, f"{uri}/health", tmp_path, timeout=180):
         work = tmp_path / "client"
         work.mkdir()
         result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o", f"{TINY} train.epochs=1",
@@ -194,6 +175,3 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
         assert "checkpoints/latest.json" in _artifacts(client, version.run_id)
         assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()  # all went to the server
         assert list((tmp_path / "served-artifacts").rglob("slot-0.pt"))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
