@@ -148,3 +148,23 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
                      cwd=in_store["workdir"])
     assert cohort.returncode == 0, cohort.stderr[-2000:]  # a new cohort needs no recorded split
     client.delete_registered_model("orphan-model")
+
+
+def test_mlflow_run_evaluate_on_the_real_sample(tmp_path):
+    from tests.conftest import SAMPLE, TINY, need_shared
+
+    sample = need_shared(SAMPLE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trained = run_cli("train", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(sample),
+                      "-o", f"{TINY} train.epochs=1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = _mlflow("run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={sample}",
+                     cwd=tmp_path, uri=uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "tags.`detection.evaluation` = 'true'")
+    assert run.info.status == "FINISHED" and run.data.tags["detection.protocol"] == "paper"
+    cells = run.data.metrics["test/tp"] + run.data.metrics["test/fn"]
+    assert cells > 100  # the held-out real case's tumour cells, seen through 10 patches per image
+    assert 0 <= run.data.metrics["test/detection_rate"] <= 1 and "test/ap50" in run.data.metrics
