@@ -263,7 +263,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             study.set_user_attr("mlflow_run_id", parent)
             for k, v in mine.items():
                 study.set_user_attr(k, v)
-            tracking.tag_version(ref.name, ref.version, "tune.", {"study": req.study, "run_id": parent})
+            tracking.tag_version(ref.name, ref.version, "tune.study.", {req.study: parent})
         else:
             try:
                 tracking.get_run(parent)

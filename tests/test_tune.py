@@ -78,6 +78,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/study.png", "figures/tradeoff.png", "figures/fig4_tpr_fdr.png"} <= files
 
+    assert client.get_model_version(MODEL, source.version).tags["tune.study.pp"] == parent.info.run_id
     new = client.get_model_version_by_alias(MODEL, "challenger")
     assert int(new.version) not in before and new.tags["study"] == "pp"
     chosen = parent.data.tags["detection.chosen_trial"]
