@@ -20,7 +20,8 @@ import optuna
 from detection.inference import Cache
 from detection.matching import hungarian_match, box_centres
 from detection.postprocess import PostProcess, replay
-from detection.tune import NMS_STEP, Replayer
+from detection.metrics import Replayer
+from detection.tune import NMS_STEP
 
 
 def synthetic_cache(items: int = 12, boxes: int = 4000, cells: int = 150, seed: int = 0) -> Cache:

@@ -191,20 +191,27 @@ def _optional_split(ref: tracking.ModelRef) -> Split | None:
         return None
 
 
-def cached_evaluation(req: Request, parent: str | None = None) -> tuple[str, Cache]:
-    """The cache of an earlier evaluation of the same model version, split, protocol and seed on the
-    same images, or a new evaluation's: the tune study replays it instead of running the model."""
+def earlier_evaluation(req: Request, same_matching: bool):
+    """A finished evaluation of the same model version, split, protocol and seed on the same image
+    contents (and, if asked, the same matching), or None. Returns (run, image digest)."""
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
-    samples, hashes = select(req, split)
-    digest = content_digest(samples, hashes)
-    for run in tracking.find_runs(
-            f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
-            f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
-            f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
-            f"tags.`detection.data_digest` = '{digest}'"):
-        return run.info.run_id, load_cache(run.info.run_id)
-    run_id, _ = evaluate(req, parent)
+    digest = content_digest(*select(req, split))
+    query = (f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
+             f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
+             f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
+             f"tags.`detection.data_digest` = '{digest}'")
+    if same_matching:
+        query += f" and tags.`detection.matching` = '{req.matching}'"
+    found = tracking.find_runs(query)
+    return (found[0] if found else None), digest
+
+
+def cached_evaluation(req: Request, parent: str | None = None) -> tuple[str, Cache]:
+    """The raw predictions of an earlier evaluation (matching plays no part in them), or of a new
+    one: the tune study replays them instead of running the model."""
+    run, _ = earlier_evaluation(req, same_matching=False)
+    run_id = run.info.run_id if run else evaluate(req, parent)[0]
     return run_id, load_cache(run_id)
 
 

@@ -3,7 +3,7 @@ intervals over images, and COCO AP from faster-coco-eval. Pure functions of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -50,24 +50,51 @@ def score(cache: Cache, pp: PostProcess, method: str, radius: float) -> Scored:
     return Scored(kept, tp, cells)
 
 
+class Replayer:
+    """Counts of any post-processing over a cache: NMS and matching run once per IoU value,
+    then every score threshold and top-k is a binary search and a cumulative sum."""
+
+    def __init__(self, cache: Cache, matching: str, radius: float):
+        if matching not in PREFIX_MATCHERS:
+            raise ValueError(f"matching={matching!r} cannot be replayed per threshold; use one of {PREFIX_MATCHERS}")
+        self.cache, self.matching, self.radius = cache, matching, radius
+        self.cells = sum(len(cache.ground_truth(i)[0]) for i in range(len(cache)))
+        self._prepared: dict[tuple[float, bool], list[tuple[NmsOrder, np.ndarray]]] = {}
+
+    def prepared(self, iou: float, agnostic: bool) -> list[tuple[NmsOrder, np.ndarray]]:
+        key = (round(iou, 6), agnostic)
+        if key not in self._prepared:
+            per_item = []
+            for i in range(len(self.cache)):
+                order = NmsOrder(*self.cache.detections(i), iou, agnostic)
+                tp = flags(self.cache, i, order.index, self.matching, self.radius)
+                per_item.append((order, np.concatenate([[0], np.cumsum(tp)])))
+            self._prepared[key] = per_item
+        return self._prepared[key]
+
+    def counts(self, pp: PostProcess) -> Counts:
+        tp = kept = 0
+        for order, cum_tp in self.prepared(pp.nms_thresh, pp.class_agnostic):
+            n = order.kept(pp.score_thresh, pp.detections_per_img)
+            kept += n
+            tp += int(cum_tp[n])
+        return Counts(tp, kept - tp, self.cells - tp)
+
+
 def curve(cache: Cache, pp: PostProcess, method: str, radius: float, thresholds=THRESHOLDS) -> pd.DataFrame:
     """Detection rate, FDR, precision and F1 at every score threshold, the rest of `pp` fixed.
 
-    With a prefix matcher one NMS and one matching per item serve all thresholds; Hungarian
-    matching is redone at each threshold.
+    With a prefix matcher one NMS and one matching per item serve all thresholds (the Replayer);
+    Hungarian matching is redone at each threshold.
     """
-    rows = np.zeros((len(thresholds), 3), dtype=np.int64)  # tp, fp, fn
-    for i in range(len(cache)):
-        boxes, scores, labels = cache.detections(i)
-        n_cells = len(cache.ground_truth(i)[0])
-        order = NmsOrder(boxes, scores, labels, pp.nms_thresh, pp.class_agnostic)
-        full = flags(cache, i, order.index, method, radius) if method in PREFIX_MATCHERS else None
-        for j, t in enumerate(thresholds):
-            n = order.kept(float(t), pp.detections_per_img)
-            tp = full[:n] if full is not None else flags(cache, i, order.index[:n], method, radius)
-            rows[j] += (int(tp.sum()), n - int(tp.sum()), n_cells - int(tp.sum()))
-    table = pd.DataFrame({"threshold": thresholds, "tp": rows[:, 0], "fp": rows[:, 1], "fn": rows[:, 2]})
-    c = [Counts(*r) for r in rows]
+    at = [replace(pp, score_thresh=float(t)) for t in thresholds]
+    if method in PREFIX_MATCHERS:
+        replayer = Replayer(cache, method, radius)
+        c = [replayer.counts(p) for p in at]
+    else:
+        c = [sum(score(cache, p, method, radius).counts(), Counts(0, 0, 0)) for p in at]
+    table = pd.DataFrame({"threshold": thresholds, "tp": [x.tp for x in c], "fp": [x.fp for x in c],
+                          "fn": [x.fn for x in c]})
     table["detection_rate"] = [x.detection_rate for x in c]
     table["fdr"] = [x.false_discovery_rate for x in c]
     table["precision"] = [x.precision for x in c]

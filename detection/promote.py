@@ -15,8 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures, tracking
-from .data import content_digest
-from .evaluate import Request, evaluate, recorded_split, select
+from .evaluate import Request, earlier_evaluation, evaluate
 
 CHAMPION, PREVIOUS = "champion", "previous"
 EXPERIMENT = "brecahad-promotions"
@@ -62,17 +61,8 @@ class Evaluation:
 def evaluation_of(req: PromoteRequest, ref: tracking.ModelRef) -> Evaluation:
     """The version's evaluation on these images with this protocol and matching, made if missing."""
     eval_req = Request(ref.pinned, req.data_dir, req.split, req.protocol, req.matching, req.seed)
-    samples, hashes = select(eval_req, recorded_split(ref))
-    digest = content_digest(samples, hashes)
-    found = tracking.find_runs(
-        f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
-        f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
-        f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.matching` = '{req.matching}' and "
-        f"tags.`detection.seed` = '{req.seed}' and tags.`detection.data_digest` = '{digest}'")
-    if found:
-        run = found[0]
-        return Evaluation(run.info.run_id, dict(run.data.metrics), digest)
-    run_id, _ = evaluate(eval_req)
+    run, digest = earlier_evaluation(eval_req, same_matching=True)
+    run_id = run.info.run_id if run else evaluate(eval_req)[0]
     return Evaluation(run_id, dict(tracking.get_run(run_id).data.metrics), digest)
 
 

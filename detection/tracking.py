@@ -149,7 +149,7 @@ def read_artifact_text(run_id: str, path: str) -> str:
     try:
         return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
     except (MlflowException, OSError) as e:
-        raise TrackingError(f"run {run_id} has no artifact {path!r} ({e}); it cannot be resumed") from None
+        raise TrackingError(f"run {run_id} has no artifact {path!r} ({e})") from None
 
 
 def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:

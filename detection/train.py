@@ -192,8 +192,14 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
 
 
 def recorded_run(run_id: str) -> tuple[Config, Split]:
-    cfg = config_mod.from_dict(yaml.safe_load(tracking.read_artifact_text(run_id, "config.yaml")), f"run {run_id} config.yaml")
-    return cfg, Split.from_dict(yaml.safe_load(tracking.read_artifact_text(run_id, "split.json")))
+    """The config and split a run recorded, to resume it with exactly those."""
+    try:
+        config_text = tracking.read_artifact_text(run_id, "config.yaml")
+        split_text = tracking.read_artifact_text(run_id, "split.json")
+    except tracking.TrackingError as e:
+        raise tracking.TrackingError(f"{e}; it cannot be resumed") from None
+    return (config_mod.from_dict(yaml.safe_load(config_text), f"run {run_id} config.yaml"),
+            Split.from_dict(yaml.safe_load(split_text)))
 
 
 def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tuple[str, int]:

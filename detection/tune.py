@@ -29,9 +29,9 @@ from . import figures, tracking
 from .config import Config
 from .evaluate import Request, cached_evaluation, evaluate, judge, log_report, recorded_split
 from .inference import Cache
-from .matching import PREFIX_MATCHERS, Counts
-from .metrics import flags
-from .postprocess import NmsOrder, PostProcess
+from .matching import Counts
+from .metrics import Replayer
+from .postprocess import PostProcess
 from .progress import Bar
 
 KINDS = ("postprocess", "training")
@@ -152,39 +152,6 @@ def open_storage(url: str | None):
     except Exception as e:
         raise TuneError(f"Optuna storage {url!r} cannot be opened: {type(e).__name__}: {e}. Use a journal file "
                         f"path, sqlite:///optuna.db or a reachable database URL") from None
-
-
-# --- the fast replay --------------------------------------------------------------------------
-
-class Replayer:
-    """Counts of any post-processing over a cache: NMS and matching run once per IoU value,
-    then every score threshold and top-k is a binary search and a cumulative sum."""
-
-    def __init__(self, cache: Cache, matching: str, radius: float):
-        if matching not in PREFIX_MATCHERS:
-            raise TuneError(f"matching={matching!r} cannot be replayed per threshold; use one of {PREFIX_MATCHERS}")
-        self.cache, self.matching, self.radius = cache, matching, radius
-        self.cells = sum(len(cache.ground_truth(i)[0]) for i in range(len(cache)))
-        self._prepared: dict[tuple[float, bool], list[tuple[NmsOrder, np.ndarray]]] = {}
-
-    def prepared(self, iou: float, agnostic: bool) -> list[tuple[NmsOrder, np.ndarray]]:
-        key = (round(iou, 6), agnostic)
-        if key not in self._prepared:
-            per_item = []
-            for i in range(len(self.cache)):
-                order = NmsOrder(*self.cache.detections(i), iou, agnostic)
-                tp = flags(self.cache, i, order.index, self.matching, self.radius)
-                per_item.append((order, np.concatenate([[0], np.cumsum(tp)])))
-            self._prepared[key] = per_item
-        return self._prepared[key]
-
-    def counts(self, pp: PostProcess) -> Counts:
-        tp = kept = 0
-        for order, cum_tp in self.prepared(pp.nms_thresh, pp.class_agnostic):
-            n = order.kept(pp.score_thresh, pp.detections_per_img)
-            kept += n
-            tp += int(cum_tp[n])
-        return Counts(tp, kept - tp, self.cells - tp)
 
 
 # --- objectives -------------------------------------------------------------------------------

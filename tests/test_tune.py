@@ -17,7 +17,8 @@ from detection.inference import paper_items
 from detection.matching import Counts, box_centres, greedy_match
 from detection.postprocess import PostProcess, apply
 from detection.split import Split
-from detection.tune import Replayer, TuneError, TuneRequest, parse_ranges
+from detection.metrics import Replayer
+from detection.tune import TuneError, TuneRequest, parse_ranges
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
