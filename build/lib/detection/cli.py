@@ -1,0 +1,361 @@
+"""`python -m detection COMMAND`: the entry points of the MLproject, usable without `mlflow run`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from .tune import DEFAULT_RANGES, DEFAULT_STORAGE
+
+DESCRIPTION = """\
+Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow.
+
+Typical use:
+  python -m detection synth data/demo --images 12       # offline demo data
+  python -m detection validate data/demo                # every problem in one pass
+  python -m detection train --config experiments/smoke.yaml --data-dir data/demo
+  mlflow ui --backend-store-uri sqlite:///mlflow.db      # look at the runs
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train, log and register a model",
+        description="Train the configured Faster R-CNN on DATA_DIR as one MLflow run: every config value as a "
+                    "param, losses per step, validation detection rate and FDR per epoch, a checkpoint per epoch, "
+                    "and a registered model version with the alias tracking.alias (default challenger). Under "
+                    "`mlflow run` it attaches to the run MLflow made.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection train --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1\n"
+               "  python -m detection train --resume 0123abcd...   # continue an interrupted run\n",
+    )
+    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/*.yaml (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)")
+    p.add_argument("--resume", default="", metavar="RUN_ID",
+                   help="continue RUN_ID from its last checkpoint, with its recorded config and split")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="judge a registered model on held-out images",
+        description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
+                    "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
+                    "point with 95%% bootstrap intervals over images, COCO AP and AP50, a per-image table, the "
+                    "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
+                    "overlays. Metrics are named SPLIT/... (test/detection_rate).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
+               "--data-dir data/demo --protocol whole\n",
+    )
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("--split", default="test", choices=("test", "val", "all"),
+                   help="test/val: the held-out images recorded by the model's training run; all: every image "
+                        "of DATA_DIR, e.g. a new cohort (default: %(default)s)")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
+                   help="paper: 10 random patches per image (fixed seed); whole: whole images, tiled at the "
+                        "training scale when larger than the patch (default: %(default)s)")
+    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"),
+                   help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
+                        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
+    p.add_argument("--allow-overlap", default="false", choices=("true", "false"),
+                   help="evaluate images whose content was in the training split (the run is tagged)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="Optuna study over the thresholds that cut false positives",
+        description="Search post-processing (score threshold, NMS IoU, detections per image, class-agnostic NMS) "
+                    "by replaying the validation split's cached raw predictions, or training-time IoU thresholds "
+                    "and the learning rate by training one model per trial. One parent MLflow run per study, one "
+                    "nested run per trial; the objective is measured on the validation split only. When the "
+                    "study ends, the chosen point is evaluated once on the test split and registered as a new "
+                    "version with the alias challenger. Rerun with the same --study to resume it; start several "
+                    "workers on one --storage to share it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection tune --data-dir data/demo --study pp --n-trials 200\n"
+               "  python -m detection tune --data-dir data/demo --study front --objective pareto --n-trials 100\n"
+               "  python -m detection tune --data-dir data/demo --study iou --kind training --n-trials 4 "
+               "--train-overrides 'train.epochs=2'\n"
+               "  optuna-dashboard optuna-journal.log      # watch the study\n",
+    )
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
+    p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
+    p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
+    p.add_argument("--storage", default="",
+                   help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
+                        f"postgresql://... (default: {DEFAULT_STORAGE} beside mlflow.db)")
+    p.add_argument("--kind", default="postprocess", choices=("postprocess", "training"),
+                   help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
+                        "(default: %(default)s)")
+    p.add_argument("--objective", default="f1", choices=("f1", "recall_at_fdr", "pareto"),
+                   help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
+                        "maximise detection rate and minimise FDR (default: %(default)s)")
+    p.add_argument("--max-fdr", type=float, default=0.2, help="FDR bound of recall_at_fdr (default: %(default)s)")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
+                   help="evaluation protocol of the cached predictions (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
+                        + ", ".join(DEFAULT_RANGES))
+    p.add_argument("--train-overrides", default="", metavar="KEY=VALUE ...",
+                   help="config overrides for training trials, e.g. 'train.epochs=2'")
+
+
+def _add_promote(sub) -> None:
+    p = sub.add_parser(
+        "promote", help="move the champion alias to a version that beats it",
+        description="Compare a candidate version with the current champion on the same images, protocol and "
+                    "matching (evaluating either one that lacks such an evaluation), and move the alias champion "
+                    "only when the candidate beats it by --min-delta on --metric. The former champion keeps the "
+                    "alias previous. The decision is a run (side-by-side table and figure) and tags on both "
+                    "versions. --rollback true swaps champion and previous back.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo\n"
+               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo "
+               "--rollback true\n",
+    )
+    p.add_argument("--candidate", required=True, help="models:/NAME/VERSION (or @ALIAS) to promote")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluation images")
+    p.add_argument("--metric", default="test/f1", help="SPLIT/NAME deciding the promotion (default: %(default)s); "
+                   "fdr, fp and fn count lower as better")
+    p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
+    p.add_argument("--rollback", default="false", choices=("true", "false"),
+                   help="swap the aliases champion and previous back instead")
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"), help="evaluation protocol")
+    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"), help="evaluation matching")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="detect cells in images with a registered model",
+        description="Run a registered model on TIFF or PNG images of any size (larger ones are tiled, as in "
+                    "evaluation) and write, per image, the detections as JSON (boxes, scores, labels, centre "
+                    "points) and an overlay PNG with the predictions in green.",
+    )
+    p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
+    p.add_argument("--model", default="models:/brecahad-faster-rcnn@champion",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_tune(sub)
+    _add_promote(sub)
+    _add_predict(sub)
+
+    p = sub.add_parser("validate", help="list every problem of a dataset folder",
+                       description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
+                                   "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
+                                   "no image without ground truth or the reverse). Exits 1 when any problem is found.")
+    p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+
+    p = sub.add_parser("synth", help="write an H&E-looking synthetic dataset (offline demo data)",
+                       description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
+                                   "tumour nuclei in nests and small dark non-tumour nuclei.")
+    p.add_argument("out_dir", type=Path, help="folder to write images/ and groundTruth/ into")
+    p.add_argument("--images", type=int, default=12, help="number of images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--per-case", type=int, default=4, help="images per case (default: %(default)s)")
+
+    p = sub.add_parser("stats", help="RGB mean and std of the training split, for model.image_mean/std",
+                       description="Measure per-channel pixel mean and std over the training split that CONFIG "
+                                   "would make of DATA_DIR, and optionally write a config that uses them.")
+    p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)")
+    p.add_argument("--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from . import tracking
+    from .train import train
+
+    overrides = [o for o in args.overrides if o.strip()]
+    if args.resume and overrides:
+        print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
+    try:
+        cfg = None if args.resume else config_mod.load(args.config, overrides)
+        run_id, version = train(cfg, args.data_dir, args.resume or None)
+    except Exception as e:
+        tracking.fail_launched_run(e, getattr(e, "problems", None))
+        raise
+    print(f"run {run_id} finished; registered version {version}. Look at it with: "
+          f"mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import tracking
+    from .evaluate import Request, evaluate
+
+    req = Request(args.model, args.data_dir, args.split, args.protocol, args.matching, args.seed,
+                  args.allow_overlap == "true", args.device)
+    try:
+        run_id, metrics = evaluate(req)
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    keys = ("detection_rate", "fdr", "precision", "f1", "ap50", "ap")
+    print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import tracking
+    from .tune import TuneRequest, parse_ranges, tune
+
+    try:
+        req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials, args.storage or None, args.kind,
+                          args.objective, args.max_fdr, args.protocol, args.seed, parse_ranges(args.range),
+                          tuple(args.train_overrides.split()))
+        parent, result = tune(req)
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    print(f"study {args.study}: parent run {parent}")
+    if result:
+        print(f"chose trial {result['trial']} {result['params']}; registered version {result['version']} "
+              f"as challenger; test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test"].items()))
+    else:
+        print("other workers are still running trials; the last one to finish registers the result")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from . import tracking
+    from .promote import PromoteRequest, promote
+
+    try:
+        result = promote(PromoteRequest(args.candidate, args.data_dir, args.metric, args.min_delta,
+                                        args.rollback == "true", args.protocol, args.matching))
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    print(f"{result['decision']}: {result['reason']}; champion is version {result['champion']} "
+          f"(run {result['run_id']})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    import pandas as pd
+
+    from . import figures, tracking
+    from .predict import InputError, decode_image
+
+    ref = tracking.resolve_model(args.model)
+    detector = tracking.load_model(ref)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # `mlflow run` passes several images as one space-separated parameter.
+    for path in [Path(p) for arg in args.images for p in str(arg).split()]:
+        try:
+            image = decode_image(path.read_bytes())
+        except (OSError, InputError) as e:
+            raise InputError(f"{path}: {e}") from None
+        table = detector.predict(None, pd.DataFrame({"image": [image]}))
+        doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
+        (args.out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
+        boxes = table[["x1", "y1", "x2", "y2"]].to_numpy()
+        fig = figures.overlay(image, boxes[:0], boxes, table["score"].to_numpy(), f"{path.name}, {ref.pinned}")
+        fig.savefig(args.out / f"{path.stem}.png")
+        figures.close(fig)
+        print(f"{path}: {len(table)} detections -> {args.out / (path.stem + '.json')}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .data import check_dataset
+
+    problems = check_dataset(args.data_dir)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.data_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.data_dir}: valid")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .progress import Bar
+    from .synth import write_dataset
+
+    if args.images < 1 or args.per_case < 1:
+        raise config_mod.ConfigError(f"--images={args.images} and --per-case={args.per_case} must be >= 1")
+    with Bar(args.images, "synth", every=1) as bar:
+        write_dataset(args.out_dir, args.images, args.seed, args.per_case, on_image=bar.advance)
+    print(f"wrote {args.images} images to {args.out_dir}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .data import load_dataset
+    from .progress import Bar
+    from .split import make_split
+    from .stats import as_config, channel_stats
+
+    cfg = config_mod.load(args.config)
+    samples = load_dataset(args.data_dir)
+    split = make_split(samples, cfg.data.split, {s.name: "" for s in samples})
+    train = [s for s in samples if s.name in set(split.train)]
+    with Bar(len(train), "stats", every=10) as bar:
+        stats = channel_stats(train, on_image=bar.advance)
+    print(f"training split of {args.data_dir}: {stats.images} images")
+    print(f"  image_mean {list(stats.mean)}")
+    print(f"  image_std  {list(stats.std)}")
+    print(f"  variance of per-image means {list(stats.var_of_image_means)} (cf. the paper's image_std)")
+    if args.write:
+        base = os.path.relpath(Path(args.config).resolve(), args.write.resolve().parent)
+        args.write.write_text(as_config(stats, base, args.data_dir.name))
+        print(f"wrote {args.write}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
+            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DatasetError
+    from .engine import NonFiniteLoss
+    from .evaluate import EvaluationError
+    from .predict import InputError
+    from .promote import PromotionError
+    from .tune import TuneError
+    from .model import WeightsError
+    from .split import SplitError
+    from .tracking import TrackingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
+            TuneError, PromotionError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the run is FAILED and keeps its last good checkpoint", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,302 @@
+"""One typed, frozen config, loaded from experiments/*.yaml and validated once at the edge.
+
+A YAML file may name `_base_: other.yaml` (relative to itself) and override only what differs,
+as mmdetection's configs do. Entry-point overrides are `section.key=value` strings whose values
+are parsed as YAML, so `train.epochs=1` and `data.patch_size=[256,340]` both work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
+MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key, value and fix."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: str = "case"  # "case": no case in two splits; "paper": random images, as the paper did
+    seed: int = 0
+    # The paper held out 12 of 162 images for validation and 12 for testing.
+    val_fraction: float = 0.0741
+    test_fraction: float = 0.0741
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    classes: tuple[str, ...] = ("tumor",)  # the paper: malignant (tumour) cells against background
+    # Side of the square box drawn around each annotated point. BreCaHAD nuclei are about 30-40 px
+    # across at 40x; 32 px (16.4 um) covers a nucleus, and after the paper's 2x upsampling it is
+    # 64 px, exactly one of the FPN anchor sizes, so the 0.9 IoU threshold can be met.
+    box_size: int = 32
+    patch_size: tuple[int, int] = (512, 680)  # (height, width): a quarter of a 1024x1360 image
+    hflip: bool = True
+    val_patches: int = 5  # fixed patches per validation image, the same every epoch
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"
+    weights: str = "imagenet"  # imagenet (backbone) | coco (detector) | none | path to a state_dict
+    trainable_backbone_layers: int = 3
+    num_classes: int = 2  # background + each class in data.classes
+    image_mean: tuple[float, float, float] = (0.75141764, 0.6385864, 0.8118883)
+    image_std: tuple[float, float, float] = (0.00398171, 0.00440513, 0.00163838)
+    min_size: int = 1024
+    max_size: int = 1360
+    rpn_fg_iou_thresh: float = 0.9
+    rpn_bg_iou_thresh: float = 0.1
+    rpn_nms_thresh: float = 0.8
+    box_fg_iou_thresh: float = 0.9
+    box_bg_iou_thresh: float = 0.1
+    box_nms_thresh: float = 0.8
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 200
+    # Class-agnostic NMS is not in torchvision's RoIHeads; the registered model applies it by replay.
+    box_nms_class_agnostic: bool = False
+    roi_featmap_names: tuple[str, ...] = ("0", "1")
+    roi_output_size: int = 21
+    roi_sampling_ratio: int = 2
+    representation_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 1
+    # The paper does not name its optimizer. 2e-5 is an Adam-scale rate (SGD would barely move in
+    # 100 epochs at it), and Adam with L2 weight decay is the common PyTorch recipe of the time.
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 2e-5
+    lr_decay: float = 0.98  # multiplied into the learning rate after every epoch
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    amp: bool = True  # used on CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    figure_every: int = 10  # log validation overlays every N epochs and after the last one
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # A detection matches a cell when its box centre lies within this radius of the point.
+    # 16 px = 8.2 um at 0.514 um/px: about one nucleus radius, half the default box side.
+    match_radius: float = 16.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "brecahad"  # used when not launched by `mlflow run`
+    registered_model: str = "brecahad-faster-rcnn"
+    alias: str = "challenger"
+    system_metrics: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved value as `section.key` (nested sections joined by dots), for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk("", self.to_dict())
+        return out
+
+    def replace(self, *overrides: str) -> Config:
+        return from_dict(_merge(self.to_dict(), parse_overrides(overrides)), source="overrides")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """`["train.epochs=1", "data.box_size=30"]` (or one space-separated string) as a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in [tok for o in overrides if o for tok in o.split()]:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value, e.g. train.epochs=1")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value {raw!r} is not valid YAML ({e})") from None
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pick one of experiments/*.yaml")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(doc).__name__}")
+    base = doc.pop("_base_", None)
+    if base is None:
+        return doc
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), doc)
+
+
+def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a config file, apply `section.key=value` overrides, and validate the result."""
+    path = Path(path)
+    tree = _read_yaml(path)
+    tree.setdefault("name", path.stem)
+    return from_dict(_merge(tree, parse_overrides(overrides)), source=str(path))
+
+
+def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    cfg = _build(Config, tree, source, "")
+    validate(cfg, source)
+    return cfg
+
+
+def _build(cls: type, tree: Any, source: str, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(hints[k], v, source, prefix + k) for k, v in tree.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, source, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, bool, str, float) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Cross-field checks; each message names the key, the value and what would be accepted."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.data.split
+    for c in d.classes:
+        need(c in BRECAHAD_CLASSES, f"data.classes: {c!r} is not a BreCaHAD class ({', '.join(BRECAHAD_CLASSES)})")
+    need(len(d.classes) > 0 and len(set(d.classes)) == len(d.classes), f"data.classes {list(d.classes)} must be non-empty and unique")
+    need(m.num_classes == len(d.classes) + 1,
+         f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} (background + {list(d.classes)})")
+    need(d.box_size > 0, f"data.box_size={d.box_size} must be > 0 pixels")
+    need(all(p > 0 for p in d.patch_size), f"data.patch_size={list(d.patch_size)} must be positive (height, width)")
+    need(d.val_patches > 0, f"data.val_patches={d.val_patches} must be > 0")
+    need(s.mode in ("case", "paper"), f"data.split.mode={s.mode!r} must be 'case' or 'paper'")
+    need(0 < s.val_fraction < 1 and 0 < s.test_fraction < 1 and s.val_fraction + s.test_fraction < 1,
+         f"data.split val_fraction={s.val_fraction}, test_fraction={s.test_fraction} must be in (0, 1) and sum below 1")
+    need(m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"),
+         f"model.backbone={m.backbone!r} must be resnet18, resnet34, resnet50 or resnet101")
+    need(m.weights in ("imagenet", "coco", "none") or m.weights.endswith((".pt", ".pth")),
+         f"model.weights={m.weights!r} must be imagenet, coco, none or a path to a .pt/.pth state_dict")
+    need(m.weights != "coco" or m.backbone == "resnet50", f"model.weights=coco needs model.backbone=resnet50, not {m.backbone}")
+    need(0 <= m.trainable_backbone_layers <= 5, f"model.trainable_backbone_layers={m.trainable_backbone_layers} must be 0..5")
+    need(all(x > 0 for x in m.image_std), f"model.image_std={list(m.image_std)} must be > 0 in every channel")
+    need(0 < m.min_size <= m.max_size, f"model.min_size={m.min_size} must be > 0 and <= model.max_size={m.max_size}")
+    for name in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_nms_thresh", "box_fg_iou_thresh",
+                 "box_bg_iou_thresh", "box_nms_thresh", "box_score_thresh"):
+        v = getattr(m, name)
+        need(0.0 <= v <= 1.0, f"model.{name}={v} must be in [0, 1]")
+    need(m.rpn_bg_iou_thresh <= m.rpn_fg_iou_thresh, f"model.rpn_bg_iou_thresh={m.rpn_bg_iou_thresh} must be <= rpn_fg_iou_thresh={m.rpn_fg_iou_thresh}")
+    need(m.box_bg_iou_thresh <= m.box_fg_iou_thresh, f"model.box_bg_iou_thresh={m.box_bg_iou_thresh} must be <= box_fg_iou_thresh={m.box_fg_iou_thresh}")
+    need(m.box_detections_per_img > 0, f"model.box_detections_per_img={m.box_detections_per_img} must be > 0")
+    need(set(m.roi_featmap_names) <= {"0", "1", "2", "3", "pool"} and len(m.roi_featmap_names) > 0,
+         f"model.roi_featmap_names={list(m.roi_featmap_names)} must be FPN levels among 0, 1, 2, 3, pool")
+    need(m.roi_output_size > 0 and m.representation_size > 0, "model.roi_output_size and model.representation_size must be > 0")
+    need(t.epochs > 0, f"train.epochs={t.epochs} must be > 0")
+    need(t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0")
+    need(t.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer={t.optimizer!r} must be adam, adamw or sgd")
+    need(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    need(0 < t.lr_decay <= 1, f"train.lr_decay={t.lr_decay} must be in (0, 1]")
+    need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
+    need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
+    need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
+    need(bool(cfg.tracking.registered_model), "tracking.registered_model must not be empty")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

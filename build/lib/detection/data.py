@@ -1,0 +1,174 @@
+"""Read BreCaHAD as distributed: images/Case_N-MM.tif beside groundTruth/Case_N-MM.json.
+
+Each JSON holds the seven class keys, each a list of {"x", "y"} points normalised to [0, 1]
+(x by the width, y by the height, origin top-left). `check_dataset` finds every problem in one
+pass so a user can fix a folder at once; `load_dataset` refuses a folder with any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .config import BRECAHAD_CLASSES
+
+IMAGE_SHAPE = (1024, 1360, 3)  # height, width, RGB
+_NAME = re.compile(r"^(Case_\d+)-\d+$")
+
+
+class DatasetError(ValueError):
+    """A dataset folder with problems; `problems` lists each one, naming its file."""
+
+    def __init__(self, root: Path, problems: list[str]):
+        self.root = root
+        self.problems = problems
+        super().__init__(f"{root}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One annotated image. `points` maps a class name to an (N, 2) array of (x, y) pixels."""
+
+    name: str
+    image_path: Path
+    points: dict[str, np.ndarray]
+
+    @property
+    def case(self) -> str:
+        m = _NAME.match(self.name)
+        return m.group(1) if m else self.name
+
+    def read_image(self) -> np.ndarray:
+        return tifffile.imread(self.image_path)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.image_path.read_bytes()).hexdigest()
+
+
+def image_files(root: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((root / "images").glob("*.tif*"))}
+
+
+def label_files(root: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((root / "groundTruth").glob("*.json"))}
+
+
+def check_image(path: Path) -> str | None:
+    """The problem with one TIFF, or None. Reads every pixel, so a truncated file is caught."""
+    try:
+        img = tifffile.imread(path)
+    except Exception as e:  # tifffile raises several types for damaged files
+        return f"{path}: unreadable TIFF ({type(e).__name__}: {e}); re-download or re-export the image"
+    if img.dtype != np.uint8:
+        return f"{path}: dtype {img.dtype}, expected uint8 RGB"
+    if img.ndim != 3 or img.shape[2] != 3:
+        channels = img.shape[2] if img.ndim == 3 else 1
+        return f"{path}: {channels} channel(s) (shape {img.shape}), expected 3 (RGB)"
+    if img.shape != IMAGE_SHAPE:
+        return f"{path}: shape {img.shape}, expected {IMAGE_SHAPE} (1360x1024 RGB at 40x)"
+    return None
+
+
+def read_points(path: Path, width: int = IMAGE_SHAPE[1], height: int = IMAGE_SHAPE[0]) -> dict[str, np.ndarray]:
+    """Parse one ground-truth JSON into pixel coordinates; raises ValueError naming the problem."""
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected an object with keys {', '.join(BRECAHAD_CLASSES)}")
+    unknown = sorted(set(doc) - set(BRECAHAD_CLASSES))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; BreCaHAD keys are {', '.join(BRECAHAD_CLASSES)}")
+    missing = [k for k in BRECAHAD_CLASSES if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: missing key {missing[0]!r}")
+    points = {}
+    for key in BRECAHAD_CLASSES:
+        entries = doc[key]
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: {key} must be a list of {{x, y}} points, got {type(entries).__name__}")
+        xy = np.zeros((len(entries), 2), dtype=np.float64)
+        for i, p in enumerate(entries):
+            if not (isinstance(p, dict) and set(p) == {"x", "y"}):
+                raise ValueError(f"{path}: {key}[{i}] = {p!r} is not a point {{\"x\": .., \"y\": ..}}")
+            for j, axis in enumerate("xy"):
+                v = p[axis]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+                    raise ValueError(f"{path}: {key}[{i}].{axis} = {v!r} is outside [0, 1] (coordinates are normalised)")
+                xy[i, j] = v
+        points[key] = xy * np.array([width, height], dtype=np.float64)
+    return points
+
+
+def check_dataset(root: str | Path) -> list[str]:
+    """Every problem in a BreCaHAD folder, one line each, naming the file."""
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: no such folder; point data_dir at a folder holding images/ and groundTruth/"]
+    problems = []
+    for sub in ("images", "groundTruth"):
+        if not (root / sub).is_dir():
+            problems.append(f"{root / sub}: missing folder (BreCaHAD keeps images/ and groundTruth/ side by side)")
+    if problems:
+        return problems
+    images, labels = image_files(root), label_files(root)
+    if not images and not labels:
+        return [f"{root}: images/ and groundTruth/ are empty"]
+    for name in sorted(set(images) - set(labels)):
+        problems.append(f"{images[name]}: no ground truth (expected {root / 'groundTruth' / (name + '.json')})")
+    for name in sorted(set(labels) - set(images)):
+        problems.append(f"{labels[name]}: no image (expected {root / 'images' / (name + '.tif')})")
+    for name in sorted(set(images) & set(labels)):
+        problem = check_image(images[name])
+        if problem:
+            problems.append(problem)
+        try:
+            read_points(labels[name])
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
+def load_dataset(root: str | Path) -> list[Sample]:
+    """All samples of a valid folder, sorted by name; raises DatasetError listing every problem."""
+    root = Path(root)
+    problems = check_dataset(root)
+    if problems:
+        raise DatasetError(root, problems)
+    images, labels = image_files(root), label_files(root)
+    return [Sample(name, images[name], read_points(labels[name])) for name in sorted(images)]
+
+
+def points_to_boxes(points: np.ndarray, box_size: float, width: int, height: int) -> np.ndarray:
+    """Square boxes of side `box_size` centred on (x, y) points, clipped to the image: (N, 4) x1y1x2y2."""
+    half = box_size / 2.0
+    boxes = np.concatenate([points - half, points + half], axis=1) if len(points) else np.zeros((0, 4))
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    return boxes.astype(np.float32)
+
+
+def targets(sample: Sample, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Points of the chosen classes and their labels (1-based; 0 is background)."""
+    pts = [sample.points[c] for c in classes]
+    labels = [np.full(len(p), i + 1, dtype=np.int64) for i, p in enumerate(pts)]
+    return np.concatenate(pts).reshape(-1, 2), np.concatenate(labels)
+
+
+def content_digest(samples: list[Sample], hashes: dict[str, str]) -> str:
+    """One digest for the images and their annotations, for mlflow.log_input."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.name.encode())
+        h.update(hashes[s.name].encode())
+        for c in BRECAHAD_CLASSES:
+            h.update(np.ascontiguousarray(s.points[c]).tobytes())
+    return h.hexdigest()[:16]

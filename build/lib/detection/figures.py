@@ -1,0 +1,127 @@
+"""Figures people would rather look at than read: loss curves and the paper's overlays."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to MLflow, never to a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+
+def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], steps_per_epoch: int):
+    """Training loss per step (and its running mean) with validation loss at each epoch's end."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps, values = np.array(train).T
+        ax.plot(steps, values, color="tab:blue", alpha=0.3, lw=0.8, label="train/loss (step)")
+        window = max(1, min(len(values), steps_per_epoch))
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.8, label=f"train/loss (mean of {window})")
+    if val:
+        epochs, values = np.array(val).T
+        ax.plot((epochs + 1) * steps_per_epoch - 1, values, "o-", color="tab:orange", label="val/loss (epoch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def overlay(image: np.ndarray, gt_boxes: np.ndarray, boxes: np.ndarray, scores: np.ndarray, title: str):
+    """Ground truth in red, predictions in green, as in the paper's figures."""
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
+    ax.imshow(image)
+    for x1, y1, x2, y2 in gt_boxes:
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
+    for (x1, y1, x2, y2), s in zip(boxes, scores):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.0, alpha=float(0.4 + 0.6 * s)))
+    ax.set_title(f"{title}: ground truth red, predictions green", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def threshold_curve(table: pd.DataFrame, operating: float, title: str):
+    """The paper's Fig. 4: detection rate (TPR) and false discovery rate against the score threshold."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(table.threshold, table.detection_rate, color="tab:green", lw=2, label="detection rate (TPR)")
+    ax.plot(table.threshold, table.fdr, color="tab:red", lw=2, label="false discovery rate")
+    ax.axvline(operating, color="grey", ls="--", lw=1, label=f"operating point {operating:g}")
+    ax.set_xlabel("score threshold")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def pr_curve(table: pd.DataFrame, operating: float, title: str):
+    """Precision against recall over the score thresholds, the operating point marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    has = (table.tp + table.fp) > 0
+    ax.plot(table.detection_rate[has], table.precision[has], color="tab:blue", lw=2)
+    at = table.iloc[(table.threshold - operating).abs().argmin()]
+    ax.plot([at.detection_rate], [at.precision], "o", color="black", label=f"threshold {at.threshold:g}")
+    ax.set_xlabel("recall (detection rate)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff(trials: list[dict], chosen: int, title: str):
+    """Every trial as (FDR, detection rate), coloured by F1, the chosen one ringed."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fdr = [t["fdr"] for t in trials]
+    dr = [t["detection_rate"] for t in trials]
+    points = ax.scatter(fdr, dr, c=[t["f1"] for t in trials], cmap="viridis", s=18)
+    fig.colorbar(points, ax=ax, label="F1")
+    pick = next(t for t in trials if t["trial"] == chosen)
+    ax.scatter([pick["fdr"]], [pick["detection_rate"]], s=160, facecolors="none", edgecolors="red", lw=2,
+               label=f"chosen: trial {chosen}")
+    ax.set_xlabel("false discovery rate (validation)")
+    ax.set_ylabel("detection rate (validation)")
+    ax.set_title(f"study {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(table: pd.DataFrame, metric: str, decision: str):
+    """The candidate's and the champion's metrics as grouped bars, the deciding one outlined."""
+    columns = [c for c in table.columns if c != "metric"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(columns)
+    x = np.arange(len(table))
+    for k, col in enumerate(columns):
+        values = table[col].astype(float).fillna(0.0)
+        bars = ax.bar(x + k * width, values, width, label=col)
+        for i, m in enumerate(table.metric):
+            if m == metric:
+                bars[i].set_edgecolor("black")
+                bars[i].set_linewidth(2)
+    ax.set_xticks(x + width * (len(columns) - 1) / 2, table.metric, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{decision} on {metric}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""Match detections to annotated cells and score them, as pure numpy.
+
+A detection matches a cell when its box centre lies within `radius` pixels of the cell's point,
+one-to-one, greedily in score order: each detection takes the nearest cell still unmatched (the
+COCO and OCELOT convention). A detection's fate never depends on lower-scored ones, so one pass
+gives the counts at every score threshold. Two alternatives: `hungarian` (the most pairs within
+the radius, for one set of detections at a time) and `iou` (box IoU >= 0.5, greedy like COCO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+from torchvision.ops import box_iou
+
+MATCHERS = ("greedy", "hungarian", "iou")
+# Matchers whose flags hold for every prefix of the score-ordered detections (one pass, all thresholds).
+PREFIX_MATCHERS = ("greedy", "iou")
+IOU_MATCH = 0.5
+
+
+def box_centres(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
+
+
+def greedy_match(centres: np.ndarray, scores: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
+    """For each detection (in the given order), whether it is a true positive.
+
+    Detections are visited by descending score (stable, so ties keep their given order).
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    tp = np.zeros(len(centres), dtype=bool)
+    if len(centres) == 0 or len(points) == 0:
+        return tp
+    tree = cKDTree(points)
+    taken = np.zeros(len(points), dtype=bool)
+    candidates = tree.query_ball_point(centres, r=radius)
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        near = [j for j in candidates[i] if not taken[j]]
+        if near:
+            d = np.linalg.norm(points[near] - centres[i], axis=1)
+            j = near[int(np.argmin(d))]
+            taken[j] = True
+            tp[i] = True
+    return tp
+
+
+def hungarian_match(centres: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
+    """The one-to-one pairing within `radius` with the most pairs (then the least total distance)."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    tp = np.zeros(len(centres), dtype=bool)
+    if len(centres) == 0 or len(points) == 0:
+        return tp
+    dist = np.linalg.norm(centres[:, None] - points[None], axis=2)
+    within = dist <= radius
+    # An out-of-radius pair costs more than all in-radius pairs together, so pairs are maximised first.
+    cost = np.where(within, dist, radius * (min(len(centres), len(points)) + 1))
+    rows, cols = linear_sum_assignment(cost)
+    tp[rows[within[rows, cols]]] = True
+    return tp
+
+
+def iou_match(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, threshold: float = IOU_MATCH) -> np.ndarray:
+    """COCO-style: in score order, each detection takes the free ground-truth box of highest IoU >= threshold."""
+    tp = np.zeros(len(boxes), dtype=bool)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return tp
+    iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64)).numpy()
+    taken = np.zeros(len(gt_boxes), dtype=bool)
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        row = np.where(taken, -1.0, iou[i])
+        j = int(np.argmax(row))
+        if row[j] >= threshold:
+            taken[j] = True
+            tp[i] = True
+    return tp
+
+
+def match(method: str, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, gt_boxes: np.ndarray,
+          radius: float) -> np.ndarray:
+    """True-positive flags of detections against one item's cells, by the chosen matcher."""
+    if method == "greedy":
+        return greedy_match(box_centres(boxes), scores, points, radius)
+    if method == "hungarian":
+        return hungarian_match(box_centres(boxes), points, radius)
+    if method == "iou":
+        return iou_match(boxes, scores, gt_boxes)
+    raise ValueError(f"matching={method!r} must be one of {', '.join(MATCHERS)}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    tp: int
+    fp: int
+    fn: int
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    @property
+    def detection_rate(self) -> float:
+        """Recall: the share of annotated cells found (the paper's 99.02%). 0 when there are no cells."""
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def false_discovery_rate(self) -> float:
+        """FP / detections. 0 when nothing is detected: no detection is a false one."""
+        return self.fp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def precision(self) -> float:
+        return 1.0 - self.false_discovery_rate if self.tp + self.fp else 0.0
+
+    @property
+    def f1(self) -> float:
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else 0.0
+
+
+def count_at(scores: np.ndarray, tp: np.ndarray, n_cells: int, score_thresh: float) -> Counts:
+    """Counts when only detections scoring above `score_thresh` are kept (torchvision keeps s > t)."""
+    keep = np.asarray(scores) > score_thresh
+    n_tp = int(np.count_nonzero(np.asarray(tp)[keep]))
+    return Counts(n_tp, int(np.count_nonzero(keep)) - n_tp, n_cells - n_tp)

@@ -1,0 +1,149 @@
+"""The registered model: an MLflow pyfunc holding the weights (a state_dict) and the resolved config.
+
+A state_dict plus config loads on any machine, GPU or not, without pickling torchvision classes.
+Input: a DataFrame whose `image` column holds, per row, an RGB uint8 array (H, W, 3) (nested
+lists in JSON) or a base64-encoded TIFF or PNG file. Output: one row per detection with its image
+index, box, score, label, class name and centre point, after the post-processing the version
+carries. Bad input raises an MLflow INVALID_PARAMETER_VALUE error: HTTP 400 from the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import tifffile
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import AnyType
+
+from . import config as config_mod
+from .inference import detect_tiled
+from .model import build_model
+from .postprocess import PostProcess, raw_outputs, replay
+
+COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
+
+
+class InputError(ValueError):
+    pass
+
+
+def decode_image(data: str | bytes) -> np.ndarray:
+    """A base64 (or raw) TIFF or PNG file as an RGB uint8 array."""
+    raw = data
+    if isinstance(data, str):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InputError(f"image column holds a string that is not base64 ({e})") from None
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        from torchvision.io import ImageReadMode, decode_png
+
+        return decode_png(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    try:
+        return tifffile.imread(io.BytesIO(raw))
+    except Exception as e:
+        raise InputError(f"image bytes are neither PNG nor a readable TIFF ({type(e).__name__}: {e})") from None
+
+
+def _as_array(value, i: int) -> np.ndarray:
+    if isinstance(value, (str, bytes)):
+        return decode_image(value)
+    try:
+        img = np.asarray(value)
+    except ValueError as e:
+        raise InputError(f"image {i}: not a rectangular array ({e})") from None
+    # JSON carries pixels as plain integers: accept any integer array within 0..255.
+    if img.dtype.kind in "iu" and img.size and img.min() >= 0 and img.max() <= 255:
+        img = img.astype(np.uint8)
+    return img
+
+
+def as_images(model_input) -> list[np.ndarray]:
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            raise InputError(f"input needs an 'image' column (RGB uint8 arrays or base64 TIFF/PNG), "
+                             f"got columns {list(model_input.columns)}")
+        images = [_as_array(v, i) for i, v in enumerate(model_input["image"])]
+    elif isinstance(model_input, np.ndarray):
+        images = [model_input] if model_input.ndim == 3 else list(model_input)
+    else:
+        raise InputError(f"unsupported input type {type(model_input).__name__}; send a DataFrame with an "
+                         f"'image' column")
+    if not images:
+        raise InputError("no images in the request")
+    for i, img in enumerate(images):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+            raise InputError(f"image {i}: expected RGB uint8 pixels (H, W, 3), got {img.dtype} {img.shape}")
+    return images
+
+
+def encode_png(image: np.ndarray) -> str:
+    """An RGB uint8 image as base64 PNG, the compact way to send it to the server."""
+    from torchvision.io import encode_png as _encode
+
+    return base64.b64encode(_encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()).decode()
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config) -> pd.DataFrame:
+    """Detections on whole images as the `whole` evaluation protocol makes them: raw outputs of
+    tiles at the training scale, merged, then the version's post-processing replayed per image."""
+    pp = PostProcess.of_config(cfg.model)
+    rows = []
+    for i, img in enumerate(images):
+        with raw_outputs(model):
+            b, s, lab = detect_tiled(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, torch.device("cpu"))
+        keep = replay(b, s, lab, pp)
+        boxes, scores, labels = b[keep], s[keep], lab[keep]
+        rows.append(pd.DataFrame({
+            "image": i,
+            "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+            "score": scores,
+            "label": labels,
+            "class": [cfg.data.classes[k - 1] for k in labels],
+            "cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
+        }))
+    return pd.concat(rows, ignore_index=True)[COLUMNS]
+
+
+def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[config_mod.Config, torch.nn.Module]:
+    cfg = config_mod.from_dict(yaml.safe_load(Path(config_path).read_text()), source=str(config_path))
+    model = build_model(cfg.model, pretrained=False)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return cfg, model.eval()
+
+
+class Detector(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        try:
+            images = as_images(model_input)
+        except InputError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        return detect(self.model, images, self.config)
+
+
+def signature() -> ModelSignature:
+    """Any number of images of any size, each an array or a base64 file, in an `image` column."""
+    outputs = [ColSpec(DataType.long, "image")] + [ColSpec(DataType.float, c) for c in ("x1", "y1", "x2", "y2", "score")]
+    outputs += [ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class"),
+                ColSpec(DataType.float, "cx"), ColSpec(DataType.float, "cy")]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]), outputs=Schema(outputs))
+
+
+def input_example() -> pd.DataFrame:
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    return pd.DataFrame({"image": [encode_png(image)]})
+

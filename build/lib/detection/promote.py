@@ -1,0 +1,154 @@
+"""Promote a registered version to `champion` only when it earns it on the same evaluation.
+
+The candidate and the current champion are compared on the same images with the same protocol
+and matching (an evaluation is made for either one that lacks it). The alias `champion` moves
+only when the candidate beats the champion by `min_delta`; the former champion keeps `previous`.
+`previous` is moved before `champion`, so a failure part-way never leaves the registry without a
+champion. Every decision is a run with a side-by-side table and figure, and tags on both versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures, tracking
+from .evaluate import Request, earlier_evaluation, evaluate
+
+CHAMPION, PREVIOUS = "champion", "previous"
+EXPERIMENT = "brecahad-promotions"
+LOWER_IS_BETTER = ("fdr", "fp", "fn")
+COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap50", "ap")
+
+
+class PromotionError(ValueError):
+    """A promotion refused before any alias moved."""
+
+
+@dataclass(frozen=True)
+class PromoteRequest:
+    candidate: str
+    data_dir: Path
+    metric: str = "test/f1"
+    min_delta: float = 0.0
+    rollback: bool = False
+    protocol: str = "paper"
+    matching: str = "greedy"
+    seed: int = 0
+
+    @property
+    def split(self) -> str:
+        return self.metric.split("/", 1)[0]
+
+    def check(self) -> None:
+        split, _, name = self.metric.partition("/")
+        if split not in ("test", "val") or name not in COMPARED + ("tp", "fp", "fn"):
+            raise PromotionError(f"metric={self.metric!r} must be test/ or val/ followed by one of "
+                                 f"{', '.join(COMPARED)}")
+        if self.min_delta < 0:
+            raise PromotionError(f"min_delta={self.min_delta} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run_id: str
+    metrics: dict[str, float]
+    images: str  # digest of the evaluated images' contents
+
+
+def evaluation_of(req: PromoteRequest, ref: tracking.ModelRef) -> Evaluation:
+    """The version's evaluation on these images with this protocol and matching, made if missing."""
+    eval_req = Request(ref.pinned, req.data_dir, req.split, req.protocol, req.matching, req.seed)
+    run, digest = earlier_evaluation(eval_req, same_matching=True)
+    run_id = run.info.run_id if run else evaluate(eval_req)[0]
+    return Evaluation(run_id, dict(tracking.get_run(run_id).data.metrics), digest)
+
+
+def beats(metric: str, candidate: float, champion: float, min_delta: float) -> bool:
+    """Strictly better by more than min_delta (a tie keeps the champion)."""
+    if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER:
+        return champion - candidate > min_delta
+    return candidate - champion > min_delta
+
+
+def side_by_side(req: PromoteRequest, cand: tuple[tracking.ModelRef, Evaluation],
+                 champ: tuple[tracking.ModelRef, Evaluation] | None) -> pd.DataFrame:
+    rows = []
+    for name in COMPARED:
+        key = f"{req.split}/{name}"
+        rows.append({"metric": key, f"candidate v{cand[0].version}": cand[1].metrics.get(key),
+                     **({f"champion v{champ[0].version}": champ[1].metrics.get(key)} if champ else {})})
+    return pd.DataFrame(rows)
+
+
+def promote(req: PromoteRequest) -> dict:
+    req.check()
+    tracking.check_reachable()
+    if req.rollback:
+        return rollback(req)
+    cand = tracking.resolve_model(req.candidate)
+    tracking.load_model(cand)  # refuses a version whose artifacts do not load
+    champ = tracking.alias_version(cand.name, CHAMPION)
+    if champ is not None and champ.version == cand.version:
+        raise PromotionError(f"{cand.pinned} is already the champion")
+    cand_eval = evaluation_of(req, cand)
+    champ_eval = evaluation_of(req, champ) if champ else None
+    if champ_eval and champ_eval.images != cand_eval.images:
+        raise PromotionError(
+            f"the evaluations of {cand.pinned} (run {cand_eval.run_id}) and the champion {champ.pinned} "
+            f"(run {champ_eval.run_id}) used different images; their {req.split} splits differ, so "
+            f"{req.metric} is not comparable")
+    if req.metric not in cand_eval.metrics or (champ_eval and req.metric not in champ_eval.metrics):
+        raise PromotionError(f"{req.metric} is missing from an evaluation; pick another metric")
+    value = cand_eval.metrics[req.metric]
+    old = champ_eval.metrics[req.metric] if champ_eval else None
+    promoted = champ is None or beats(req.metric, value, old, req.min_delta)
+    decision = "promoted" if promoted else "kept champion"
+    reason = ("first champion" if champ is None else
+              f"{req.metric} {value:.4f} vs champion {old:.4f} (min_delta {req.min_delta})")
+    table = side_by_side(req, (cand, cand_eval), (champ, champ_eval) if champ else None)
+    with tracking.run(EXPERIMENT, name=f"promote-v{cand.version}") as tr:
+        tr.set_tags({"promotion": "true", "decision": decision, "reason": reason, "candidate_version": cand.version,
+                     "champion_version": champ.version if champ else "", "metric": req.metric})
+        tr.log_params({"promote.candidate": cand.pinned, "promote.metric": req.metric,
+                       "promote.min_delta": req.min_delta, "promote.protocol": req.protocol,
+                       "promote.matching": req.matching, "promote.data_dir": str(req.data_dir)})
+        tr.log_table(table, "side_by_side.json")
+        fig = figures.side_by_side(table, req.metric, decision)
+        tr.log_figure(fig, "side_by_side.png")
+        figures.close(fig)
+        record = {"decision": decision, "metric": req.metric, "candidate_value": value,
+                  "champion_value": "" if old is None else old, "candidate_eval_run": cand_eval.run_id,
+                  "champion_eval_run": champ_eval.run_id if champ_eval else "", "promotion_run": tr.run_id}
+        tracking.tag_version(cand.name, cand.version, "promotion.", record)
+        if champ:
+            tracking.tag_version(champ.name, champ.version, "promotion.", record)
+        if promoted:
+            if champ:
+                tracking.set_alias(cand.name, PREVIOUS, champ.version)
+            tracking.set_alias(cand.name, CHAMPION, cand.version)
+        run_id = tr.run_id
+    return {"decision": decision, "reason": reason, "run_id": run_id, "champion": cand.version if promoted
+            else champ.version}
+
+
+def rollback(req: PromoteRequest) -> dict:
+    """Swap `champion` and `previous` back; the registry always has a champion while it happens."""
+    name = tracking.resolve_model(req.candidate).name
+    champ, prev = tracking.alias_version(name, CHAMPION), tracking.alias_version(name, PREVIOUS)
+    if champ is None or prev is None:
+        raise PromotionError(f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "
+                             f"found champion={champ and champ.version}, previous={prev and prev.version}")
+    with tracking.run(EXPERIMENT, name=f"rollback-v{champ.version}") as tr:
+        tr.set_tags({"promotion": "true", "decision": "rolled back", "candidate_version": prev.version,
+                     "champion_version": champ.version})
+        tracking.set_alias(name, CHAMPION, prev.version)
+        tracking.set_alias(name, PREVIOUS, champ.version)
+        for ref in (champ, prev):
+            tracking.tag_version(name, ref.version, "promotion.", {"decision": "rolled back", "promotion_run": tr.run_id})
+        run_id = tr.run_id
+    return {"decision": "rolled back", "reason": f"champion v{champ.version} -> v{prev.version}", "run_id": run_id,
+            "champion": prev.version}
+

@@ -1,0 +1,86 @@
+"""Patches as the paper sampled them.
+
+Training: each epoch, one random patch (512x680 by default) per image with a random horizontal
+flip; the model's transform then upsamples it to 1024x1360. Validation: a fixed set of patches
+per image, drawn from the same seed every epoch so that epochs compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .data import Sample, points_to_boxes, targets
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A crop of one image: pixels (H, W, 3) uint8 with its points, boxes and labels in patch pixels."""
+
+    name: str
+    origin: tuple[int, int]  # (x, y) of the patch's top-left corner in the image
+    image: np.ndarray
+    points: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+
+    def tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = torch.from_numpy(np.ascontiguousarray(self.image)).permute(2, 0, 1).float().div_(255.0)
+        return image, {"boxes": torch.from_numpy(self.boxes), "labels": torch.from_numpy(self.labels)}
+
+
+def crop(sample: Sample, image: np.ndarray, cfg: DataConfig, x0: int, y0: int, flip: bool) -> Patch:
+    h, w = min(cfg.patch_size[0], image.shape[0]), min(cfg.patch_size[1], image.shape[1])
+    pixels = image[y0:y0 + h, x0:x0 + w]
+    points, labels = targets(sample, cfg.classes)
+    inside = (points[:, 0] >= x0) & (points[:, 0] < x0 + w) & (points[:, 1] >= y0) & (points[:, 1] < y0 + h)
+    points, labels = points[inside] - np.array([x0, y0]), labels[inside]
+    if flip:
+        pixels = pixels[:, ::-1]
+        points = np.column_stack([w - points[:, 0], points[:, 1]]) if len(points) else points
+    boxes = points_to_boxes(points, cfg.box_size, w, h)
+    return Patch(sample.name, (x0, y0), pixels, points.astype(np.float32), boxes, labels)
+
+
+def random_patch(sample: Sample, image: np.ndarray, cfg: DataConfig, rng: np.random.Generator,
+                 allow_flip: bool) -> Patch:
+    h, w = image.shape[:2]
+    y0 = int(rng.integers(0, max(1, h - cfg.patch_size[0] + 1)))
+    x0 = int(rng.integers(0, max(1, w - cfg.patch_size[1] + 1)))
+    flip = bool(allow_flip and rng.random() < 0.5)
+    return crop(sample, image, cfg, x0, y0, flip)
+
+
+class TrainPatches(torch.utils.data.Dataset):
+    """One random patch per image per epoch; `set_epoch` reseeds so a resumed run draws the same."""
+
+    def __init__(self, samples: list[Sample], cfg: DataConfig, seed: int):
+        self.samples, self.cfg, self.seed, self.epoch = samples, cfg, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Patch:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        sample = self.samples[i]
+        return random_patch(sample, sample.read_image(), self.cfg, rng, self.cfg.hflip)
+
+
+def validation_patches(samples: list[Sample], cfg: DataConfig, seed: int, per_image: int) -> list[Patch]:
+    """The same `per_image` patches of each image for a given seed, unflipped."""
+    patches = []
+    for i, sample in enumerate(samples):
+        rng = np.random.default_rng([seed, 10_000 + i])
+        image = sample.read_image()
+        patches.extend(random_patch(sample, image, cfg, rng, allow_flip=False) for _ in range(per_image))
+    return patches
+
+
+def collate(batch: list[Patch]) -> list[Patch]:
+    return batch

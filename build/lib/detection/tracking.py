@@ -1,0 +1,359 @@
+"""Every MLflow call of the project, so the engine, metrics and post-processing stay pure.
+
+Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is attached to; run directly, a run
+is created in `tracking.experiment`. A run ends FINISHED only after every metric and artifact is
+written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from filelock import FileLock
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+
+TAG = "detection."
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version, resolved from `models:/name@alias` or `models:/name/version`."""
+
+    uri: str
+    name: str
+    version: int
+    run_id: str | None  # the training run
+
+    @property
+    def pinned(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def resolve_model(uri: str) -> ModelRef:
+    """The registry entry behind a model URI, or an error naming what is missing and what exists."""
+    if not uri.startswith("models:/"):
+        raise TrackingError(f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    body = uri[len("models:/"):]
+    name, sep, alias = body.partition("@")
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name if sep else body.rsplit("/", 1)[0])
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        raise TrackingError(f"no registered model named {(name if sep else body.rsplit('/', 1)[0])!r} in "
+                            f"{tracking_uri()} (registered: {known})") from None
+    try:
+        if sep:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = body.rpartition("/")
+            if not version.isdigit():
+                raise TrackingError(f"model {uri!r}: {version!r} is not a version number; use models:/{name}/N or @ALIAS")
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise TrackingError(f"model {uri!r} does not exist: {e.message}") from None
+    return ModelRef(uri, mv.name, int(mv.version), mv.run_id)
+
+
+def alias_version(name: str, alias: str) -> ModelRef | None:
+    """The version an alias points at, or None when the alias is not set."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return ModelRef(f"models:/{name}@{alias}", mv.name, int(mv.version), mv.run_id)
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), prefix + k, str(v))
+
+
+def load_model(ref: ModelRef):
+    """The registered pyfunc and its wrapped Detector (config and torch model)."""
+    try:
+        pyfunc = mlflow.pyfunc.load_model(ref.pinned)
+    except Exception as e:
+        raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {type(e).__name__}: {e}") from e
+    return pyfunc.unwrap_python_model()
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(
+            f"tracking server {uri} is unreachable ({e}); start it (mlflow server --host 127.0.0.1) "
+            f"or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
+def launched_run_id() -> str | None:
+    """The run `mlflow run` made for this process, if any."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri()}: {e.message}") from None
+
+
+def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:
+    """Record why a run launched by `mlflow run` failed before its work began, and mark it FAILED.
+    A run that already ended (the `run` context ends its own on errors) is left as it is."""
+    run_id = launched_run_id()
+    if not run_id:
+        return
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    client.set_tag(run_id, TAG + "error", str(error)[:5000])
+    client.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
+    client.set_terminated(run_id, status="FAILED")
+
+
+def read_artifact_text(run_id: str, path: str) -> str:
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"run {run_id} has no artifact {path!r} ({e})") from None
+
+
+def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
+    parent = str(Path(path).parent)
+    listed = {a.path for a in MlflowClient().list_artifacts(run_id, None if parent == "." else parent)}
+    if path not in listed:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def last_steps(run_id: str) -> dict[str, int]:
+    """The highest step already logged for each metric, so a resumed run logs none twice."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+class Tracker:
+    """The active run's logging calls; steps at or below `skip` (per metric) were logged before."""
+
+    def __init__(self, run_id: str, skip: dict[str, int] | None = None):
+        self.run_id = run_id
+        self.skip = skip or {}
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in values.items() if step > self.skip.get(k, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        logged = get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        mlflow.set_tags({TAG + k: v for k, v in tags.items()})
+
+    def log_text(self, text: str, path: str) -> None:
+        mlflow.log_text(text, path)
+
+    def log_figure(self, figure, path: str) -> None:
+        mlflow.log_figure(figure, path)
+
+    def log_file(self, path: Path, artifact_dir: str | None) -> None:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+    def log_table(self, table: pd.DataFrame, path: str) -> None:
+        mlflow.log_table(table, path)
+
+    def log_dataset(self, table: pd.DataFrame, source: str, digest: str, name: str, context: str) -> None:
+        with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+
+
+@contextlib.contextmanager
+def _detached_from_launched_run():
+    """Hide `mlflow run`'s MLFLOW_RUN_ID so a new run can start beside (or under) the launched one."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def ensure_store() -> None:
+    """Create a fresh sqlite store's tables under a file lock: workers that start together would
+    otherwise race to create them and corrupt the database."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        with FileLock(str(path) + ".lock", timeout=300):
+            MlflowClient().search_experiments(max_results=1)
+
+
+@contextlib.contextmanager
+def _ending(active) -> Iterator[Tracker]:
+    """End the active run FINISHED, or FAILED (KILLED on Ctrl-C) with the error logged."""
+    try:
+        yield Tracker(active.info.run_id, {})
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as e:
+        # An exception may name the status it means (a pruned trial is KILLED, not FAILED).
+        mlflow.set_tag(TAG + "error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run(status=getattr(e, "run_status", "FAILED"))
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+@contextlib.contextmanager
+def run(experiment: str, resume: str | None = None, system_metrics: bool = False,
+        parent: str | None = None, name: str | None = None) -> Iterator[Tracker]:
+    """Attach to (or create, or reopen for resuming) the run and end it with the right status.
+    With `parent`, a new nested run is made under that run, whatever `mlflow run` launched."""
+    launched = launched_run_id()
+    skip: dict[str, int] = {}
+    if parent:
+        with _detached_from_launched_run():
+            active = mlflow.start_run(experiment_id=get_run(parent).info.experiment_id, parent_run_id=parent,
+                                      nested=mlflow.active_run() is not None, run_name=name,
+                                      log_system_metrics=system_metrics)
+    elif resume:
+        get_run(resume)
+        if launched and launched != resume:
+            MlflowClient().set_tag(launched, TAG + "resumed_run", resume)
+        active = mlflow.start_run(run_id=resume, log_system_metrics=system_metrics)
+        skip = last_steps(resume)
+    else:
+        if not launched:
+            mlflow.set_experiment(experiment)
+        active = mlflow.start_run(log_system_metrics=system_metrics, run_name=name)
+    with _ending(active) as tr:
+        tr.skip = skip
+        yield tr
+
+
+@contextlib.contextmanager
+def reopen(run_id: str) -> Iterator[Tracker]:
+    """Log more into an existing run (a study's parent), ending it like `run` does."""
+    with _ending(mlflow.start_run(run_id=run_id)) as tr:
+        yield tr
+
+
+def create_run(experiment: str, name: str, tags: dict[str, Any]) -> str:
+    """A run left RUNNING for several processes to nest their runs under (a study's parent):
+    the run `mlflow run` launched, else a new one in `experiment`."""
+    client = MlflowClient()
+    run_id = launched_run_id()
+    if run_id is None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    for k, v in tags.items():
+        client.set_tag(run_id, TAG + k, str(v))
+    return run_id
+
+
+def tag_launched_run(key: str, value: str) -> None:
+    launched = launched_run_id()
+    if launched:
+        MlflowClient().set_tag(launched, TAG + key, value)
+
+
+def requirements() -> list[str]:
+    """Pinned requirements of the logged model; listing them skips MLflow's slow inference."""
+    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "scipy", "tifffile", "pyyaml", "cloudpickle"]
+    return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+def find_runs(filter_string: str) -> list:
+    """Finished runs in any experiment matching an MLflow filter, newest first."""
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, f"{filter_string} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+
+
+def create_child_run(parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                     tags: dict[str, str]) -> str:
+    """A finished nested run under `parent`, written in one batch (the tune study's trials)."""
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient()
+    child = client.create_run(get_run(parent).info.experiment_id, run_name=name,
+                              tags={"mlflow.parentRunId": parent} | {TAG + k: str(v) for k, v in tags.items()})
+    now = int(1000 * time.time())
+    client.log_batch(child.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(child.info.run_id, "FINISHED")
+    return child.info.run_id
+
+
+def set_run_status(run_id: str, status: str) -> None:
+    client = MlflowClient()
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
+
+
+def log_model(python_model, artifacts: dict[str, str], input_example, signature, name: str = "model"):
+    """Log the pyfunc, then load it back and predict once: a model that fails here is never registered."""
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=python_model,
+        artifacts=artifacts,
+        pip_requirements=requirements(),
+        signature=signature,
+        input_example=input_example,
+    )
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    loaded.predict(input_example)
+    return info
+
+
+def register(model_uri: str, name: str, alias: str, tags: dict[str, Any]) -> int:
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+

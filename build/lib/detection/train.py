@@ -1,0 +1,232 @@
+"""Train the paper's detector as one tracked MLflow run that ends in a registered model.
+
+prepare (config, data, split, model: everything that can fail fast, before a run exists)
+-> fit (epochs of train_one_epoch + validate, a checkpoint after each)
+-> finish (figures, the logged pyfunc, the registry version with its alias).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from . import config as config_mod
+from . import figures, tracking
+from .config import Config
+from .data import Sample, content_digest, load_dataset
+from .engine import LOSS_NAMES, Validation, pick_device, train_one_epoch, validate
+from .model import build_model, parameter_count
+from .predict import Detector, input_example, signature
+from .progress import Bar
+from .sampling import TrainPatches, collate, validation_patches
+from .split import SPLITS, Split, SplitError, make_split
+
+# Checkpoints alternate between two files and `latest.json` names the one last written in full,
+# so a process killed while copying a checkpoint still leaves the previous one intact.
+CHECKPOINT_DIR = "checkpoints"
+OVERLAYS_PER_EPOCH = 4
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    data_dir: Path
+    samples: dict[str, list[Sample]]  # by split
+    split: Split
+    digest: str
+    model: torch.nn.Module
+
+
+def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepared:
+    """Validate the data, split it (or reuse a recorded split) and build the model."""
+    samples = load_dataset(data_dir)
+    hashes = {s.name: s.sha256() for s in samples}
+    split = recorded or make_split(samples, cfg.data.split, hashes)
+    if recorded:
+        changed = [n for s in SPLITS for n in recorded.names(s) if hashes.get(n) != recorded.sha256.get(n)]
+        if changed:
+            raise SplitError(f"{data_dir}: images of the recorded split are missing or changed: {', '.join(changed[:5])}")
+    by_name = {s.name: s for s in samples}
+    parts = {s: [by_name[n] for n in split.names(s)] for s in SPLITS}
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    return Prepared(cfg, data_dir, parts, split, content_digest(samples, hashes), model)
+
+
+def _index(prep: Prepared) -> pd.DataFrame:
+    rows = []
+    for split in SPLITS:
+        for s in prep.samples[split]:
+            rows.append({"name": s.name, "case": s.case, "split": split, "sha256": prep.split.sha256[s.name]}
+                        | {f"n_{c}": len(s.points[c]) for c in prep.cfg.data.classes})
+    return pd.DataFrame(rows)
+
+
+def log_setup(tr: tracking.Tracker, prep: Prepared) -> None:
+    cfg = prep.cfg
+    tr.log_params(cfg.flat())
+    tr.log_text(config_mod.dump(cfg), "config.yaml")
+    tr.log_text(prep.split.to_json(), "split.json")
+    tr.set_tags({"split_hash": prep.split.digest, "config": cfg.name, "data_digest": prep.digest,
+                 "parameters": parameter_count(prep.model)})
+    index = _index(prep)
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        part = index[index.split == split].reset_index(drop=True)
+        digest = content_digest(prep.samples[split], prep.split.sha256)
+        tr.log_dataset(part, str(prep.data_dir), digest, f"brecahad-{split}", context)
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _save_checkpoint(tr: tracking.Tracker, state: dict, workdir: Path) -> None:
+    path = workdir / f"slot-{state['epoch'] % 2}.pt"
+    torch.save(state, path)
+    tr.log_file(path, CHECKPOINT_DIR)
+    tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": path.name}), f"{CHECKPOINT_DIR}/latest.json")
+    path.unlink()
+
+
+def latest_checkpoint(run_id: str, dst: Path) -> Path | None:
+    """The last complete checkpoint of a run; None if it was interrupted in its first epoch."""
+    latest = tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/latest.json", dst)
+    if latest is None:
+        return None
+    return tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{json.loads(latest.read_text())['file']}", dst)
+
+
+def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
+        on_epoch: Callable[[int, Validation], None] | None = None) -> torch.nn.Module:
+    """Train for the remaining epochs; `on_epoch(epoch, validation)` may stop early by raising."""
+    cfg, model = prep.cfg, prep.model
+    device = pick_device(cfg.train.device)
+    amp = cfg.train.amp and device.type == "cuda"
+    model.to(device)
+    optimizer = _optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start_epoch, step = 0, 0
+    if resume_from:
+        state = torch.load(resume_from, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    train_set = TrainPatches(prep.samples["train"], cfg.data, cfg.train.seed)
+    val_set = validation_patches(prep.samples["val"], cfg.data, cfg.train.seed, cfg.data.val_patches)
+    per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
+    work = Path(tempfile.mkdtemp(prefix="brecahad-ckpt-"))
+    remaining = (cfg.train.epochs - start_epoch) * (per_epoch + len(val_set))
+    with Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            bar.describe(f"epoch {epoch + 1}/{cfg.train.epochs}")
+            train_set.set_epoch(epoch)
+            order = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
+                                                 generator=order, collate_fn=collate)
+            lr = optimizer.param_groups[0]["lr"]
+
+            def on_step(s: int, losses: dict[str, float]) -> None:
+                tr.log_metrics({"train/loss": losses["loss"]} | {f"train/{k}": losses[k] for k in LOSS_NAMES}, s)
+                bar.advance(loss=losses["loss"])
+
+            step = train_one_epoch(model, optimizer, loader, device, scaler, amp, step, on_step)
+            scheduler.step()
+            val = validate(model, val_set, device, amp, cfg.eval.match_radius, cfg.model.num_classes,
+                           on_patch=lambda: bar.advance(phase="val"))
+            tr.log_metrics({"val/loss": val.loss, "val/detection_rate": val.counts.detection_rate,
+                            "val/fdr": val.counts.false_discovery_rate, "val/f1": val.counts.f1, "lr": lr}, epoch)
+            if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
+                log_figures(tr, val_set, val.detections, epoch, per_epoch)
+            _save_checkpoint(tr, {"epoch": epoch, "step": step, "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "scaler": scaler.state_dict()}, work)
+            if on_epoch:
+                on_epoch(epoch, val)
+    return model
+
+
+def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch: int) -> None:
+    curve = figures.loss_curve(tracking.metric_history(tr.run_id, "train/loss"),
+                               tracking.metric_history(tr.run_id, "val/loss"), per_epoch)
+    tr.log_figure(curve, "loss_curve.png")
+    figures.close(curve)
+    for k, (patch, det) in enumerate(zip(val_set[:OVERLAYS_PER_EPOCH], detections)):
+        fig = figures.overlay(patch.image, patch.boxes, det["boxes"], det["scores"], f"{patch.name} at {patch.origin}")
+        tr.log_figure(fig, f"val_patches/epoch_{epoch + 1:03d}/{k}_{patch.name}.png")
+        figures.close(fig)
+
+
+def log_detector(cfg: Config, model: torch.nn.Module) -> str:
+    """Log weights + config as the project's pyfunc in the active run (checked by loading it back)."""
+    with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
+        weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
+        config_path.write_text(config_mod.dump(cfg))
+        return tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)},
+                                  input_example(), signature()).model_uri
+
+
+def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
+    """Log the trained model, then register it with the configured alias."""
+    cfg = prep.cfg
+    version = tracking.register(log_detector(cfg, model), cfg.tracking.registered_model, cfg.tracking.alias,
+                                {"split_hash": prep.split.digest, "config": cfg.name})
+    tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
+    return version
+
+
+def recorded_run(run_id: str) -> tuple[Config, Split]:
+    """The config and split a run recorded, to resume it with exactly those."""
+    try:
+        config_text = tracking.read_artifact_text(run_id, "config.yaml")
+        split_text = tracking.read_artifact_text(run_id, "split.json")
+    except tracking.TrackingError as e:
+        raise tracking.TrackingError(f"{e}; it cannot be resumed") from None
+    return (config_mod.from_dict(yaml.safe_load(config_text), f"run {run_id} config.yaml"),
+            Split.from_dict(yaml.safe_load(split_text)))
+
+
+def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tuple[str, int]:
+    """The whole job; returns the run id and the registered version. `cfg` is ignored on resume:
+    a resumed run continues with the config and split it recorded."""
+    tracking.check_reachable()
+    recorded = None
+    if resume:
+        cfg, recorded = recorded_run(resume)
+    prep = prepare(cfg, data_dir, recorded)
+    with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics) as tr:
+        if not resume:
+            log_setup(tr, prep)
+        with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
+            # A run interrupted in its first epoch has no checkpoint yet and starts over.
+            checkpoint = latest_checkpoint(resume, Path(tmp)) if resume else None
+            model = fit(tr, prep, checkpoint)
+        version = finish(tr, prep, model)
+    return tr.run_id, version
+
+
+def train_trial(cfg: Config, data_dir: Path, split: Split, parent: str, name: str,
+                on_epoch: Callable[[int, Validation], None]) -> tuple[str, str]:
+    """One tuning trial: a nested run that trains on a recorded split and logs its model
+    unregistered. Returns the run id and the logged model's URI."""
+    prep = prepare(cfg, data_dir, split)
+    with tracking.run(cfg.tracking.experiment, parent=parent, name=name) as tr:
+        log_setup(tr, prep)
+        model = fit(tr, prep, None, on_epoch)
+        return tr.run_id, log_detector(cfg, model)

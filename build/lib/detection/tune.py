@@ -1,0 +1,404 @@
+"""Optuna studies over the thresholds that decide what the detector keeps, tracked in MLflow.
+
+`postprocess` studies replay the cached raw predictions of the validation split: a trial costs
+microseconds, not an inference pass. `training` studies train one model per trial (a nested run)
+over the training-time IoU thresholds and the learning rate, pruned on the validation metric.
+
+One parent MLflow run per study holds one nested run per trial; workers on one storage share it.
+When a worker ends and no trial is still running, it evaluates the chosen point once on the test
+split, registers a version carrying it, and gives that version the alias `challenger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import optuna
+import pandas as pd
+from filelock import FileLock
+
+from . import figures, tracking
+from .config import Config
+from .evaluate import Request, cached_evaluation, evaluate, judge, log_report, recorded_split
+from .inference import Cache
+from .matching import Counts
+from .metrics import Replayer
+from .postprocess import PostProcess
+from .progress import Bar
+
+KINDS = ("postprocess", "training")
+OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
+DEFAULT_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
+NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
+
+
+class TuneError(ValueError):
+    """A study that cannot start; raised before any trial runs."""
+
+
+class Pruned(optuna.TrialPruned):
+    run_status = "KILLED"  # a pruned trial's nested run was stopped on purpose, it did not fail
+
+
+DEFAULT_RANGES = {
+    "score_thresh": (0.0, 0.95),
+    "nms_thresh": (0.1, 0.9),
+    "detections_per_img": (10, 1000),
+    "lr": (1e-5, 1e-3),
+    "rpn_fg_iou_thresh": (0.5, 0.9),
+    "rpn_bg_iou_thresh": (0.1, 0.4),
+    "box_fg_iou_thresh": (0.5, 0.9),
+    "box_bg_iou_thresh": (0.1, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    model: str
+    data_dir: Path
+    study: str
+    n_trials: int
+    storage: str | None = None
+    kind: str = "postprocess"
+    objective: str = "f1"
+    max_fdr: float = 0.2  # the FDR bound of recall_at_fdr
+    protocol: str = "paper"
+    seed: int | None = None
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
+
+    def space(self) -> dict[str, tuple[float, float]]:
+        return DEFAULT_RANGES | self.ranges
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise TuneError(f"kind={self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.objective not in OBJECTIVES:
+            raise TuneError(f"objective={self.objective!r} must be one of {', '.join(OBJECTIVES)}")
+        if self.n_trials <= 0:
+            raise TuneError(f"n_trials={self.n_trials} must be > 0")
+        if not 0 < self.max_fdr < 1:
+            raise TuneError(f"max_fdr={self.max_fdr} must be in (0, 1)")
+        if not self.study:
+            raise TuneError("study must name the study, e.g. -P study=nms-sweep")
+        for name, (low, high) in self.ranges.items():
+            if name not in DEFAULT_RANGES:
+                raise TuneError(f"range {name!r} is unknown; tunable: {', '.join(DEFAULT_RANGES)}")
+            if low > high:
+                raise TuneError(f"range {name}={low}:{high} has low > high; write it as {high}:{low}")
+        space = self.space()
+        for name in ("score_thresh", "nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
+                     "box_bg_iou_thresh"):
+            low, high = space[name]
+            if not 0 <= low <= high <= 1:
+                raise TuneError(f"range {name}={low}:{high} must lie within [0, 1]")
+        if space["detections_per_img"][0] < 1 or space["lr"][0] <= 0:
+            raise TuneError("detections_per_img must be >= 1 and lr > 0")
+
+
+def parse_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
+    """`["score_thresh=0.01:0.5", ...]` as {name: (low, high)}."""
+    out = {}
+    for item in [t for i in items for t in i.split()]:
+        name, sep, span = item.partition("=")
+        low, colon, high = span.partition(":")
+        try:
+            out[name] = (float(low), float(high))
+        except ValueError:
+            raise TuneError(f"range {item!r} is not NAME=LOW:HIGH, e.g. score_thresh=0.01:0.5") from None
+        if not sep or not colon:
+            raise TuneError(f"range {item!r} is not NAME=LOW:HIGH, e.g. score_thresh=0.01:0.5")
+    return out
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def _lock_path(storage: str) -> str | None:
+    """Our own lock beside a local storage (not Optuna's `<journal>.lock`, which it takes itself)."""
+    if storage.startswith("sqlite:///"):
+        return storage[len("sqlite:///"):] + ".brecahad.lock"
+    if "://" not in storage:
+        return storage + ".brecahad.lock"
+    return None
+
+
+def _study_lock(req: TuneRequest) -> FileLock:
+    path = _lock_path(req.storage or DEFAULT_STORAGE) or os.path.join(tempfile.gettempdir(), f"brecahad-{req.study}.lock")
+    return FileLock(path, timeout=600)
+
+
+def open_storage(url: str | None):
+    """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
+    Fails before any trial when the storage cannot be reached."""
+    url = url or DEFAULT_STORAGE
+    try:
+        if "://" not in url:
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(url))
+        lock = _lock_path(url)
+        # Workers opening a fresh sqlite file together race to create its tables: one at a time.
+        with FileLock(lock, timeout=300) if lock else contextlib.nullcontext():
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:
+        raise TuneError(f"Optuna storage {url!r} cannot be opened: {type(e).__name__}: {e}. Use a journal file "
+                        f"path, sqlite:///optuna.db or a reachable database URL") from None
+
+
+# --- objectives -------------------------------------------------------------------------------
+
+def objective_values(objective: str, counts: Counts, max_fdr: float) -> float | tuple[float, float]:
+    if objective == "f1":
+        return counts.f1
+    if objective == "recall_at_fdr":
+        fdr = counts.false_discovery_rate
+        # Infeasible points score below every feasible one, closer to feasible scoring higher.
+        return counts.detection_rate if fdr <= max_fdr else -(fdr - max_fdr)
+    return counts.detection_rate, counts.false_discovery_rate
+
+
+def directions(objective: str) -> list[str]:
+    return ["maximize", "minimize"] if objective == "pareto" else ["maximize"]
+
+
+def suggest_postprocess(trial: optuna.Trial, space: dict, multiclass: bool) -> PostProcess:
+    lo, hi = space["nms_thresh"]
+    lo, hi = np.ceil(lo / NMS_STEP) * NMS_STEP, np.floor(hi / NMS_STEP) * NMS_STEP
+    return PostProcess(
+        score_thresh=trial.suggest_float("score_thresh", *space["score_thresh"]),
+        nms_thresh=round(trial.suggest_float("nms_thresh", float(lo), float(max(lo, hi)), step=NMS_STEP), 6),
+        detections_per_img=trial.suggest_int("detections_per_img", int(space["detections_per_img"][0]),
+                                             int(space["detections_per_img"][1]), log=True),
+        # With one foreground class, per-class and class-agnostic NMS are the same thing.
+        class_agnostic=trial.suggest_categorical("class_agnostic", [False, True]) if multiclass else False,
+    )
+
+
+def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The operating point: the best trial, or on a Pareto front the one with the best F1."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: (t.user_attrs["f1"], t.number))
+
+
+def counts_attrs(counts: Counts) -> dict[str, float]:
+    return {"detection_rate": counts.detection_rate, "fdr": counts.false_discovery_rate,
+            "precision": counts.precision, "f1": counts.f1, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+
+
+# --- the study --------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    req: TuneRequest
+    study: optuna.Study
+    parent: str
+    ref: tracking.ModelRef
+    config: Config
+    model: object  # the source version's torch model
+
+
+def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, model) -> Study:
+    """Create or resume the study and its parent run, one worker at a time."""
+    with _study_lock(req):
+        study = optuna.create_study(study_name=req.study, storage=storage, load_if_exists=True,
+                                    directions=directions(req.objective),
+                                    sampler=optuna.samplers.TPESampler(seed=req.seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+        attrs = study.user_attrs
+        mine = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version, "kind": req.kind,
+                "objective": req.objective, "max_fdr": req.max_fdr, "protocol": req.protocol}
+        for k, v in mine.items():
+            if k in attrs and attrs[k] != v and k != "model_uri":
+                raise TuneError(f"study {req.study!r} was made with {k}={attrs[k]!r}, not {v!r}; "
+                                f"choose another study name")
+        parent = attrs.get("mlflow_run_id")
+        if parent is None:
+            parent = tracking.create_run(cfg.tracking.experiment, f"study-{req.study}", {
+                "study": req.study, "study_storage": req.storage or DEFAULT_STORAGE, "study_kind": req.kind,
+                "objective": req.objective, "model_uri": ref.uri, "model_name": ref.name,
+                "model_version": ref.version})
+            study.set_user_attr("mlflow_run_id", parent)
+            for k, v in mine.items():
+                study.set_user_attr(k, v)
+            tracking.tag_version(ref.name, ref.version, "tune.study.", {req.study: parent})
+        else:
+            try:
+                tracking.get_run(parent)
+            except tracking.TrackingError:
+                raise TuneError(f"study {req.study!r} in {req.storage or DEFAULT_STORAGE} belongs to MLflow run "
+                                f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
+                                f"another study name or storage") from None
+            tracking.set_run_status(parent, "RUNNING")
+            if tracking.launched_run_id() != parent:
+                tracking.tag_launched_run("study_parent", parent)
+    return Study(req, study, parent, ref, cfg, model)
+
+
+def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extra_tags: dict | None = None) -> None:
+    attrs = counts_attrs(counts)
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    tracking.create_child_run(s.parent, f"trial-{trial.number}", params | {"trial": trial.number},
+                              {f"val/{k}": v for k, v in attrs.items()},
+                              {"study": s.req.study, "trial": trial.number} | (extra_tags or {}))
+
+
+def run_postprocess(s: Study, replayer: Replayer) -> None:
+    multiclass = s.config.model.num_classes > 2
+    space = s.req.space()
+
+    def objective(trial: optuna.Trial):
+        pp = suggest_postprocess(trial, space, multiclass)
+        counts = replayer.counts(pp)
+        _log_trial(s, trial, {f"pp.{k}": v for k, v in pp.__dict__.items()}, counts)
+        return objective_values(s.req.objective, counts, s.req.max_fdr)
+
+    _optimize(s, objective)
+
+
+def run_training(s: Study, data_dir: Path) -> None:
+    from .train import train_trial
+
+    split = recorded_split(s.ref)
+    base = s.config.replace(*s.req.train_overrides)
+    space = s.req.space()
+    single = len(s.study.directions) == 1
+
+    def objective(trial: optuna.Trial):
+        p = {"train.lr": trial.suggest_float("lr", *space["lr"], log=True)}
+        for name in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh"):
+            p[f"model.{name}"] = trial.suggest_float(name, *space[name])
+        if p["model.rpn_bg_iou_thresh"] > p["model.rpn_fg_iou_thresh"] or \
+                p["model.box_bg_iou_thresh"] > p["model.box_fg_iou_thresh"]:
+            raise optuna.TrialPruned("a background IoU threshold above its foreground one")
+        cfg = base.replace(*(f"{k}={v}" for k, v in p.items()))
+        last: dict[str, Counts] = {}
+
+        def on_epoch(epoch: int, val) -> None:
+            last["counts"] = val.counts
+            if single:
+                trial.report(float(objective_values(s.req.objective, val.counts, s.req.max_fdr)), epoch)
+                if trial.should_prune():
+                    raise Pruned(f"pruned after epoch {epoch + 1}")
+
+        run_id, model_uri = train_trial(cfg, data_dir, split, s.parent, f"trial-{trial.number}", on_epoch)
+        trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("model_uri", model_uri)
+        for k, v in counts_attrs(last["counts"]).items():
+            trial.set_user_attr(k, v)
+        return objective_values(s.req.objective, last["counts"], s.req.max_fdr)
+
+    _optimize(s, objective)
+
+
+def _optimize(s: Study, objective) -> None:
+    with Bar(s.req.n_trials, f"study {s.req.study}", every=max(1, s.req.n_trials // 10)) as bar:
+        s.study.optimize(objective, n_trials=s.req.n_trials, catch=(),
+                         callbacks=[lambda study, trial: bar.advance(trial=trial.number)])
+
+
+# --- when the study ends ----------------------------------------------------------------------
+
+def finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict | None:
+    """Once no trial runs: test metrics of the chosen point, figures, and a registered version."""
+    with _study_lock(s.req):
+        trials = s.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if any(t.state == optuna.trial.TrialState.RUNNING for t in trials) or not done:
+            return None  # another worker is still at it and will finish the study
+        if s.study.user_attrs.get("finalized_trials") == len(done):
+            return None
+        result = _finalize(s, data_dir, test_cache)
+        s.study.set_user_attr("finalized_trials", len(done))
+        return result
+
+
+def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
+    chosen = choose(s.study)
+    with tracking.reopen(s.parent) as tr:
+        _log_study_figures(tr, s, chosen)
+        if s.req.kind == "postprocess":
+            pp = PostProcess(chosen.params["score_thresh"], chosen.params["nms_thresh"],
+                             chosen.params["detections_per_img"], chosen.params.get("class_agnostic", False))
+            report = judge(test_cache, pp, "greedy", s.config.eval.match_radius)
+            log_report(tr, "test", report, test_cache, [], pp)
+            cfg = replace(s.config.replace(*pp.as_overrides()), name=f"{s.config.name}+{s.req.study}")
+            from .train import log_detector
+
+            model_uri = log_detector(cfg, s.model)
+            # The tuned version's run is this one: it carries the split so the version can be judged.
+            tr.log_text(recorded_split(s.ref).to_json(), "split.json")
+            test_metrics = report.metrics
+        else:
+            model_uri = chosen.user_attrs["model_uri"]
+            test_metrics = None
+        version = tracking.register(model_uri, s.ref.name, "challenger", {
+            "study": s.req.study, "trial": chosen.number, "study_kind": s.req.kind, "objective": s.req.objective,
+            "source_version": s.ref.version, "tune_run_id": s.parent})
+        if test_metrics is None:
+            _, test_metrics = evaluate(Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol),
+                                       parent=s.parent)
+        tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
+        tr.log_params({f"chosen.{k}": v for k, v in chosen.params.items()})
+    return {"trial": chosen.number, "params": chosen.params, "version": version,
+            "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")}}
+
+
+def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
+    from optuna.visualization import matplotlib as ovm
+
+    rows = [{"trial": t.number, **t.params, **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
+             "values": json.dumps(t.values)} for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    tr.log_table(pd.DataFrame(rows), "study_trials.json")
+    # Optuna's plots switch matplotlib to its own style globally; rc_context puts it back.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if len(s.study.directions) > 1:
+            front = [{"trial": t.number, **t.params, "detection_rate": t.values[0], "fdr": t.values[1]}
+                     for t in s.study.best_trials]
+            tr.log_table(pd.DataFrame(front), "pareto_front.json")
+            ax = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])
+        else:
+            ax = ovm.plot_optimization_history(s.study)
+        fig = ax.figure
+        fig.set_size_inches(8, 5)
+        tr.log_figure(fig, "figures/study.png")
+        figures.close(fig)
+    fig = figures.tradeoff(rows, chosen.number, s.req.study)
+    tr.log_figure(fig, "figures/tradeoff.png")
+    figures.close(fig)
+
+
+def tune(req: TuneRequest) -> tuple[str, dict | None]:
+    """Run (or resume) a study; returns the parent run id and, if this worker finished the study,
+    what it chose and registered."""
+    req.check()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    tracking.check_reachable()
+    storage = open_storage(req.storage)
+    tracking.ensure_store()
+    ref = tracking.resolve_model(req.model)
+    detector = tracking.load_model(ref)
+    cfg = detector.config
+    test_cache = None
+    s = open_study(req, storage, ref, cfg, detector.model)
+    if req.kind == "postprocess":
+        # Pinned to the resolved version: an alias may move while the study runs. Workers take
+        # turns, so the first one's inference pass serves the others.
+        with _study_lock(req):
+            _, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), parent=s.parent)
+            _, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), parent=s.parent)
+        run_postprocess(s, Replayer(val_cache, "greedy", cfg.eval.match_radius))
+    else:
+        run_training(s, req.data_dir)
+    return s.parent, finalize(s, req.data_dir, test_cache)
