@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from .tune import DEFAULT_RANGES, DEFAULT_STORAGE
 
 DESCRIPTION = """\
 Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow.
@@ -96,7 +95,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
     p.add_argument("--storage", default="",
                    help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
-                        f"postgresql://... (default: {DEFAULT_STORAGE} beside mlflow.db)")
+                        f"postgresql://... (default: {config_mod.TUNE_STORAGE} beside mlflow.db)")
     p.add_argument("--kind", default="postprocess", choices=("postprocess", "training"),
                    help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
                         "(default: %(default)s)")
@@ -109,7 +108,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
     p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
                    help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
-                        + ", ".join(DEFAULT_RANGES))
+                        + ", ".join(config_mod.TUNE_RANGES))
     p.add_argument("--train-overrides", default="", metavar="KEY=VALUE ...",
                    help="config overrides for training trials, e.g. 'train.epochs=2'")
 
@@ -336,17 +335,18 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "pro
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports, so --help answers at once
+
     from .data import DatasetError
     from .engine import NonFiniteLoss
     from .evaluate import EvaluationError
+    from .model import WeightsError
     from .predict import InputError
     from .promote import PromotionError
-    from .tune import TuneError
-    from .model import WeightsError
     from .split import SplitError
     from .tracking import TrackingError
+    from .tune import TuneError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,

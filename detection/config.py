@@ -20,6 +20,20 @@ BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor",
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
 
+# Tune study defaults (used by the CLI's help without importing the tune machinery).
+TUNE_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
+TUNE_RANGES = {
+    "score_thresh": (0.0, 0.95),
+    "nms_thresh": (0.1, 0.9),
+    "detections_per_img": (10, 1000),
+    "lr": (1e-5, 1e-3),
+    "rpn_fg_iou_thresh": (0.5, 0.9),
+    "rpn_bg_iou_thresh": (0.1, 0.4),
+    "box_fg_iou_thresh": (0.5, 0.9),
+    "box_bg_iou_thresh": (0.1, 0.5),
+}
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key, value and fix."""
 

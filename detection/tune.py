@@ -26,7 +26,7 @@ import pandas as pd
 from filelock import FileLock
 
 from . import figures, tracking
-from .config import Config
+from .config import TUNE_RANGES, TUNE_STORAGE, Config
 from .evaluate import Request, cached_evaluation, evaluate, judge, log_report, recorded_split
 from .inference import Cache
 from .matching import Counts
@@ -36,7 +36,7 @@ from .progress import Bar
 
 KINDS = ("postprocess", "training")
 OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
-DEFAULT_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
+DEFAULT_STORAGE = TUNE_STORAGE
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
 
@@ -48,16 +48,7 @@ class Pruned(optuna.TrialPruned):
     run_status = "KILLED"  # a pruned trial's nested run was stopped on purpose, it did not fail
 
 
-DEFAULT_RANGES = {
-    "score_thresh": (0.0, 0.95),
-    "nms_thresh": (0.1, 0.9),
-    "detections_per_img": (10, 1000),
-    "lr": (1e-5, 1e-3),
-    "rpn_fg_iou_thresh": (0.5, 0.9),
-    "rpn_bg_iou_thresh": (0.1, 0.4),
-    "box_fg_iou_thresh": (0.5, 0.9),
-    "box_bg_iou_thresh": (0.1, 0.5),
-}
+DEFAULT_RANGES = TUNE_RANGES
 
 
 @dataclass(frozen=True)
