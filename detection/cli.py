@@ -20,6 +20,23 @@ Typical use:
 """
 
 
+def _model_option(p, alias: str) -> None:
+    p.add_argument("--model", default=f"models:/brecahad-faster-rcnn@{alias}",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+
+
+def _protocol_option(p) -> None:
+    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
+                   help="paper: 10 random patches per image (fixed seed); whole: whole images, tiled at the "
+                        "training scale when larger than the patch (default: %(default)s)")
+
+
+def _matching_option(p) -> None:
+    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"),
+                   help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
+                        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train, log and register a model",
@@ -52,18 +69,13 @@ def _add_evaluate(sub) -> None:
         epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
                "--data-dir data/demo --protocol whole\n",
     )
-    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
-                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    _model_option(p, "challenger")
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
     p.add_argument("--split", default="test", choices=("test", "val", "all"),
                    help="test/val: the held-out images recorded by the model's training run; all: every image "
                         "of DATA_DIR, e.g. a new cohort (default: %(default)s)")
-    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
-                   help="paper: 10 random patches per image (fixed seed); whole: whole images, tiled at the "
-                        "training scale when larger than the patch (default: %(default)s)")
-    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"),
-                   help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
-                        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
+    _protocol_option(p)
+    _matching_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
     p.add_argument("--allow-overlap", default="false", choices=("true", "false"),
                    help="evaluate images whose content was in the training split (the run is tagged)")
@@ -88,8 +100,7 @@ def _add_tune(sub) -> None:
                "--train-overrides 'train.epochs=2'\n"
                "  optuna-dashboard optuna-journal.log      # watch the study\n",
     )
-    p.add_argument("--model", default="models:/brecahad-faster-rcnn@challenger",
-                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    _model_option(p, "challenger")
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
     p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
     p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
@@ -103,8 +114,7 @@ def _add_tune(sub) -> None:
                    help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
                         "maximise detection rate and minimise FDR (default: %(default)s)")
     p.add_argument("--max-fdr", type=float, default=0.2, help="FDR bound of recall_at_fdr (default: %(default)s)")
-    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
-                   help="evaluation protocol of the cached predictions (default: %(default)s)")
+    _protocol_option(p)
     p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
     p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
                    help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
@@ -134,8 +144,8 @@ def _add_promote(sub) -> None:
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
     p.add_argument("--rollback", default="false", choices=("true", "false"),
                    help="swap the aliases champion and previous back instead")
-    p.add_argument("--protocol", default="paper", choices=("paper", "whole"), help="evaluation protocol")
-    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"), help="evaluation matching")
+    _protocol_option(p)
+    _matching_option(p)
 
 
 def _add_predict(sub) -> None:
@@ -146,8 +156,7 @@ def _add_predict(sub) -> None:
                     "points) and an overlay PNG with the predictions in green.",
     )
     p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
-    p.add_argument("--model", default="models:/brecahad-faster-rcnn@champion",
-                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    _model_option(p, "champion")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
 
 

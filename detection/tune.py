@@ -36,7 +36,6 @@ from .progress import Bar
 
 KINDS = ("postprocess", "training")
 OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
-DEFAULT_STORAGE = TUNE_STORAGE
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
 
@@ -48,7 +47,6 @@ class Pruned(optuna.TrialPruned):
     run_status = "KILLED"  # a pruned trial's nested run was stopped on purpose, it did not fail
 
 
-DEFAULT_RANGES = TUNE_RANGES
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ class TuneRequest:
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
 
     def space(self) -> dict[str, tuple[float, float]]:
-        return DEFAULT_RANGES | self.ranges
+        return TUNE_RANGES | self.ranges
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -81,8 +79,8 @@ class TuneRequest:
         if not self.study:
             raise TuneError("study must name the study, e.g. -P study=nms-sweep")
         for name, (low, high) in self.ranges.items():
-            if name not in DEFAULT_RANGES:
-                raise TuneError(f"range {name!r} is unknown; tunable: {', '.join(DEFAULT_RANGES)}")
+            if name not in TUNE_RANGES:
+                raise TuneError(f"range {name!r} is unknown; tunable: {', '.join(TUNE_RANGES)}")
             if low > high:
                 raise TuneError(f"range {name}={low}:{high} has low > high; write it as {high}:{low}")
         space = self.space()
@@ -122,14 +120,14 @@ def _lock_path(storage: str) -> str | None:
 
 
 def _study_lock(req: TuneRequest) -> FileLock:
-    path = _lock_path(req.storage or DEFAULT_STORAGE) or os.path.join(tempfile.gettempdir(), f"brecahad-{req.study}.lock")
+    path = _lock_path(req.storage or TUNE_STORAGE) or os.path.join(tempfile.gettempdir(), f"brecahad-{req.study}.lock")
     return FileLock(path, timeout=600)
 
 
 def open_storage(url: str | None):
     """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
     Fails before any trial when the storage cannot be reached."""
-    url = url or DEFAULT_STORAGE
+    url = url or TUNE_STORAGE
     try:
         if "://" not in url:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -215,7 +213,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
         parent = attrs.get("mlflow_run_id")
         if parent is None:
             parent = tracking.create_run(cfg.tracking.experiment, f"study-{req.study}", {
-                "study": req.study, "study_storage": req.storage or DEFAULT_STORAGE, "study_kind": req.kind,
+                "study": req.study, "study_storage": req.storage or TUNE_STORAGE, "study_kind": req.kind,
                 "objective": req.objective, "model_uri": ref.uri, "model_name": ref.name,
                 "model_version": ref.version})
             study.set_user_attr("mlflow_run_id", parent)
@@ -226,7 +224,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             try:
                 tracking.get_run(parent)
             except tracking.TrackingError:
-                raise TuneError(f"study {req.study!r} in {req.storage or DEFAULT_STORAGE} belongs to MLflow run "
+                raise TuneError(f"study {req.study!r} in {req.storage or TUNE_STORAGE} belongs to MLflow run "
                                 f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
                                 f"another study name or storage") from None
             tracking.set_run_status(parent, "RUNNING")
