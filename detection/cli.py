@@ -26,9 +26,10 @@ def _model_option(p, alias: str) -> None:
 
 
 def _protocol_option(p) -> None:
-    p.add_argument("--protocol", default="paper", choices=("paper", "whole"),
-                   help="paper: 10 random patches per image (fixed seed); whole: whole images, tiled at the "
-                        "training scale when larger than the patch (default: %(default)s)")
+    p.add_argument("--protocol", default="whole", choices=("whole", "paper"),
+                   help="whole: every annotated cell of whole images counted once (tiled at the training scale); "
+                        "paper: 10 random patches per image as the paper did, counting cell-patch pairs, with a "
+                        "don't-care band of eval.border_band px along inner patch edges (default: %(default)s)")
 
 
 def _matching_option(p) -> None:
@@ -62,7 +63,7 @@ def _add_evaluate(sub) -> None:
         "evaluate", help="judge a registered model on held-out images",
         description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
                     "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
-                    "point with 95%% bootstrap intervals over images, COCO AP and AP50, a per-image table, the "
+                    "point with 95%% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
                     "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
                     "overlays. Metrics are named SPLIT/... (test/detection_rate).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,6 +161,27 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
 
 
+def _add_cv(sub) -> None:
+    p = sub.add_parser(
+        "cv", help="leave-one-case-out cross-validation (one training per case; meant for a GPU)",
+        description="Hold out each case (patient) of DATA_DIR in turn: train the configured model on the other "
+                    "cases (the next case in name order validates) as a nested run, judge it on the held-out "
+                    "case's whole images, and pool the counts under one parent run (cv/detection_rate, cv/fdr, "
+                    "cv/f1 with 95%% intervals over cases, cv_per_case.json). The patient-level estimate a single "
+                    "held-out split of one or two patients cannot give.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m detection cv --config experiments/paper.yaml --data-dir /data/BreCaHAD\n"
+               "  python -m detection cv --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1 "
+               "--cases Case_1,Case_2\n",
+    )
+    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/*.yaml (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. 'train.epochs=10' (repeatable)")
+    p.add_argument("--cases", default="", help="comma-separated cases to hold out (default: every case)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_promote(sub)
     _add_predict(sub)
+    _add_cv(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -211,6 +234,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from . import tracking
+    from .crossval import leave_one_case_out
+
+    try:
+        cfg = config_mod.load(args.config, [o for o in args.overrides if o.strip()])
+        cases = [c for c in args.cases.replace(",", " ").split() if c]
+        run_id, metrics = leave_one_case_out(cfg, args.data_dir, cases or None)
+    except Exception as e:
+        tracking.fail_launched_run(e, getattr(e, "problems", None))
+        raise
+    print(f"run {run_id}: {metrics['n_cases']} held-out cases, " + "  ".join(
+        f"cv/{k}={metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
+        for k in ("detection_rate", "fdr", "f1")))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from . import tracking
     from .evaluate import Request, evaluate
@@ -222,7 +262,7 @@ def cmd_evaluate(args) -> int:
     except Exception as e:
         tracking.fail_launched_run(e)
         raise
-    keys = ("detection_rate", "fdr", "precision", "f1", "ap50", "ap")
+    keys = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50")
     print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
     return 0
 
@@ -339,7 +379,7 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
             "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
 
 

@@ -77,6 +77,8 @@ class ModelConfig:
     box_bg_iou_thresh: float = 0.1
     box_nms_thresh: float = 0.8
     box_score_thresh: float = 0.05
+    # Per model input: per tile of a whole image and per patch, as torchvision applies it, in every
+    # evaluation protocol, in predict and in the served model (the cap grows with the image's area).
     box_detections_per_img: int = 200
     # Class-agnostic NMS is not in torchvision's RoIHeads; the registered model applies it by replay.
     box_nms_class_agnostic: bool = False
@@ -108,6 +110,9 @@ class EvalConfig:
     # A detection matches a cell when its box centre lies within this radius of the point.
     # 16 px = 8.2 um at 0.514 um/px: about one nucleus radius, half the default box side.
     match_radius: float = 16.0
+    # Paper protocol: a cell or detection whose centre lies within this many px of a patch edge that
+    # is not an image edge is neither TP, FP nor FN (the nucleus may be cut off by the patch).
+    border_band: float = 16.0
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,7 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
+    need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")
     need(bool(cfg.tracking.registered_model), "tracking.registered_model must not be empty")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

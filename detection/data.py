@@ -49,7 +49,50 @@ class Sample:
         return tifffile.imread(self.image_path)
 
     def sha256(self) -> str:
+        """Hash of the file's bytes (what split.json recorded before pixel hashes)."""
         return hashlib.sha256(self.image_path.read_bytes()).hexdigest()
+
+    def fingerprint(self) -> tuple[str, str]:
+        """(pixel hash, thumbnail) of the decoded image, read once."""
+        image = self.read_image()
+        return pixel_sha256(image), encode_thumbnail(thumbnail(image))
+
+
+def pixel_sha256(image: np.ndarray) -> str:
+    """Hash of the decoded pixels and their shape: the same image re-saved with another
+    compression or container hashes the same."""
+    h = hashlib.sha256(f"{image.shape}{image.dtype}".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+THUMBNAIL = 16  # side of the grey thumbnail the leakage guard compares
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """(16, 16) uint8 grey block means. Block means commute with flips and 90-degree rotations when
+    the sides divide by 16 (BreCaHAD's 1024x1360 do), so a flipped copy has the flipped thumbnail."""
+    grey = np.asarray(image, dtype=np.float64)
+    grey = grey.mean(axis=2) if grey.ndim == 3 else grey
+    h, w = (grey.shape[0] // THUMBNAIL) * THUMBNAIL, (grey.shape[1] // THUMBNAIL) * THUMBNAIL
+    if h == 0 or w == 0:
+        return np.zeros((THUMBNAIL, THUMBNAIL), np.uint8)
+    blocks = grey[:h, :w].reshape(THUMBNAIL, h // THUMBNAIL, THUMBNAIL, w // THUMBNAIL).mean(axis=(1, 3))
+    return np.round(blocks).astype(np.uint8)
+
+
+def encode_thumbnail(thumb: np.ndarray) -> str:
+    return thumb.tobytes().hex()
+
+
+def decode_thumbnail(text: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(text), np.uint8).reshape(THUMBNAIL, THUMBNAIL)
+
+
+def dihedral(thumb: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and rotations of a square thumbnail."""
+    turns = [np.rot90(thumb, k) for k in range(4)]
+    return turns + [t[:, ::-1] for t in turns]
 
 
 def image_files(root: Path) -> dict[str, Path]:

@@ -99,7 +99,7 @@ def validate(model, patches: list[Patch], device: torch.device, amp: bool, radiu
         for label in range(1, num_classes):
             mine = det["labels"] == label
             cells = patch.points[patch.labels == label]
-            tp = greedy_match(box_centres(det["boxes"][mine]), det["scores"][mine], cells, radius)
+            tp = greedy_match(box_centres(det["boxes"][mine]), det["scores"][mine], cells, radius) >= 0
             counts = counts + count_at(det["scores"][mine], tp, len(cells), -math.inf)
         on_patch()
     return Validation(float(np.mean(losses)) if losses else math.nan, counts, detections)

@@ -16,16 +16,21 @@ import yaml
 
 from . import figures, tracking
 from .config import Config
-from .data import Sample, content_digest, load_dataset
+from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
 from .engine import pick_device
-from .inference import Cache, Item, paper_items, raw_inference, whole_items
+from .inference import Cache, Item, cell_coverage, paper_items, raw_inference, whole_items
 from .matching import MATCHERS, Counts
-from .metrics import bootstrap, coco_ap, curve, per_image, score
+from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
 from .postprocess import PostProcess
 from .progress import Bar
 from .split import Split
 
-PROTOCOLS = ("paper", "whole")
+PROTOCOLS = ("whole", "paper")  # the first is the default of evaluate, tune and promote
+COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
+# Mean absolute grey difference (0-255) of 16x16 thumbnails under which two images are one image,
+# flipped, rotated or re-compressed (noise of std 6 grey levels moves a thumbnail by 0.5). Distinct
+# fields of one case in the shared sample are >= 7.1 apart, synthetic demo images >= 2.6.
+THUMBNAIL_TOLERANCE = 1.5
 SPLIT_CHOICES = ("test", "val", "all")
 MAX_OVERLAYS = 24
 CACHE_NAME = "predictions.npz"
@@ -40,7 +45,7 @@ class Request:
     model: str
     data_dir: Path
     split: str = "test"
-    protocol: str = "paper"
+    protocol: str = PROTOCOLS[0]
     matching: str = "greedy"
     seed: int = 0
     allow_overlap: bool = False
@@ -65,7 +70,8 @@ def recorded_split(ref: tracking.ModelRef) -> Split:
 
 
 def select(req: Request, split: Split | None) -> tuple[list[Sample], dict[str, str]]:
-    """The samples to evaluate and the content hash of each."""
+    """The samples to evaluate and the hash of each, of the kind the split recorded (pixels for
+    current models)."""
     samples = load_dataset(req.data_dir)
     if req.split != "all":
         wanted = split.names(req.split)
@@ -78,18 +84,39 @@ def select(req: Request, split: Split | None) -> tuple[list[Sample], dict[str, s
         samples = [by_name[n] for n in wanted]
     if not samples:
         raise EvaluationError(f"no {req.split} images to evaluate in {req.data_dir}")
-    return samples, {s.name: s.sha256() for s in samples}
+    if split is not None and split.hash_kind == "file":
+        return samples, {s.name: s.sha256() for s in samples}
+    return samples, {s.name: s.fingerprint()[0] for s in samples}
 
 
-def leaked(split: Split | None, hashes: dict[str, str]) -> list[str]:
-    """Evaluated images whose content was in the model's training split."""
+def renamed(req: Request, split: Split | None, hashes: dict[str, str]) -> list[str]:
+    """Held-out images whose pixels differ from what the training run recorded under their name."""
+    if split is None or req.split == "all":
+        return []
+    return sorted(n for n, h in hashes.items() if n in split.sha256 and split.sha256[n] != h)
+
+
+def leaked(split: Split | None, samples: list[Sample], hashes: dict[str, str]) -> list[str]:
+    """Evaluated images that are a training image: the same pixels, or (with recorded thumbnails) a
+    flipped, rotated or re-compressed copy."""
     if split is None:
         return []
     trained = {split.sha256[n] for n in split.train if n in split.sha256}
-    return sorted(n for n, h in hashes.items() if h in trained)
+    found = {n for n, h in hashes.items() if h in trained}
+    if split.thumbnails:
+        train = np.stack([decode_thumbnail(t) for t in split.thumbnails.values()]).astype(np.float64)
+        for s in samples:
+            if s.name in found:
+                continue
+            views = np.stack(dihedral(thumbnail(s.read_image()))).astype(np.float64)
+            diff = np.abs(views[:, None] - train[None]).mean(axis=(2, 3))
+            if diff.min() < THUMBNAIL_TOLERANCE:
+                found.add(s.name)
+    return sorted(found)
 
 
 def operating_metrics(counts: Counts) -> dict[str, float]:
+    """The counts at one post-processing and the rates made of them (also a tune trial's attributes)."""
     return {"detection_rate": counts.detection_rate, "fdr": counts.false_discovery_rate,
             "precision": counts.precision, "f1": counts.f1, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
 
@@ -110,7 +137,11 @@ def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int
     metrics = operating_metrics(total)
     for name, (low, high) in bootstrap(images, seed).items():
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
-    metrics["ap"], metrics["ap50"] = coco_ap(cache, scored.kept)
+    metrics["ap"] = point_ap(scored, cache)
+    metrics["box_ap"], metrics["box_ap50"] = box_ap(cache, scored.kept)
+    metrics |= {"cells": cache.meta.get("cells", float("nan")),
+                "cells_uncovered": cache.meta.get("cells_uncovered", float("nan")),
+                "items": len(cache), "n_images": len(images), "n_cases": images["case"].nunique()}
     return Report(metrics, images, curve(cache, pp, matching, radius), scored.kept)
 
 
@@ -124,6 +155,10 @@ def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample]) ->
 def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, items: list[Item],
                pp: PostProcess) -> None:
     tr.log_metrics({f"{prefix}/{k}": v for k, v in report.metrics.items() if np.isfinite(v)}, step=0)
+    unit = bootstrap_unit(report.images)
+    tr.set_tags({"count_unit": COUNT_UNITS.get(cache.meta.get("protocol"), "cells"), "ci_unit": unit}
+                | ({"ci_note": "the evaluated images come from one case: intervals are over images within "
+                               "that patient, not across patients"} if unit == "image" else {}))
     tr.log_table(report.images, f"{prefix}_per_image.json")
     tr.log_text(report.curve.to_csv(index=False), f"{prefix}_threshold_curve.csv")
     title = f"{prefix}: {len(report.images)} images, {len(cache)} items"
@@ -136,9 +171,8 @@ def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, 
         if item.name in shown or len(shown) >= MAX_OVERLAYS:
             continue
         shown.add(item.name)
-        boxes, scores, _ = cache.detections(i)
         k = report.kept[i]
-        fig = figures.overlay(item.image, cache.ground_truth(i)[2], boxes[k], scores[k],
+        fig = figures.overlay(item.image, cache.ground_truth(i)[2], cache.det_boxes[k], cache.det_scores[k],
                               f"{item.name} at {item.origin}, score > {pp.score_thresh:g}")
         tr.log_figure(fig, f"overlays/{item.name}.png")
         figures.close(fig)
@@ -152,30 +186,43 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
     samples, hashes = select(req, split)
-    overlap = leaked(split, hashes)
+    changed = renamed(req, split, hashes)
+    if changed and not req.allow_overlap:
+        raise EvaluationError(
+            f"{len(changed)} {req.split} image(s) in {req.data_dir} are not the images {ref.uri}'s training run "
+            f"recorded under those names (their pixels differ): {', '.join(changed[:8])}; restore the original "
+            f"files, or pass allow_overlap=true to evaluate anyway (the run is tagged)")
+    overlap = leaked(split, samples, hashes)
     if overlap and not req.allow_overlap:
         raise EvaluationError(
-            f"{len(overlap)} evaluated image(s) were in the training split of {ref.uri} (by content hash): "
-            f"{', '.join(overlap[:8])}; pass allow_overlap=true to evaluate anyway (the run is tagged)")
+            f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a flipped, "
+            f"rotated or re-compressed copy): {', '.join(overlap[:8])}; pass allow_overlap=true to evaluate anyway "
+            f"(the run is tagged)")
+    overlap = sorted(set(overlap) | set(changed))
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
     pp = PostProcess.of_config(cfg.model)
     with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate-{req.split}-{req.protocol}") as tr:
         tr.set_tags({"model_name": ref.name, "model_version": ref.version, "training_run_id": ref.run_id or "",
                      "model_uri": ref.uri, "protocol": req.protocol, "split": req.split, "matching": req.matching,
-                     "seed": req.seed,
+                     "seed": req.seed, "metrics_version": METRICS_VERSION, "package_version": tracking.package_version(),
                      "evaluation": "true", "data_digest": content_digest(samples, hashes)}
                     | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {}))
         tr.log_params({"eval.model": ref.uri, "eval.model_version": ref.version, "eval.data_dir": str(req.data_dir),
                        "eval.split": req.split, "eval.protocol": req.protocol, "eval.matching": req.matching,
                        "eval.seed": req.seed, "eval.match_radius": cfg.eval.match_radius,
+                       "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                        "eval.score_thresh": pp.score_thresh, "eval.nms_thresh": pp.nms_thresh,
                        "eval.detections_per_img": pp.detections_per_img, "eval.images": len(samples)})
         items, cache = _items_and_cache(req, cfg, model, samples)
+        cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
         cache.meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
                       "training_run_id": ref.run_id, "protocol": req.protocol, "split": req.split, "seed": req.seed,
                       "classes": list(cfg.data.classes), "box_size": cfg.data.box_size,
-                      "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__, "sha256": hashes}
+                      "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__, "sha256": hashes,
+                      # Whole images have no inner edges; a patch's inner edges get the don't-care band.
+                      "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
+                      "device": pick_device(req.device).type, "cells": cells, "cells_uncovered": uncovered}
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             tr.log_file(cache.save(Path(tmp) / CACHE_NAME), None)
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
@@ -193,14 +240,17 @@ def _optional_split(ref: tracking.ModelRef) -> Split | None:
 
 def earlier_evaluation(req: Request, same_matching: bool):
     """A finished evaluation of the same model version, split, protocol and seed on the same image
-    contents (and, if asked, the same matching), or None. Returns (run, image digest)."""
+    contents (and, if asked, the same matching), made by the same package and metric code, or None.
+    Returns (run, image digest)."""
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
     digest = content_digest(*select(req, split))
     query = (f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
              f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
              f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
-             f"tags.`detection.data_digest` = '{digest}'")
+             f"tags.`detection.data_digest` = '{digest}' and "
+             f"tags.`detection.metrics_version` = '{METRICS_VERSION}' and "
+             f"tags.`detection.package_version` = '{tracking.package_version()}'")
     if same_matching:
         query += f" and tags.`detection.matching` = '{req.matching}'"
     found = tracking.find_runs(query)

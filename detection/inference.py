@@ -1,17 +1,24 @@
 """One raw inference pass over the evaluated images, saved as a cache that every metric replays.
 
-Items are what the model sees: `paper` draws 10 random patches per image (fixed seed), `whole`
-takes whole images. A whole image larger than the training patch is tiled, so cells keep the
-scale the model was trained at: tiles overlap by twice the box size, and each detection belongs
-to the one tile whose core holds its centre, so no cell on a border is lost or counted twice.
+Items are what is evaluated: `whole` (the default) takes whole images, so every annotated cell is
+counted exactly once; `paper` draws 10 random patches per image, seeded by the image's name, as the
+paper did (a cell then counts once per patch that holds it). A whole image larger than the training
+patch is tiled so that cells keep the scale the model was trained at: tiles overlap by twice the box
+size, each detection belongs to the one tile whose core holds its centre, and a cell found by two
+tiles across a cut is merged by point distance (`postprocess.keep`).
 
-Cache schema (`predictions.npz`, numpy arrays; row i of `det_*` is one raw detection):
-  items_name (N,) str, items_origin (N, 2) int x/y of the item in its image, items_size (N, 2) int h/w
-  det_item (D,) int32 item index, det_boxes (D, 4) float32 x1y1x2y2 in item pixels,
-  det_scores (D,) float32, det_labels (D,) int64 (1-based class), sorted by item then descending score
-  gt_item (G,) int32, gt_points (G, 2) float32 x/y in item pixels, gt_labels (G,) int64
+Cache schema 2 (`predictions.npz`, numpy arrays):
+  items_name (N,) str; items_origin (N, 2) int x/y of the item in its image; items_size (N, 2) int h/w;
+  items_image_size (N, 2) int h/w of the image it was cut from
+  tiles_item (T,) int32; tiles_origin (T, 2) int x/y in item pixels; tiles_core (T, 4) float x_lo,
+  y_lo, x_hi, y_hi in item pixels (+-inf at the item's edges)
+  det_tile (D,) int32, sorted by tile then descending score; det_boxes (D, 4) float32 x1y1x2y2 in item
+  pixels; det_nms_boxes (D, 4) float32 the same boxes in the model's resized pixels (what its NMS
+  saw); det_scores (D,) float32; det_labels (D,) int64 (1-based class)
+  gt_item (G,) int32; gt_points (G, 2) float32 x/y in item pixels; gt_labels (G,) int64
   meta: a JSON string (model URI, name, version, training run, protocol, split, seed, classes,
-        box_size, match radius, the model's own post-processing, image SHA-256s, schema version)
+        box_size, match radius, border band, device, the model's own post-processing, distinct cells,
+        image pixel hashes, schema version)
 """
 
 from __future__ import annotations
@@ -25,10 +32,10 @@ import torch
 
 from .config import Config
 from .data import Sample, points_to_boxes, targets
-from .postprocess import raw_outputs
-from .sampling import random_patch
+from .postprocess import Tiles, raw_outputs
+from .sampling import name_seed, random_patch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PAPER_PATCHES = 10
 
 
@@ -39,6 +46,7 @@ class Item:
     image: np.ndarray
     points: np.ndarray
     labels: np.ndarray
+    image_size: tuple[int, int]  # (h, w) of the image the item was cut from
 
 
 @dataclass
@@ -46,8 +54,13 @@ class Cache:
     items_name: np.ndarray
     items_origin: np.ndarray
     items_size: np.ndarray
-    det_item: np.ndarray
+    items_image_size: np.ndarray
+    tiles_item: np.ndarray
+    tiles_origin: np.ndarray
+    tiles_core: np.ndarray
+    det_tile: np.ndarray
     det_boxes: np.ndarray
+    det_nms_boxes: np.ndarray
     det_scores: np.ndarray
     det_labels: np.ndarray
     gt_item: np.ndarray
@@ -58,9 +71,23 @@ class Cache:
     def __len__(self) -> int:
         return len(self.items_name)
 
-    def detections(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lo, hi = np.searchsorted(self.det_item, [i, i + 1])
-        return self.det_boxes[lo:hi], self.det_scores[lo:hi], self.det_labels[lo:hi]
+    def _tile_range(self, i: int) -> tuple[int, int]:
+        lo, hi = np.searchsorted(self.tiles_item, [i, i + 1])
+        return int(lo), int(hi)
+
+    def det_range(self, i: int) -> tuple[int, int]:
+        """Item i's detections are det_*[lo:hi]."""
+        t0, t1 = self._tile_range(i)
+        lo, hi = np.searchsorted(self.det_tile, [t0, t1])
+        return int(lo), int(hi)
+
+    def tiles(self, i: int) -> Tiles:
+        """Item i's raw detections tile by tile; their indices are offsets from det_range(i)[0]."""
+        t0, t1 = self._tile_range(i)
+        lo, hi = self.det_range(i)
+        return Tiles(self.tiles_origin[t0:t1], self.tiles_core[t0:t1], self.det_tile[lo:hi] - t0,
+                     self.det_boxes[lo:hi], self.det_nms_boxes[lo:hi], self.det_scores[lo:hi],
+                     self.det_labels[lo:hi])
 
     def ground_truth(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Points, labels and the boxes drawn around the points (as in training) of item i."""
@@ -68,6 +95,18 @@ class Cache:
         h, w = self.items_size[i]
         pts = self.gt_points[lo:hi]
         return pts, self.gt_labels[lo:hi], points_to_boxes(pts, self.meta["box_size"], int(w), int(h))
+
+    def in_band(self, i: int, points: np.ndarray) -> np.ndarray:
+        """(P,) bool: points of item i within `border_band` px of an item edge that is not an image
+        edge. There a cell may be cut off, so such cells and detections count neither way."""
+        band = float(self.meta.get("border_band", 0.0))
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if band <= 0:
+            return np.zeros(len(points), bool)
+        (x0, y0), (h, w), (ih, iw) = self.items_origin[i], self.items_size[i], self.items_image_size[i]
+        x, y = points[:, 0], points[:, 1]
+        return (((x0 > 0) & (x < band)) | ((y0 > 0) & (y < band)) |
+                ((x0 + w < iw) & (x > w - band)) | ((y0 + h < ih) & (y > h - band)))
 
     def save(self, path: str | Path) -> Path:
         arrays = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "meta"}
@@ -79,18 +118,21 @@ class Cache:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"{path}: cache schema {meta.get('schema_version')} is not {SCHEMA_VERSION}")
+                raise ValueError(f"{path}: cache schema {meta.get('schema_version')} is not {SCHEMA_VERSION}; "
+                                 f"evaluate the model again to make a current one")
             return cls(**{k: z[k] for k in cls.__dataclass_fields__ if k != "meta"}, meta=meta)
 
 
 def paper_items(samples: list[Sample], cfg: Config, seed: int) -> list[Item]:
+    """10 random patches per image, drawn from the seed and the image's name (not its position in
+    the list), so an image gets the same patches under split=all and split=test."""
     items = []
-    for i, s in enumerate(samples):
-        rng = np.random.default_rng([seed, 20_000 + i])
+    for s in samples:
+        rng = np.random.default_rng([seed, name_seed(s.name), 20_000])
         image = s.read_image()
         for _ in range(PAPER_PATCHES):
             p = random_patch(s, image, cfg.data, rng, allow_flip=False)
-            items.append(Item(s.name, p.origin, p.image, p.points, p.labels))
+            items.append(Item(s.name, p.origin, p.image, p.points, p.labels, image.shape[:2]))
     return items
 
 
@@ -98,8 +140,23 @@ def whole_items(samples: list[Sample], cfg: Config) -> list[Item]:
     items = []
     for s in samples:
         points, labels = targets(s, cfg.data.classes)
-        items.append(Item(s.name, (0, 0), s.read_image(), points.astype(np.float32), labels))
+        image = s.read_image()
+        items.append(Item(s.name, (0, 0), image, points.astype(np.float32), labels, image.shape[:2]))
     return items
+
+
+def cell_coverage(samples: list[Sample], items: list[Item], classes: tuple[str, ...]) -> tuple[int, int]:
+    """Distinct annotated cells of the evaluated images, and how many of them lie in no item."""
+    cells = uncovered = 0
+    for s in samples:
+        points, _ = targets(s, classes)
+        covered = np.zeros(len(points), bool)
+        for it in (it for it in items if it.name == s.name):
+            (x0, y0), (h, w) = it.origin, it.image.shape[:2]
+            covered |= (points[:, 0] >= x0) & (points[:, 0] < x0 + w) & (points[:, 1] >= y0) & (points[:, 1] < y0 + h)
+        cells += len(points)
+        uncovered += int((~covered).sum())
+    return cells, uncovered
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -110,57 +167,76 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, length - tile, n)]
 
 
-def _core_bounds(starts: list[int], tile: int, length: int) -> list[tuple[float, float]]:
+def _core_bounds(starts: list[int], tile: int) -> list[tuple[float, float]]:
     """Each tile owns the span up to the middle of its overlaps with its neighbours."""
     cuts = [(starts[i] + tile + starts[i + 1]) / 2 for i in range(len(starts) - 1)]
-    edges = [0.0] + cuts + [float(length)]
+    edges = [-np.inf] + cuts + [np.inf]
     return [(edges[i], edges[i + 1]) for i in range(len(starts))]
 
 
-@torch.no_grad()
-def _run(model, image: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _run(model, image: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
+    """One model input: boxes in input pixels, the same boxes in the model's resized pixels, scores, labels."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0).to(device)
-    out = model([tensor])[0]
-    return out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(), out["labels"].cpu().numpy()
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.roi_heads.register_forward_hook(lambda m, i, out: seen.update(boxes=out[0][0]["boxes"]))
+    try:
+        out = model([tensor])[0]
+    finally:
+        hook.remove()
+    as_np = lambda t: t.float().cpu().numpy()  # noqa: E731
+    return as_np(out["boxes"]), as_np(seen["boxes"]), as_np(out["scores"]), out["labels"].cpu().numpy()
 
 
-def detect_tiled(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, device: torch.device):
-    """Detections of `model` on an image of any size, run tile by tile at the training scale."""
+@torch.inference_mode()
+def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, device: torch.device) -> Tiles:
+    """Every raw detection of `model` (set to raw outputs) on an image of any size, tile by tile."""
     h, w = image.shape[:2]
     th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    y_core, x_core = _core_bounds(ys, th, h), _core_bounds(xs, tw, w)
-    boxes, scores, labels = [], [], []
-    for y0, (ylo, yhi) in zip(ys, y_core):
-        for x0, (xlo, xhi) in zip(xs, x_core):
-            b, s, lab = _run(model, image[y0:y0 + th, x0:x0 + tw], device)
-            b = b + np.array([x0, y0, x0, y0], dtype=np.float32)
-            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-            mine = (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
-            boxes.append(b[mine]), scores.append(s[mine]), labels.append(lab[mine])
-    b, s, lab = np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels)
-    order = np.argsort(-s, kind="stable")
-    return b[order], s[order], lab[order]
+    origin, core, parts = [], [], []
+    for y0, (ylo, yhi) in zip(ys, _core_bounds(ys, th)):
+        for x0, (xlo, xhi) in zip(xs, _core_bounds(xs, tw)):
+            boxes, nms_boxes, scores, labels = _run(model, image[y0:y0 + th, x0:x0 + tw], device)
+            order = np.argsort(-scores, kind="stable")
+            tile = np.full(len(scores), len(origin), np.int32)
+            shift = np.array([x0, y0, x0, y0], np.float32)
+            parts.append((tile, boxes[order] + shift, nms_boxes[order], scores[order], labels[order]))
+            origin.append((x0, y0))
+            core.append((xlo, ylo, xhi, yhi))
+    tile, boxes, nms_boxes, scores, labels = (np.concatenate(p) for p in zip(*parts))
+    return Tiles(np.array(origin, np.int64), np.array(core, np.float64), tile, boxes.astype(np.float32),
+                 nms_boxes.astype(np.float32), scores.astype(np.float32), labels.astype(np.int64))
 
 
 def raw_inference(model, items: list[Item], cfg: Config, device: torch.device, on_item=lambda: None) -> Cache:
     """Every candidate box of every item, with score threshold 0, NMS off and no top-k cut."""
     overlap = 2 * cfg.data.box_size
-    det, gt = [], []
+    tiles = []
     model.eval().to(device)
     with raw_outputs(model):
-        for i, item in enumerate(items):
-            b, s, lab = detect_tiled(model, item.image, cfg.data.patch_size, overlap, device)
-            det.append((np.full(len(s), i, np.int32), b.astype(np.float32), s.astype(np.float32), lab.astype(np.int64)))
-            gt.append((np.full(len(item.points), i, np.int32), item.points.astype(np.float32), item.labels.astype(np.int64)))
+        for item in items:
+            tiles.append(detect_tiles(model, item.image, cfg.data.patch_size, overlap, device))
             on_item()
-    cat = lambda parts, k, shape: np.concatenate([p[k] for p in parts]) if parts else np.zeros(shape)  # noqa: E731
+    n_tiles = np.cumsum([0] + [len(t.origin) for t in tiles])
+
+    def cat(arrays, dtype, shape):
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(shape, dtype)
+
     return Cache(
         items_name=np.array([it.name for it in items]),
         items_origin=np.array([it.origin for it in items], dtype=np.int64).reshape(-1, 2),
         items_size=np.array([it.image.shape[:2] for it in items], dtype=np.int64).reshape(-1, 2),
-        det_item=cat(det, 0, (0,)).astype(np.int32), det_boxes=cat(det, 1, (0, 4)).astype(np.float32),
-        det_scores=cat(det, 2, (0,)).astype(np.float32), det_labels=cat(det, 3, (0,)).astype(np.int64),
-        gt_item=cat(gt, 0, (0,)).astype(np.int32), gt_points=cat(gt, 1, (0, 2)).astype(np.float32),
-        gt_labels=cat(gt, 2, (0,)).astype(np.int64),
+        items_image_size=np.array([it.image_size for it in items], dtype=np.int64).reshape(-1, 2),
+        tiles_item=cat([np.full(len(t.origin), i) for i, t in enumerate(tiles)], np.int32, (0,)),
+        tiles_origin=cat([t.origin for t in tiles], np.int64, (0, 2)),
+        tiles_core=cat([t.core for t in tiles], np.float64, (0, 4)),
+        det_tile=cat([t.tile + n for t, n in zip(tiles, n_tiles)], np.int32, (0,)),
+        det_boxes=cat([t.boxes for t in tiles], np.float32, (0, 4)),
+        det_nms_boxes=cat([t.nms_boxes for t in tiles], np.float32, (0, 4)),
+        det_scores=cat([t.scores for t in tiles], np.float32, (0,)),
+        det_labels=cat([t.labels for t in tiles], np.int64, (0,)),
+        gt_item=cat([np.full(len(it.points), i) for i, it in enumerate(items)], np.int32, (0,)),
+        gt_points=cat([it.points for it in items], np.float32, (0, 2)),
+        gt_labels=cat([it.labels for it in items], np.int64, (0,)),
     )
+

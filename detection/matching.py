@@ -29,15 +29,17 @@ def box_centres(boxes: np.ndarray) -> np.ndarray:
 
 
 def greedy_match(centres: np.ndarray, scores: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
-    """For each detection (in the given order), whether it is a true positive.
+    """(D,) int: the cell each detection takes, or -1.
 
-    Detections are visited by descending score (stable, so ties keep their given order).
+    centres: (D, 2) x/y px; scores: (D,); points: (P, 2) x/y px; radius in px (0 matches only
+    coincident points). Detections are visited by descending score (stable, so ties keep their
+    given order); each takes the nearest cell still free within the radius.
     """
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    tp = np.zeros(len(centres), dtype=bool)
+    matched = np.full(len(centres), -1, dtype=np.int64)
     if len(centres) == 0 or len(points) == 0:
-        return tp
+        return matched
     tree = cKDTree(points)
     taken = np.zeros(len(points), dtype=bool)
     candidates = tree.query_ball_point(centres, r=radius)
@@ -47,31 +49,35 @@ def greedy_match(centres: np.ndarray, scores: np.ndarray, points: np.ndarray, ra
             d = np.linalg.norm(points[near] - centres[i], axis=1)
             j = near[int(np.argmin(d))]
             taken[j] = True
-            tp[i] = True
-    return tp
+            matched[i] = j
+    return matched
 
 
 def hungarian_match(centres: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
-    """The one-to-one pairing within `radius` with the most pairs (then the least total distance)."""
+    """(D,) int: the cell of each detection under the one-to-one pairing within `radius` px with the
+    most pairs (then the least total distance), or -1."""
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    tp = np.zeros(len(centres), dtype=bool)
+    matched = np.full(len(centres), -1, dtype=np.int64)
     if len(centres) == 0 or len(points) == 0:
-        return tp
+        return matched
     dist = np.linalg.norm(centres[:, None] - points[None], axis=2)
     within = dist <= radius
-    # An out-of-radius pair costs more than all in-radius pairs together, so pairs are maximised first.
-    cost = np.where(within, dist, radius * (min(len(centres), len(points)) + 1))
+    # An out-of-radius pair costs more than all in-radius pairs together (strictly, also at radius 0),
+    # so pairs are maximised first.
+    cost = np.where(within, dist, (radius + 1.0) * (min(len(centres), len(points)) + 1))
     rows, cols = linear_sum_assignment(cost)
-    tp[rows[within[rows, cols]]] = True
-    return tp
+    ok = within[rows, cols]
+    matched[rows[ok]] = cols[ok]
+    return matched
 
 
 def iou_match(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, threshold: float = IOU_MATCH) -> np.ndarray:
-    """COCO-style: in score order, each detection takes the free ground-truth box of highest IoU >= threshold."""
-    tp = np.zeros(len(boxes), dtype=bool)
+    """(D,) int, COCO-style: in score order, each detection takes the free ground-truth box of highest
+    IoU >= threshold, or -1. boxes (D, 4), gt_boxes (G, 4): x1y1x2y2 px."""
+    matched = np.full(len(boxes), -1, dtype=np.int64)
     if len(boxes) == 0 or len(gt_boxes) == 0:
-        return tp
+        return matched
     iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64)).numpy()
     taken = np.zeros(len(gt_boxes), dtype=bool)
     for i in np.argsort(-np.asarray(scores), kind="stable"):
@@ -79,13 +85,13 @@ def iou_match(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, thres
         j = int(np.argmax(row))
         if row[j] >= threshold:
             taken[j] = True
-            tp[i] = True
-    return tp
+            matched[i] = j
+    return matched
 
 
 def match(method: str, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, gt_boxes: np.ndarray,
           radius: float) -> np.ndarray:
-    """True-positive flags of detections against one item's cells, by the chosen matcher."""
+    """(D,) int: each detection's cell (index into points) by the chosen matcher, or -1."""
     if method == "greedy":
         return greedy_match(box_centres(boxes), scores, points, radius)
     if method == "hungarian":
@@ -106,8 +112,9 @@ class Counts:
 
     @property
     def detection_rate(self) -> float:
-        """Recall: the share of annotated cells found (the paper's 99.02%). 0 when there are no cells."""
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        """Recall: the share of annotated cells found (the paper's 99.02%). NaN (undefined) when there
+        are no cells: an image without cells says nothing about how many cells are found."""
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
     @property
     def false_discovery_rate(self) -> float:
@@ -126,5 +133,5 @@ class Counts:
 def count_at(scores: np.ndarray, tp: np.ndarray, n_cells: int, score_thresh: float) -> Counts:
     """Counts when only detections scoring above `score_thresh` are kept (torchvision keeps s > t)."""
     keep = np.asarray(scores) > score_thresh
-    n_tp = int(np.count_nonzero(np.asarray(tp)[keep]))
+    n_tp = int(np.count_nonzero(np.asarray(tp)[keep]))  # tp: (D,) bool
     return Counts(n_tp, int(np.count_nonzero(keep)) - n_tp, n_cells - n_tp)

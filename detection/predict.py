@@ -26,9 +26,9 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType
 
 from . import config as config_mod
-from .inference import detect_tiled
+from .inference import detect_tiles
 from .model import build_model
-from .postprocess import PostProcess, raw_outputs, replay
+from .postprocess import PostProcess, keep, raw_outputs
 
 COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
 
@@ -94,17 +94,18 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(_encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()).decode()
 
 
-@torch.no_grad()
 def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config) -> pd.DataFrame:
-    """Detections on whole images as the `whole` evaluation protocol makes them: raw outputs of
-    tiles at the training scale, merged, then the version's post-processing replayed per image."""
+    """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
+    outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
+    input), then ownership and the merge across tile cuts."""
     pp = PostProcess.of_config(cfg.model)
+    device = torch.device("cpu")
     rows = []
     for i, img in enumerate(images):
         with raw_outputs(model):
-            b, s, lab = detect_tiled(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, torch.device("cpu"))
-        keep = replay(b, s, lab, pp)
-        boxes, scores, labels = b[keep], s[keep], lab[keep]
+            tiles = detect_tiles(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, device)
+        kept = keep(tiles, pp, cfg.eval.match_radius, device.type)
+        boxes, scores, labels = tiles.boxes[kept], tiles.scores[kept], tiles.labels[kept]
         rows.append(pd.DataFrame({
             "image": i,
             "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],

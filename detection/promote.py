@@ -15,12 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures, tracking
-from .evaluate import Request, earlier_evaluation, evaluate
+from .evaluate import PROTOCOLS, Request, earlier_evaluation, evaluate
 
 CHAMPION, PREVIOUS = "champion", "previous"
 EXPERIMENT = "brecahad-promotions"
 LOWER_IS_BETTER = ("fdr", "fp", "fn")
-COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap50", "ap")
+COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50", "box_ap")
 
 
 class PromotionError(ValueError):
@@ -34,7 +34,7 @@ class PromoteRequest:
     metric: str = "test/f1"
     min_delta: float = 0.0
     rollback: bool = False
-    protocol: str = "paper"
+    protocol: str = PROTOCOLS[0]
     matching: str = "greedy"
     seed: int = 0
 

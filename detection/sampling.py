@@ -7,6 +7,7 @@ per image, drawn from the same seed every epoch so that epochs compare.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,11 @@ import torch
 
 from .config import DataConfig
 from .data import Sample, points_to_boxes, targets
+
+
+def name_seed(name: str) -> int:
+    """A stable seed from an image's name: its patches do not depend on which other images are listed."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,8 @@ class TrainPatches(torch.utils.data.Dataset):
 def validation_patches(samples: list[Sample], cfg: DataConfig, seed: int, per_image: int) -> list[Patch]:
     """The same `per_image` patches of each image for a given seed, unflipped."""
     patches = []
-    for i, sample in enumerate(samples):
-        rng = np.random.default_rng([seed, 10_000 + i])
+    for sample in samples:
+        rng = np.random.default_rng([seed, name_seed(sample.name), 10_000])
         image = sample.read_image()
         patches.extend(random_patch(sample, image, cfg, rng, allow_flip=False) for _ in range(per_image))
     return patches

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import SplitConfig
 from .data import Sample
@@ -28,14 +28,18 @@ class Split:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
-    sha256: dict[str, str]  # image content hash by name, for leakage checks at evaluation
+    sha256: dict[str, str]  # image hash by name, for leakage checks at evaluation
+    # "pixels": sha256 of the decoded pixels (data.pixel_sha256); "file": of the file's bytes (older runs)
+    hash_kind: str = "file"
+    thumbnails: dict[str, str] = field(default_factory=dict)  # training images' grey thumbnails (hex)
 
     def names(self, split: str) -> tuple[str, ...]:
         return getattr(self, split)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "seed": self.seed, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test), "sha256": dict(sorted(self.sha256.items()))}
+                "test": list(self.test), "sha256": dict(sorted(self.sha256.items())), "hash_kind": self.hash_kind,
+                "thumbnails": dict(sorted(self.thumbnails.items()))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -48,7 +52,8 @@ class Split:
 
     @classmethod
     def from_dict(cls, d: dict) -> Split:
-        return cls(d["mode"], d["seed"], tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), dict(d["sha256"]))
+        return cls(d["mode"], d["seed"], tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), dict(d["sha256"]),
+                   d.get("hash_kind", "file"), dict(d.get("thumbnails", {})))
 
 
 def _target(n: int, fraction: float) -> int:
@@ -102,7 +107,8 @@ def split_by_image(names: list[str], cfg: SplitConfig) -> dict[str, list[str]]:
             "train": sorted(order[n_test + n_val:])}
 
 
-def make_split(samples: list[Sample], cfg: SplitConfig, sha256: dict[str, str]) -> Split:
+def make_split(samples: list[Sample], cfg: SplitConfig, sha256: dict[str, str],
+               thumbnails: dict[str, str] | None = None) -> Split:
     if cfg.mode == "case":
         by_case: dict[str, list[str]] = {}
         for s in samples:
@@ -110,4 +116,6 @@ def make_split(samples: list[Sample], cfg: SplitConfig, sha256: dict[str, str]) 
         parts = split_by_case(by_case, cfg)
     else:
         parts = split_by_image([s.name for s in samples], cfg)
-    return Split(cfg.mode, cfg.seed, tuple(parts["train"]), tuple(parts["val"]), tuple(parts["test"]), sha256)
+    train = tuple(parts["train"])
+    kept = {n: t for n, t in (thumbnails or {}).items() if n in set(train)}
+    return Split(cfg.mode, cfg.seed, train, tuple(parts["val"]), tuple(parts["test"]), sha256, "pixels", kept)

@@ -277,7 +277,7 @@ def run(experiment: str, resume: str | None = None, system_metrics: bool = False
 @contextlib.contextmanager
 def reopen(run_id: str) -> Iterator[Tracker]:
     """Log more into an existing run (a study's parent), ending it like `run` does."""
-    with _ending(mlflow.start_run(run_id=run_id)) as tr:
+    with _ending(mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)) as tr:
         yield tr
 
 
@@ -299,6 +299,14 @@ def tag_launched_run(key: str, value: str) -> None:
     launched = launched_run_id()
     if launched:
         MlflowClient().set_tag(launched, TAG + key, value)
+
+
+def package_version() -> str:
+    """This package's installed version: evaluations are reused only when it matches."""
+    try:
+        return metadata.version("brecahad-detection")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def requirements() -> list[str]:

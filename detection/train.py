@@ -48,10 +48,12 @@ class Prepared:
 def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepared:
     """Validate the data, split it (or reuse a recorded split) and build the model."""
     samples = load_dataset(data_dir)
-    hashes = {s.name: s.sha256() for s in samples}
-    split = recorded or make_split(samples, cfg.data.split, hashes)
+    prints = {s.name: s.fingerprint() for s in samples}
+    hashes = {name: pixels for name, (pixels, _) in prints.items()}
+    split = recorded or make_split(samples, cfg.data.split, hashes, {name: t for name, (_, t) in prints.items()})
     if recorded:
-        changed = [n for s in SPLITS for n in recorded.names(s) if hashes.get(n) != recorded.sha256.get(n)]
+        now = hashes if recorded.hash_kind == "pixels" else {s.name: s.sha256() for s in samples}
+        changed = [n for s in SPLITS for n in recorded.names(s) if now.get(n) != recorded.sha256.get(n)]
         if changed:
             raise SplitError(f"{data_dir}: images of the recorded split are missing or changed: {', '.join(changed[:5])}")
     by_name = {s.name: s for s in samples}
@@ -221,12 +223,12 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
     return tr.run_id, version
 
 
-def train_trial(cfg: Config, data_dir: Path, split: Split, parent: str, name: str,
-                on_epoch: Callable[[int, Validation], None]) -> tuple[str, str]:
-    """One tuning trial: a nested run that trains on a recorded split and logs its model
-    unregistered. Returns the run id and the logged model's URI."""
+def train_nested(cfg: Config, data_dir: Path, split: Split, parent: str, name: str,
+                 on_epoch: Callable[[int, Validation], None] | None = None) -> tuple[str, str, torch.nn.Module]:
+    """A nested run (a tuning trial, a cross-validation fold) that trains on a given split and logs
+    its model unregistered. Returns the run id, the logged model's URI and the trained model."""
     prep = prepare(cfg, data_dir, split)
     with tracking.run(cfg.tracking.experiment, parent=parent, name=name) as tr:
         log_setup(tr, prep)
         model = fit(tr, prep, None, on_epoch)
-        return tr.run_id, log_detector(cfg, model)
+        return tr.run_id, log_detector(cfg, model), model

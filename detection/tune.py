@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from . import figures, tracking
 from .config import TUNE_RANGES, TUNE_STORAGE, Config
-from .evaluate import Request, cached_evaluation, evaluate, judge, log_report, recorded_split
+from .evaluate import PROTOCOLS, Request, cached_evaluation, evaluate, judge, log_report, operating_metrics, recorded_split
 from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer
@@ -47,8 +47,6 @@ class Pruned(optuna.TrialPruned):
     run_status = "KILLED"  # a pruned trial's nested run was stopped on purpose, it did not fail
 
 
-
-
 @dataclass(frozen=True)
 class TuneRequest:
     model: str
@@ -59,7 +57,7 @@ class TuneRequest:
     kind: str = "postprocess"
     objective: str = "f1"
     max_fdr: float = 0.2  # the FDR bound of recall_at_fdr
-    protocol: str = "paper"
+    protocol: str = PROTOCOLS[0]  # tune on the protocol that is deployed: whole images
     seed: int | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
@@ -159,17 +157,31 @@ def directions(objective: str) -> list[str]:
     return ["maximize", "minimize"] if objective == "pareto" else ["maximize"]
 
 
+def nms_grid(low: float, high: float) -> np.ndarray:
+    """The NMS IoU values searched: multiples of NMS_STEP within [low, high], both ends included.
+    Counted in whole steps, so float rounding cannot drop the top value (0.3:0.7 reaches 0.7)."""
+    first, last = int(np.ceil(round(low / NMS_STEP, 6))), int(np.floor(round(high / NMS_STEP, 6)))
+    return np.round(np.arange(first, max(first, last) + 1) * NMS_STEP, 6)
+
+
 def suggest_postprocess(trial: optuna.Trial, space: dict, multiclass: bool) -> PostProcess:
-    lo, hi = space["nms_thresh"]
-    lo, hi = np.ceil(lo / NMS_STEP) * NMS_STEP, np.floor(hi / NMS_STEP) * NMS_STEP
-    return PostProcess(
+    grid = nms_grid(*space["nms_thresh"])
+    pp = PostProcess(
         score_thresh=trial.suggest_float("score_thresh", *space["score_thresh"]),
-        nms_thresh=round(trial.suggest_float("nms_thresh", float(lo), float(max(lo, hi)), step=NMS_STEP), 6),
+        # NMS runs once per IoU value, so the IoU is searched as a step on its grid.
+        nms_thresh=float(grid[trial.suggest_int("nms_step", 0, len(grid) - 1)]),
         detections_per_img=trial.suggest_int("detections_per_img", int(space["detections_per_img"][0]),
                                              int(space["detections_per_img"][1]), log=True),
         # With one foreground class, per-class and class-agnostic NMS are the same thing.
         class_agnostic=trial.suggest_categorical("class_agnostic", [False, True]) if multiclass else False,
     )
+    for k, v in pp.__dict__.items():
+        trial.set_user_attr(f"pp.{k}", v)
+    return pp
+
+
+def trial_postprocess(trial: optuna.trial.FrozenTrial) -> PostProcess:
+    return PostProcess(**{k: trial.user_attrs[f"pp.{k}"] for k in PostProcess.__dataclass_fields__})
 
 
 def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -177,11 +189,6 @@ def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
     if len(study.directions) == 1:
         return study.best_trial
     return max(study.best_trials, key=lambda t: (t.user_attrs["f1"], t.number))
-
-
-def counts_attrs(counts: Counts) -> dict[str, float]:
-    return {"detection_rate": counts.detection_rate, "fdr": counts.false_discovery_rate,
-            "precision": counts.precision, "f1": counts.f1, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
 
 
 # --- the study --------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
 
 
 def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extra_tags: dict | None = None) -> None:
-    attrs = counts_attrs(counts)
+    attrs = operating_metrics(counts)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     tracking.create_child_run(s.parent, f"trial-{trial.number}", params | {"trial": trial.number},
@@ -250,13 +257,16 @@ def run_postprocess(s: Study, replayer: Replayer) -> None:
         pp = suggest_postprocess(trial, space, multiclass)
         counts = replayer.counts(pp)
         _log_trial(s, trial, {f"pp.{k}": v for k, v in pp.__dict__.items()}, counts)
+        if s.req.objective == "pareto" and counts.tp + counts.fp == 0:
+            # Detecting nothing has FDR 0 and would sit on the front; it is no operating point.
+            raise optuna.TrialPruned("keeps no detection")
         return objective_values(s.req.objective, counts, s.req.max_fdr)
 
     _optimize(s, objective)
 
 
 def run_training(s: Study, data_dir: Path) -> None:
-    from .train import train_trial
+    from .train import train_nested
 
     split = recorded_split(s.ref)
     base = s.config.replace(*s.req.train_overrides)
@@ -280,10 +290,10 @@ def run_training(s: Study, data_dir: Path) -> None:
                 if trial.should_prune():
                     raise Pruned(f"pruned after epoch {epoch + 1}")
 
-        run_id, model_uri = train_trial(cfg, data_dir, split, s.parent, f"trial-{trial.number}", on_epoch)
+        run_id, model_uri, _ = train_nested(cfg, data_dir, split, s.parent, f"trial-{trial.number}", on_epoch)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("model_uri", model_uri)
-        for k, v in counts_attrs(last["counts"]).items():
+        for k, v in operating_metrics(last["counts"]).items():
             trial.set_user_attr(k, v)
         return objective_values(s.req.objective, last["counts"], s.req.max_fdr)
 
@@ -317,8 +327,8 @@ def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
     with tracking.reopen(s.parent) as tr:
         _log_study_figures(tr, s, chosen)
         if s.req.kind == "postprocess":
-            pp = PostProcess(chosen.params["score_thresh"], chosen.params["nms_thresh"],
-                             chosen.params["detections_per_img"], chosen.params.get("class_agnostic", False))
+            pp = trial_postprocess(chosen)
+            chosen_params = pp.__dict__
             report = judge(test_cache, pp, "greedy", s.config.eval.match_radius)
             log_report(tr, "test", report, test_cache, [], pp)
             cfg = replace(s.config.replace(*pp.as_overrides()), name=f"{s.config.name}+{s.req.study}")
@@ -330,7 +340,7 @@ def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
             test_metrics = report.metrics
         else:
             model_uri = chosen.user_attrs["model_uri"]
-            test_metrics = None
+            test_metrics, chosen_params = None, chosen.params
         version = tracking.register(model_uri, s.ref.name, "challenger", {
             "study": s.req.study, "trial": chosen.number, "study_kind": s.req.kind, "objective": s.req.objective,
             "source_version": s.ref.version, "tune_run_id": s.parent})
@@ -338,22 +348,24 @@ def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
             _, test_metrics = evaluate(Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol),
                                        parent=s.parent)
         tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
-        tr.log_params({f"chosen.{k}": v for k, v in chosen.params.items()})
-    return {"trial": chosen.number, "params": chosen.params, "version": version,
+        tr.log_params({f"chosen.{k}": v for k, v in chosen_params.items()})
+    return {"trial": chosen.number, "params": chosen_params, "version": version,
             "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")}}
 
 
 def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
     from optuna.visualization import matplotlib as ovm
 
-    rows = [{"trial": t.number, **t.params, **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
+    rows = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
+             **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
              "values": json.dumps(t.values)} for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     tr.log_table(pd.DataFrame(rows), "study_trials.json")
     # Optuna's plots switch matplotlib to its own style globally; rc_context puts it back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if len(s.study.directions) > 1:
-            front = [{"trial": t.number, **t.params, "detection_rate": t.values[0], "fdr": t.values[1]}
+            front = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
+                  "detection_rate": t.values[0], "fdr": t.values[1]}
                      for t in s.study.best_trials]
             tr.log_table(pd.DataFrame(front), "pareto_front.json")
             ax = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])

@@ -1,5 +1,6 @@
 """Evaluation of a real (tiny) registered model on real stores; marked slow."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
 from detection.evaluate import judge, load_cache
-from detection.postprocess import PostProcess, apply, raw_outputs, replay
+from detection.postprocess import PostProcess, apply, raw_outputs, replay_tile
 from detection.sampling import validation_patches
 from tests.conftest import ROOT, run_cli
 
@@ -41,7 +42,7 @@ def test_replay_equals_running_the_model(in_store, synth_dir):
             for pp in settings:
                 apply(model, pp)
                 own = model([image])[0]
-                kept = replay(raw["boxes"], raw["scores"], raw["labels"], pp)
+                kept = replay_tile(raw["boxes"], raw["scores"], raw["labels"], pp)
                 assert np.array_equal(raw["boxes"][kept], own["boxes"].numpy())
                 assert np.array_equal(raw["scores"][kept], own["scores"].numpy())
                 assert np.array_equal(raw["labels"][kept], own["labels"].numpy())
@@ -68,7 +69,8 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
     assert tags["detection.model_name"] == MODEL and tags["detection.model_version"] == str(version.version)
     assert tags["detection.training_run_id"] == version.run_id and tags["detection.split"] == "test"
     m = run.data.metrics
-    for k in ("detection_rate", "fdr", "precision", "f1", "tp", "fp", "fn", "ap50", "ap",
+    for k in ("detection_rate", "fdr", "precision", "f1", "tp", "fp", "fn", "ap", "box_ap50", "box_ap", "cells",
+              "cells_uncovered", "items", "n_cases", "n_images",
               "detection_rate_ci_low", "detection_rate_ci_high", "fdr_ci_low", "fdr_ci_high", "f1_ci_low", "f1_ci_high"):
         assert f"test/{k}" in m, k
     assert m["test/tp"] + m["test/fn"] > 50  # the two held-out synthetic images' tumour cells
@@ -81,17 +83,25 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
     assert len(cache) == 2 and cache.meta["protocol"] == "whole" and len(cache.det_scores) > len(cache.gt_points)
     pp = PostProcess(**cache.meta["postprocess"])
     again = judge(cache, pp, "greedy", cache.meta["match_radius"]).metrics
-    for k in ("detection_rate", "fdr", "ap50"):
+    for k in ("detection_rate", "fdr", "ap", "box_ap50"):
         assert again[k] == pytest.approx(m[f"test/{k}"], abs=1e-9)
+    assert m["test/tp"] + m["test/fn"] == m["test/cells"] and m["test/cells_uncovered"] == 0
+    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "2"
 
 
 def test_paper_protocol_draws_ten_patches_per_image(in_store, synth_dir):
-    result = run_cli("evaluate", "--data-dir", str(synth_dir), "--matching", "hungarian", cwd=in_store["workdir"])
+    result = run_cli("evaluate", "--data-dir", str(synth_dir), "--matching", "hungarian", "--protocol", "paper",
+                     cwd=in_store["workdir"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split()[1].rstrip(":")
     cache = load_cache(run_id)
     assert len(cache) == 20 and cache.items_size.tolist() == [[256, 340]] * 20  # the tiny config's patch
-    assert MlflowClient().get_run(run_id).data.tags["detection.matching"] == "hungarian"
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["detection.matching"] == "hungarian" and run.data.tags["detection.count_unit"] == "cell-patch pairs"
+    m = run.data.metrics
+    # Cell-patch pairs: a cell in two patches counts twice, a cell in none not at all.
+    assert m["test/items"] == 20 and m["test/cells"] >= m["test/cells_uncovered"] > 0
+    assert run.data.params["eval.border_band"] == "16.0"
 
 
 @pytest.mark.parametrize("model, words", [
@@ -120,7 +130,7 @@ def test_missing_test_images_and_leakage_are_refused(in_store, synth_dir, copy_o
     assert result.returncode == 2 and "lacks 2 of the 2 test images" in result.stderr
 
     leak = run_cli("evaluate", "--data-dir", str(synth_dir), "--split", "all", cwd=in_store["workdir"])
-    assert leak.returncode == 2 and "were in the training split" in leak.stderr
+    assert leak.returncode == 2 and "are training images" in leak.stderr
     for name in split["train"]:
         assert name in leak.stderr
     allowed = run_cli("evaluate", "--data-dir", str(synth_dir), "--split", "all", "--allow-overlap", "true",
@@ -164,7 +174,67 @@ def test_mlflow_run_evaluate_on_the_real_sample(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "tags.`detection.evaluation` = 'true'")
-    assert run.info.status == "FINISHED" and run.data.tags["detection.protocol"] == "paper"
-    cells = run.data.metrics["test/tp"] + run.data.metrics["test/fn"]
-    assert cells > 100  # the held-out real case's tumour cells, seen through 10 patches per image
-    assert 0 <= run.data.metrics["test/detection_rate"] <= 1 and "test/ap50" in run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["detection.protocol"] == "whole"
+    # Every tumour point of the held-out images' JSON counted exactly once.
+    from detection.data import read_points
+
+    version = client.get_model_version("brecahad-faster-rcnn", run.data.tags["detection.model_version"])
+    recorded = json.loads(Path(client.download_artifacts(version.run_id, "split.json", str(tmp_path))).read_text())
+    annotated = sum(len(read_points(sample / "groundTruth" / f"{n}.json")["tumor"]) for n in recorded["test"])
+    test_names = run.data.params["eval.images"]
+    m = run.data.metrics
+    assert int(test_names) == len(recorded["test"]) and annotated > 100
+    assert m["test/tp"] + m["test/fn"] == annotated == m["test/cells"]
+    assert 0 <= m["test/detection_rate"] <= 1 and "test/ap" in m and "test/box_ap50" in m
+
+
+def test_leakage_guard_sees_pixels_not_file_bytes(in_store, synth_dir, tmp_path):
+    import shutil
+
+    import tifffile
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    split = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/split.json")
+    assert split["hash_kind"] == "pixels" and set(split["thumbnails"]) == set(split["train"])
+    train, test, val = split["train"][0], split["test"][0], split["val"][0]
+
+    def folder_with(name, pixels):
+        data = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(synth_dir, data)
+        tifffile.imwrite(data / "images" / f"{name}.tif", pixels, compression="zlib")
+        return data
+
+    pixels = tifffile.imread(synth_dir / "images" / f"{train}.tif")
+    # The same pixels re-saved with compression, and a flipped copy, each under a new name: split=all.
+    for name, copy in (("Case_900-01", pixels), ("Case_901-01", pixels[:, ::-1]), ("Case_902-01", pixels[::-1])):
+        data = folder_with(name, np.ascontiguousarray(copy))
+        (data / "groundTruth" / f"{name}.json").write_text((synth_dir / "groundTruth" / f"{train}.json").read_text())
+        for other in (n for n in split["train"]):
+            (data / "images" / f"{other}.tif").unlink()
+            (data / "groundTruth" / f"{other}.json").unlink()
+        result = run_cli("evaluate", "--data-dir", str(data), "--split", "all", cwd=in_store["workdir"])
+        assert result.returncode == 2 and "are training images" in result.stderr and name in result.stderr, name
+    # A validation image placed under a test image's name.
+    data = folder_with(test, tifffile.imread(synth_dir / "images" / f"{val}.tif"))
+    result = run_cli("evaluate", "--data-dir", str(data), cwd=in_store["workdir"])
+    assert result.returncode == 2 and "pixels differ" in result.stderr and test in result.stderr
+    # Re-saving a test image with compression changes its bytes, not its pixels: accepted.
+    data = folder_with(test, tifffile.imread(synth_dir / "images" / f"{test}.tif"))
+    ok = run_cli("evaluate", "--data-dir", str(data), "--protocol", "paper", cwd=in_store["workdir"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_evaluations_are_reused_only_by_the_same_metric_code(in_store, synth_dir):
+    from detection.evaluate import Request, earlier_evaluation, evaluate
+    from detection.metrics import METRICS_VERSION
+
+    version = MlflowClient().get_model_version_by_alias(MODEL, "challenger").version
+    req = Request(f"models:/{MODEL}/{version}", synth_dir, "val", "whole")
+    run_id = earlier_evaluation(req, same_matching=True)[0]
+    run_id = run_id.info.run_id if run_id else evaluate(req)[0]
+    assert earlier_evaluation(req, same_matching=True)[0].info.run_id == run_id
+    MlflowClient().set_tag(run_id, "detection.metrics_version", "1")  # made by older metric code
+    assert earlier_evaluation(req, same_matching=True)[0] is None
+    MlflowClient().set_tag(run_id, "detection.metrics_version", str(METRICS_VERSION))
+    assert earlier_evaluation(req, same_matching=True)[0].info.run_id == run_id

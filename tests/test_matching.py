@@ -11,19 +11,19 @@ def test_centres_of_boxes():
 def test_each_cell_is_matched_once_by_the_best_scored_detection():
     points = np.array([[10.0, 10.0]])
     centres = np.array([[11.0, 10.0], [10.0, 10.0]])
-    tp = greedy_match(centres, np.array([0.9, 0.5]), points, radius=5)
-    assert tp.tolist() == [True, False]  # the duplicate is a false positive
+    matched = greedy_match(centres, np.array([0.9, 0.5]), points, radius=5)
+    assert matched.tolist() == [0, -1]  # the duplicate is a false positive
 
 
 def test_detection_takes_the_nearest_free_cell():
     points = np.array([[0.0, 0.0], [8.0, 0.0]])
-    tp = greedy_match(np.array([[6.0, 0.0], [1.0, 0.0]]), np.array([0.9, 0.8]), points, radius=10)
-    assert tp.tolist() == [True, True]
+    matched = greedy_match(np.array([[6.0, 0.0], [1.0, 0.0]]), np.array([0.9, 0.8]), points, radius=10)
+    assert matched.tolist() == [1, 0]
 
 
 def test_outside_the_radius_is_a_miss():
-    tp = greedy_match(np.array([[20.0, 0.0]]), np.array([0.9]), np.array([[0.0, 0.0]]), radius=16)
-    assert tp.tolist() == [False]
+    matched = greedy_match(np.array([[20.0, 0.0]]), np.array([0.9]), np.array([[0.0, 0.0]]), radius=16)
+    assert matched.tolist() == [-1]
 
 
 def test_counts_at_thresholds_and_empty_cases():
@@ -34,4 +34,5 @@ def test_counts_at_thresholds_and_empty_cases():
     assert (c.detection_rate, c.false_discovery_rate, c.precision, c.f1) == pytest.approx((2 / 3, 1 / 3, 2 / 3, 2 / 3))
     none = Counts(0, 0, 5)
     assert (none.detection_rate, none.false_discovery_rate, none.f1) == (0.0, 0.0, 0.0)
+    assert np.isnan(Counts(0, 3, 0).detection_rate)  # no cells: undefined, not 0
     assert greedy_match(np.zeros((0, 2)), np.zeros(0), np.ones((3, 2)), 5).shape == (0,)

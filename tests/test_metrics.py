@@ -5,33 +5,39 @@ import pytest
 import torch
 
 from detection.evaluate import judge
-from detection.inference import Cache, detect_tiled, tile_starts
-from detection.metrics import coco_ap
-from detection.postprocess import NmsOrder, PostProcess, replay
+from detection.inference import Cache, detect_tiles, tile_starts
+from detection.metrics import box_ap
+from detection.postprocess import PostProcess, TileNms, keep, replay_tile
 
 RADIUS = 16.0
 KEEP_ALL = PostProcess(score_thresh=0.0, nms_thresh=1.0, detections_per_img=1000)
 
 
-def make_cache(items):
-    """items: list of (detections [(cx, cy, score)], cells [(x, y)]) on 200x200 items, one image each."""
-    det_item, boxes, scores, gt_item, points = [], [], [], [], []
+def make_cache(items, size=200, origins=None, image_size=None, band=0.0):
+    """items: list of (detections [(cx, cy, score)], cells [(x, y)]) on size x size items, one image
+    each, each item one model input."""
+    det_tile, boxes, scores, gt_item, points = [], [], [], [], []
     for i, (dets, cells) in enumerate(items):
         for cx, cy, s in sorted(dets, key=lambda d: -d[2]):
-            det_item.append(i)
+            det_tile.append(i)
             boxes.append([cx - 16, cy - 16, cx + 16, cy + 16])
             scores.append(s)
         for x, y in cells:
             gt_item.append(i)
             points.append([x, y])
     n = len(items)
+    boxes = np.array(boxes, np.float32).reshape(-1, 4)
     return Cache(
-        items_name=np.array([f"Case_{i}-01" for i in range(n)]), items_origin=np.zeros((n, 2), np.int64),
-        items_size=np.full((n, 2), 200, np.int64),
-        det_item=np.array(det_item, np.int32), det_boxes=np.array(boxes, np.float32).reshape(-1, 4),
+        items_name=np.array([f"Case_{i}-01" for i in range(n)]),
+        items_origin=np.array(origins or [(0, 0)] * n, np.int64).reshape(-1, 2),
+        items_size=np.full((n, 2), size, np.int64),
+        items_image_size=np.array([image_size or (size, size)] * n, np.int64).reshape(-1, 2),
+        tiles_item=np.arange(n, dtype=np.int32), tiles_origin=np.zeros((n, 2), np.int64),
+        tiles_core=np.tile([-np.inf, -np.inf, np.inf, np.inf], (n, 1)),
+        det_tile=np.array(det_tile, np.int32), det_boxes=boxes, det_nms_boxes=boxes.copy(),
         det_scores=np.array(scores, np.float32), det_labels=np.ones(len(scores), np.int64),
         gt_item=np.array(gt_item, np.int32), gt_points=np.array(points, np.float32).reshape(-1, 2),
-        gt_labels=np.ones(len(points), np.int64), meta={"box_size": 32})
+        gt_labels=np.ones(len(points), np.int64), meta={"box_size": 32, "border_band": band})
 
 
 def metrics(items, pp=KEEP_ALL, matching="greedy"):
@@ -42,18 +48,26 @@ def test_perfect():
     m = metrics([([(50, 50, 0.9), (120, 120, 0.8)], [(50, 50), (120, 120)])])
     assert (m["detection_rate"], m["fdr"], m["precision"], m["f1"]) == (1.0, 0.0, 1.0, 1.0)
     assert (m["tp"], m["fp"], m["fn"]) == (2, 0, 0)
-    assert m["ap50"] == pytest.approx(1.0) and m["ap"] == pytest.approx(1.0)
+    assert m["box_ap50"] == pytest.approx(1.0) and m["box_ap"] == pytest.approx(1.0) and m["ap"] == pytest.approx(1.0)
 
 
 def test_all_missed():
     m = metrics([([(150, 20, 0.9)], [(40, 40), (80, 80)])])
     assert (m["tp"], m["fp"], m["fn"]) == (0, 1, 2)
-    assert (m["detection_rate"], m["fdr"], m["f1"], m["ap50"]) == (0.0, 1.0, 0.0, 0.0)
+    assert (m["detection_rate"], m["fdr"], m["f1"], m["ap"], m["box_ap50"]) == (0.0, 1.0, 0.0, 0.0, 0.0)
 
 
-def test_all_false_on_an_image_without_cells():
+def test_an_image_without_cells_has_an_undefined_detection_rate():
     m = metrics([([(50, 50, 0.9), (100, 100, 0.4)], [])])
-    assert (m["tp"], m["fp"], m["fn"], m["detection_rate"], m["fdr"]) == (0, 2, 0, 0.0, 1.0)
+    assert (m["tp"], m["fp"], m["fn"], m["fdr"]) == (0, 2, 0, 1.0)
+    assert np.isnan(m["detection_rate"]) and np.isnan(m["ap"])
+
+
+def test_images_without_cells_are_left_out_of_the_per_image_detection_rate():
+    report = judge(make_cache([([(50, 50, 0.9)], [(50, 50)]), ([(50, 50, 0.9)], [])]), KEEP_ALL, "greedy", RADIUS)
+    rates = report.images.set_index("image").detection_rate
+    assert rates["Case_0-01"] == 1.0 and np.isnan(rates["Case_1-01"])
+    assert rates.mean() == 1.0  # pandas' mean skips the undefined one
 
 
 def test_duplicates_on_one_cell_count_once():
@@ -69,14 +83,14 @@ def test_score_ties_give_one_match_each():
 
 def test_model_that_detects_nothing_has_defined_metrics():
     m = metrics([([], [(50, 50)]), ([], [(60, 60), (90, 90)])])
-    assert (m["detection_rate"], m["fdr"], m["precision"], m["f1"], m["ap50"], m["ap"]) == (0, 0, 0, 0, 0, 0)
+    assert (m["detection_rate"], m["fdr"], m["precision"], m["f1"], m["box_ap50"], m["ap"]) == (0, 0, 0, 0, 0, 0)
     assert (m["detection_rate_ci_low"], m["detection_rate_ci_high"]) == (0.0, 0.0)
 
 
 def test_empty_images_are_neutral():
     full = [([(50, 50, 0.9)], [(50, 50), (150, 150)])]
     a, b = metrics(full), metrics(full + [([], [])])
-    for k in ("detection_rate", "fdr", "f1", "tp", "fp", "fn", "ap50"):
+    for k in ("detection_rate", "fdr", "f1", "tp", "fp", "fn", "ap", "box_ap50"):
         assert a[k] == b[k]
 
 
@@ -114,8 +128,8 @@ def test_ap_equals_pycocotools_on_a_random_case():
         dets += [tuple(rng.uniform(20, 180, 2)) + (rng.uniform(),) for _ in range(int(rng.integers(0, 20)))]
         items.append((dets, [tuple(c) for c in cells]))
     cache = make_cache(items)
-    kept = [replay(*cache.detections(i), KEEP_ALL) for i in range(len(cache))]
-    ap, ap50 = coco_ap(cache, kept)
+    kept = [cache.det_range(i)[0] + keep(cache.tiles(i), KEEP_ALL, RADIUS) for i in range(len(cache))]
+    ap, ap50 = box_ap(cache, kept)
 
     images, anns, results = [], [], []
     densest = 1
@@ -127,8 +141,8 @@ def test_ap_equals_pycocotools_on_a_random_case():
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
                          "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
                          "area": float((b[2] - b[0]) * (b[3] - b[1]))})
-        boxes, scores, _ = cache.detections(i)
-        for b, s in zip(boxes, scores):
+        lo, hi = cache.det_range(i)
+        for b, s in zip(cache.det_boxes[lo:hi], cache.det_scores[lo:hi]):
             results.append({"image_id": i, "category_id": 1, "score": float(s),
                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
     gt = COCO()
@@ -144,31 +158,49 @@ def test_ap_equals_pycocotools_on_a_random_case():
     assert ap50 == pytest.approx(p[0][p[0] > -1].mean(), abs=1e-9)
 
 
-def test_nms_once_per_iou_equals_replay_at_every_threshold_and_k():
+def test_nms_once_per_group_equals_replay_at_every_threshold_and_k():
     rng = np.random.default_rng(3)
     xy = rng.uniform(0, 300, size=(600, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(10, 40, size=(600, 2))], axis=1).astype(np.float32)
-    scores = rng.uniform(size=600).astype(np.float32)
+    scores = np.sort(rng.uniform(size=600).astype(np.float32))[::-1].copy()
     labels = rng.integers(1, 3, size=600)
     for iou in (0.3, 0.5, 0.8):
         for agnostic in (False, True):
-            order = NmsOrder(boxes, scores, labels, iou, agnostic)
+            order = TileNms(boxes, scores, labels, iou, agnostic)
             for t in (0.0, 0.05, 0.5, 0.9):
                 for k in (1, 50, 10_000):
                     pp = PostProcess(t, iou, k, agnostic)
-                    assert np.array_equal(order.index[:order.kept(t, k)], replay(boxes, scores, labels, pp))
+                    assert np.array_equal(order.survivors(t)[1][:k], replay_tile(boxes, scores, labels, pp))
 
 
-class CellFinder(torch.nn.Module):
-    """Reports a 32 px box on every bright dot of its input: a transparent detector for tiling tests."""
+class _FindDots(torch.nn.Module):
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
 
     def forward(self, images):
         out = []
         for img in images:
             ys, xs = torch.nonzero(img[0] > 0.5, as_tuple=True)
-            b = torch.stack([xs - 16, ys - 16, xs + 16, ys + 16], 1).float() if len(xs) else torch.zeros((0, 4))
+            xy = torch.stack([xs, ys], 1).float()
+            # A detector's centre estimate leans towards the middle of what it sees.
+            middle = torch.tensor([img.shape[2] / 2, img.shape[1] / 2])
+            xy = xy + self.shift * torch.sign(middle - xy)
+            b = torch.cat([xy - 16, xy + 16], 1) if len(xs) else torch.zeros((0, 4))
             out.append({"boxes": b, "scores": torch.ones(len(b)), "labels": torch.ones(len(b), dtype=torch.int64)})
-        return out
+        return out, {}
+
+
+class CellFinder(torch.nn.Module):
+    """Reports a 32 px box on every bright dot of its input: a transparent detector for tiling tests.
+    With `shift`, each centre leans that many px towards the middle of the tile."""
+
+    def __init__(self, shift: float = 0.0):
+        super().__init__()
+        self.roi_heads = _FindDots(shift)
+
+    def forward(self, images):
+        return self.roi_heads(images)[0]
 
 
 def test_tiles_cover_the_image_with_overlap():
@@ -184,6 +216,136 @@ def test_tiling_loses_no_cell_on_a_border_and_counts_none_twice():
     cells += [(sx + 679, 400) for sx in starts_x[:-1]] + [(400, sy + 511) for sy in starts_y[:-1]]
     for x, y in cells:
         image[y, x] = 255
-    boxes, _, _ = detect_tiled(CellFinder(), image, (512, 680), 64, torch.device("cpu"))
-    centres = sorted(map(tuple, ((boxes[:, :2] + boxes[:, 2:]) / 2).astype(int).tolist()))
+    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, torch.device("cpu"))
+    kept = keep(tiles, KEEP_ALL, RADIUS)
+    centres = sorted(map(tuple, tiles.centres[kept].astype(int).tolist()))
     assert centres == sorted(cells)
+
+
+def test_a_cell_on_a_tile_cut_found_by_both_tiles_is_kept_once():
+    image = np.zeros((1024, 1360, 3), np.uint8)
+    starts_x = tile_starts(1360, 680, 64)
+    cut = (starts_x[0] + 680 + starts_x[1]) // 2  # where the first two tiles' cores meet
+    near = [(cut, y) for y in (100, 600, 900)] + [(cut - 2, 300), (cut + 2, 800)]
+    far = [(200, 100), (1200, 700), (400, 650), (1000, 150)]
+    for x, y in near + far:
+        image[y, x] = 255
+    tiles = detect_tiles(CellFinder(shift=3.0), image, (512, 680), 64, torch.device("cpu"))
+
+    def per_cell(kept, cells):
+        d = np.linalg.norm(tiles.centres[kept][:, None] - np.array(cells, float)[None], axis=2)
+        return (d <= RADIUS).sum(axis=0).mean()
+
+    owned = np.flatnonzero(tiles.owned)
+    assert per_cell(owned, near) == 2.0 and per_cell(owned, far) == 1.0  # ownership alone counts cut cells twice
+    kept = keep(tiles, KEEP_ALL, RADIUS)
+    assert per_cell(kept, near) == 1.0 and per_cell(kept, far) == 1.0
+    assert len(kept) == len(near) + len(far)
+
+
+def test_top_k_applies_per_tile_of_a_whole_image():
+    image = np.zeros((1024, 1360, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    dots = rng.integers([40, 40], [1320, 984], size=(300, 2))
+    image[dots[:, 1], dots[:, 0]] = 255
+    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, torch.device("cpu"))
+    k = 10
+    kept = keep(tiles, PostProcess(0.0, 1.0, k), RADIUS)
+    per_tile = np.bincount(tiles.tile[kept], minlength=len(tiles.origin))
+    assert len(tiles.origin) == 9 and per_tile.max() <= k and len(kept) > k  # 9 model inputs, k each
+
+
+def test_cells_and_detections_in_the_band_along_inner_patch_edges_count_neither_way():
+    # A 200 px patch at (100, 100) of a 1024 x 1360 image: all four edges are inside the image.
+    items = [([(8, 100, 0.9), (3, 60, 0.8), (100, 100, 0.7), (150, 150, 0.6)],
+              [(6, 100), (100, 100), (60, 190), (120, 50)])]
+    banded = judge(make_cache(items, origins=[(100, 100)], image_size=(1024, 1360), band=16.0),
+                   KEEP_ALL, "greedy", RADIUS).metrics
+    # (8,100) matches the band cell (6,100): ignored; (3,60) is in the band: ignored; (60,190) is in the
+    # bottom band: not a miss. Left: one TP (100,100), one FP (150,150), one FN (120,50).
+    assert (banded["tp"], banded["fp"], banded["fn"]) == (1, 1, 1)
+    plain = judge(make_cache(items, origins=[(100, 100)], image_size=(1024, 1360)), KEEP_ALL, "greedy", RADIUS).metrics
+    assert (plain["tp"], plain["fp"], plain["fn"]) == (2, 2, 2)
+    # At the image's own edges there is no band: the cell may not be cut off there.
+    edge = judge(make_cache(items, origins=[(0, 0)], image_size=(200, 200), band=16.0), KEEP_ALL, "greedy",
+                 RADIUS).metrics
+    assert (edge["tp"], edge["fp"], edge["fn"]) == (2, 2, 2)
+
+
+def _brute_force_ap(items):
+    """AP by definition: re-match every score cutoff from scratch, interpolate at 101 recall points."""
+    from detection.matching import greedy_match
+
+    dets = sorted((s, i, (x, y)) for i, (d, _) in enumerate(items) for x, y, s in d)[::-1]
+    cells = sum(len(c) for _, c in items)
+    points = []
+    for n in range(1, len(dets) + 1):
+        tp = 0
+        for i, (_, c) in enumerate(items):
+            mine = [(xy, s) for s, j, xy in dets[:n] if j == i]
+            if mine and c:
+                tp += int((greedy_match(np.array([m[0] for m in mine]), np.array([m[1] for m in mine]),
+                                        np.array(c), RADIUS) >= 0).sum())
+        points.append((tp / cells, tp / n))
+    return np.mean([max([p for r, p in points if r >= t], default=0.0) for t in np.linspace(0, 1, 101)])
+
+
+def test_point_ap_equals_a_brute_force_computation():
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        items = []
+        for _ in range(3):
+            cells = rng.uniform(20, 180, size=(int(rng.integers(3, 15)), 2))
+            dets = [(x + rng.normal(0, 8), y + rng.normal(0, 8), rng.uniform()) for x, y in cells if rng.uniform() < 0.8]
+            dets += [tuple(rng.uniform(20, 180, 2)) + (rng.uniform(),) for _ in range(int(rng.integers(0, 8)))]
+            items.append((dets, [tuple(c) for c in cells]))
+        ap = metrics(items)["ap"]
+        assert ap == pytest.approx(_brute_force_ap(items), abs=1e-12)
+        assert 0 < ap < 1
+
+
+def test_intervals_resample_cases_not_images():
+    from detection.metrics import bootstrap, bootstrap_unit
+
+    import pandas as pd
+
+    # Within each case one image is all found and one all missed: every case is at 0.5.
+    images = pd.DataFrame({"image": [f"Case_{c}-0{k}" for c in (1, 2, 3) for k in (1, 2)],
+                           "case": [f"Case_{c}" for c in (1, 2, 3) for _ in (1, 2)],
+                           "tp": [10, 0] * 3, "fp": [0] * 6, "fn": [0, 10] * 3})
+    assert bootstrap_unit(images) == "case"
+    assert bootstrap(images)["detection_rate"] == (0.5, 0.5)
+    one_case = images.assign(case="Case_1")
+    assert bootstrap_unit(one_case) == "image"
+    low, high = bootstrap(one_case)["detection_rate"]
+    assert low < 0.5 < high
+
+
+def test_radius_zero_matches_coincident_points():
+    from detection.matching import greedy_match, hungarian_match
+
+    centres, points = np.array([[10.0, 10.0], [50.0, 50.0]]), np.array([[50.0, 50.0], [10.0, 10.0], [90.0, 90.0]])
+    assert hungarian_match(centres, points, 0.0).tolist() == [1, 0]
+    assert greedy_match(centres, np.array([0.9, 0.8]), points, 0.0).tolist() == [1, 0]
+    assert hungarian_match(centres + 0.5, points, 0.0).tolist() == [-1, -1]
+
+
+def test_the_nms_grid_reaches_the_top_of_its_range():
+    from detection.tune import nms_grid
+
+    assert nms_grid(0.3, 0.7).tolist() == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+    assert nms_grid(0.1, 0.9)[-1] == 0.9 and nms_grid(0.32, 0.68).tolist() == [0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
+
+
+def test_paper_patches_are_seeded_by_image_name(synth_dir):
+    from detection.config import load
+    from detection.data import load_dataset
+    from detection.inference import paper_items
+    from tests.conftest import ROOT
+
+    cfg = load(ROOT / "experiments" / "smoke.yaml")
+    samples = load_dataset(synth_dir)
+    alone = paper_items(samples[3:4], cfg, seed=0)
+    among = [it for it in paper_items(samples, cfg, seed=0) if it.name == samples[3].name]
+    assert [it.origin for it in alone] == [it.origin for it in among]
+    assert len({it.origin for it in alone}) > 1

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+import tifffile
 import torch
 from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
-from detection.evaluate import Request, cached_evaluation
+from detection.evaluate import Request, cached_evaluation, load_cache
 from detection.inference import paper_items
 from detection.matching import Counts, box_centres, greedy_match
-from detection.postprocess import PostProcess, apply
+from detection.postprocess import PostProcess, apply, keep
 from detection.split import Split
 from detection.metrics import Replayer
 from detection.tune import TuneError, TuneRequest, parse_ranges
@@ -30,6 +32,7 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
     model, cfg = detector.model, detector.config
     version = MlflowClient().get_model_version_by_alias(MODEL, "challenger")
     _, cache = cached_evaluation(Request(f"models:/{MODEL}/{version.version}", synth_dir, "val", "paper"))
+    cache.meta["border_band"] = 0.0  # without the don't-care band, a trial counts what the model finds per patch
     split = Split.from_dict(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/split.json"))
     by_name = {s.name: s for s in load_dataset(synth_dir)}
     items = paper_items([by_name[n] for n in split.val], cfg, seed=0)
@@ -45,7 +48,7 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
                 image = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).float() / 255
                 out = model([image])[0]
                 tp = greedy_match(box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points,
-                                  cfg.eval.match_radius)
+                                  cfg.eval.match_radius) >= 0
                 total = total + Counts(int(tp.sum()), int(len(tp) - tp.sum()), len(item.points) - int(tp.sum()))
         assert replayer.counts(pp) == total
         assert total.tp + total.fp > 0
@@ -74,7 +77,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     assert len(trials) == 40 and all("val/f1" in t.data.metrics for t in trials)
     assert all(t.data.params["pp.score_thresh"] for t in trials)
     assert parent.info.status == "FINISHED"
-    for k in ("detection_rate", "fdr", "f1", "ap50"):
+    for k in ("detection_rate", "fdr", "f1", "ap", "box_ap50", "cells"):
         assert f"test/{k}" in parent.data.metrics
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/study.png", "figures/tradeoff.png", "figures/fig4_tpr_fdr.png"} <= files
@@ -100,10 +103,22 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     evals = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                "tags.`detection.evaluation` = 'true' and "
                                f"tags.`detection.model_version` = '{source.version}' and "
-                               "tags.`detection.protocol` = 'paper' and tags.`detection.model_name` = "
+                               "tags.`detection.protocol` = 'whole' and tags.`detection.model_name` = "
                                f"'{MODEL}'")
     splits = [r.data.tags["detection.split"] for r in evals]
     assert splits.count("val") == 1 and "test" in splits
+
+    # The tuned version keeps on each test image exactly what the study's replay kept at the chosen point.
+    (test_eval,) = [r for r in evals if r.data.tags["detection.split"] == "test"]
+    cache = load_cache(test_eval.info.run_id)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{new.version}")
+    chosen_pp = PostProcess.of_config(tuned.model)
+    for i, name in enumerate(cache.items_name):
+        kept = cache.det_range(i)[0] + keep(cache.tiles(i), chosen_pp, tuned.eval.match_radius)
+        image = tifffile.imread(synth_dir / "images" / f"{name}.tif")
+        served = pyfunc.predict(pd.DataFrame({"image": [image]}))
+        assert len(served) == len(kept) > 0
+        assert np.array_equal(served[["x1", "y1", "x2", "y2"]].to_numpy(np.float32), cache.det_boxes[kept])
 
 
 def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_path):
@@ -121,8 +136,10 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
     import optuna
 
     study = optuna.load_study(study_name="shared", storage=storage)
-    numbers = [t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(numbers) == list(range(60))
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert sorted(t.number for t in study.trials if t.state in done) == list(range(60))
+    # A trial that keeps nothing (FDR 0) is pruned, never on the Pareto front.
+    assert all(t.user_attrs["tp"] + t.user_attrs["fp"] > 0 for t in study.best_trials)
     assert sum("registered version" in out for out, _ in outputs) == 1  # one worker finished the study
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["mlflow_run_id"])
