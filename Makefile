@@ -1,12 +1,12 @@
 # The two set-up commands of README.md:
 #   make demo   venv + install, synthetic demo data, a tracked smoke training run, registered model
-#   make test   venv + install, the test suite
+#   make test   venv + install, the test suite (make test-fast: without the slow tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= data/demo
 
-.PHONY: demo test install ui clean-demo
+.PHONY: demo test test-fast install ui clean-demo
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install $(DEMO)/images
 
 test: install
 	$(BIN)/python -m pytest
+
+# The developers' loop: everything but the tests that train, serve or race real processes.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

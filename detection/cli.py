@@ -122,6 +122,9 @@ def _add_tune(sub) -> None:
                         + ", ".join(config_mod.TUNE_RANGES))
     p.add_argument("--train-overrides", default="", metavar="KEY=VALUE ...",
                    help="config overrides for training trials, e.g. 'train.epochs=2'")
+    p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between a running trial's heartbeats; a trial silent for 3x this long belongs to "
+                        "a dead worker and is failed and run again (default: %(default)s)")
 
 
 def _add_promote(sub) -> None:
@@ -274,17 +277,23 @@ def cmd_tune(args) -> int:
     try:
         req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials, args.storage or None, args.kind,
                           args.objective, args.max_fdr, args.protocol, args.seed, parse_ranges(args.range),
-                          tuple(args.train_overrides.split()))
-        parent, result = tune(req)
+                          tuple(args.train_overrides.split()), args.heartbeat)
+        parent, result, recovered = tune(req)
     except Exception as e:
         tracking.fail_launched_run(e)
         raise
+    for line in recovered:
+        print(line)
     print(f"study {args.study}: parent run {parent}")
-    if result:
+    if result and result.get("unchanged"):
+        print(f"trial {result['trial']} is still the study's choice; version {result['version']} already carries it, "
+              f"so nothing new was registered")
+    elif result:
         print(f"chose trial {result['trial']} {result['params']}; registered version {result['version']} "
               f"as challenger; test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test"].items()))
     else:
-        print("other workers are still running trials; the last one to finish registers the result")
+        print("other workers are still running trials (their heartbeats are fresh); the last one to finish "
+              "registers the result")
     return 0
 
 
@@ -309,17 +318,20 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     from . import figures, tracking
-    from .predict import InputError, decode_image
+    from .predict import InputError, as_images, decode_image
 
+    # `mlflow run` passes several images as one space-separated parameter. Every image is read and
+    # checked before the model loads, so a bad file fails in a second with its name.
+    images = []
+    for path in [Path(p) for arg in args.images for p in str(arg).split()]:
+        try:
+            images.append((path, as_images(pd.DataFrame({"image": [decode_image(path.read_bytes())]}))[0]))
+        except (OSError, InputError) as e:
+            raise InputError(f"{path}: {e}") from None
     ref = tracking.resolve_model(args.model)
     detector = tracking.load_model(ref)
     args.out.mkdir(parents=True, exist_ok=True)
-    # `mlflow run` passes several images as one space-separated parameter.
-    for path in [Path(p) for arg in args.images for p in str(arg).split()]:
-        try:
-            image = decode_image(path.read_bytes())
-        except (OSError, InputError) as e:
-            raise InputError(f"{path}: {e}") from None
+    for path, image in images:
         table = detector.predict(None, pd.DataFrame({"image": [image]}))
         doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
         (args.out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))

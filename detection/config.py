@@ -34,6 +34,9 @@ TUNE_RANGES = {
 }
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key, value and fix."""
 
@@ -205,9 +208,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_read_yaml(path.parent / base, seen + (path,)), doc)
 
 
+def locate(path: str | Path) -> Path:
+    """A config path as given (absolute, or relative to the working directory); failing that,
+    relative to the project, so `experiments/smoke.yaml` resolves from any directory and under
+    `mlflow run` from a git URL."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    inside = PROJECT_ROOT / path
+    return inside if inside.exists() else path
+
+
 def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
     """Read a config file, apply `section.key=value` overrides, and validate the result."""
-    path = Path(path)
+    path = locate(path)
     tree = _read_yaml(path)
     tree.setdefault("name", path.stem)
     return from_dict(_merge(tree, parse_overrides(overrides)), source=str(path))

@@ -20,6 +20,9 @@ import tifffile
 from .config import BRECAHAD_CLASSES
 
 IMAGE_SHAPE = (1024, 1360, 3)  # height, width, RGB
+# BreCaHAD's densest image has a few hundred annotated points; 20,000 in one image is not an
+# annotation but a broken export, and training on it would ask for hundreds of GB.
+MAX_POINTS_PER_IMAGE = 20_000
 _NAME = re.compile(r"^(Case_\d+)-\d+$")
 
 
@@ -133,6 +136,10 @@ def read_points(path: Path, width: int = IMAGE_SHAPE[1], height: int = IMAGE_SHA
     missing = [k for k in BRECAHAD_CLASSES if k not in doc]
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")
+    total = sum(len(v) for v in doc.values() if isinstance(v, list))
+    if total > MAX_POINTS_PER_IMAGE:
+        raise ValueError(f"{path}: {total:,} points in one image, more than the {MAX_POINTS_PER_IMAGE:,} any real "
+                         f"annotation holds; check the export that wrote this file")
     points = {}
     for key in BRECAHAD_CLASSES:
         entries = doc[key]
@@ -155,7 +162,9 @@ def check_dataset(root: str | Path) -> list[str]:
     """Every problem in a BreCaHAD folder, one line each, naming the file."""
     root = Path(root)
     if not root.is_dir():
-        return [f"{root}: no such folder; point data_dir at a folder holding images/ and groundTruth/"]
+        return [f"{root}: no such folder (relative paths are taken from {Path.cwd()}, the project directory "
+                f"under `mlflow run`); point data_dir at a folder holding images/ and groundTruth/, best as an "
+                f"absolute path"]
     problems = []
     for sub in ("images", "groundTruth"):
         if not (root / sub).is_dir():

@@ -31,6 +31,8 @@ from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
 
 COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
+MIN_SIDE = 32  # px: the smallest FPN anchor; a smaller image holds no cell the model could find
+MAX_PIXELS = 64_000_000  # 8000 x 8000: about 700 tiles, minutes on a CPU; split larger slides first
 
 
 class InputError(ValueError):
@@ -62,8 +64,10 @@ def _as_array(value, i: int) -> np.ndarray:
         img = np.asarray(value)
     except ValueError as e:
         raise InputError(f"image {i}: not a rectangular array ({e})") from None
-    # JSON carries pixels as plain integers: accept any integer array within 0..255.
-    if img.dtype.kind in "iu" and img.size and img.min() >= 0 and img.max() <= 255:
+    # JSON carries pixels as plain integers: accept nested lists of integers within 0..255. An array
+    # keeps its dtype, so a 16-bit image is refused however dark it is.
+    if not isinstance(value, np.ndarray) and img.dtype.kind in "iu" and img.size and img.min() >= 0 \
+            and img.max() <= 255:
         img = img.astype(np.uint8)
     return img
 
@@ -84,6 +88,12 @@ def as_images(model_input) -> list[np.ndarray]:
     for i, img in enumerate(images):
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
             raise InputError(f"image {i}: expected RGB uint8 pixels (H, W, 3), got {img.dtype} {img.shape}")
+        if min(img.shape[:2]) < MIN_SIDE:
+            raise InputError(f"image {i}: {img.shape[1]}x{img.shape[0]} px is smaller than one anchor "
+                             f"({MIN_SIDE} px a side); send the whole field")
+        if img.shape[0] * img.shape[1] > MAX_PIXELS:
+            raise InputError(f"image {i}: {img.shape[1]}x{img.shape[0]} px is more than {MAX_PIXELS / 1e6:.0f} "
+                             f"megapixels; split the slide into fields first")
     return images
 
 

@@ -84,20 +84,36 @@ def side_by_side(req: PromoteRequest, cand: tuple[tracking.ModelRef, Evaluation]
 
 
 def promote(req: PromoteRequest) -> dict:
+    """Compare-and-set: the candidate's evaluation is made first; then, under the registry's lock,
+    the champion actually in place is read, compared and replaced, so promotions started together
+    cannot crown the wrong version."""
     req.check()
     tracking.check_reachable()
     if req.rollback:
         return rollback(req)
     cand = tracking.resolve_model(req.candidate)
     tracking.load_model(cand)  # refuses a version whose artifacts do not load
-    champ = tracking.alias_version(cand.name, CHAMPION)
-    if champ is not None and champ.version == cand.version:
-        raise PromotionError(f"{cand.pinned} is already the champion")
     cand_eval = evaluation_of(req, cand)
-    champ_eval = evaluation_of(req, champ) if champ else None
+    with tracking.registry_lock(cand.name):
+        champ = tracking.alias_version(cand.name, CHAMPION)
+        if champ is not None and champ.version == cand.version:
+            raise PromotionError(f"{cand.pinned} is already the champion")
+        champ_eval = evaluation_of(req, champ) if champ else None
+        decision, reason, value, old = decide(req, cand_eval, champ, champ_eval)
+        run_id = record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old)
+        if decision == "promoted":
+            if champ:
+                tracking.set_alias(cand.name, PREVIOUS, champ.version)
+            tracking.set_alias(cand.name, CHAMPION, cand.version)
+        final = tracking.alias_version(cand.name, CHAMPION)
+    return {"decision": decision, "reason": reason, "run_id": run_id, "champion": final.version}
+
+
+def decide(req: PromoteRequest, cand_eval: Evaluation, champ, champ_eval: Evaluation | None):
+    """(decision, reason, candidate value, champion value) of comparing on the same images."""
     if champ_eval and champ_eval.images != cand_eval.images:
         raise PromotionError(
-            f"the evaluations of {cand.pinned} (run {cand_eval.run_id}) and the champion {champ.pinned} "
+            f"the evaluations of {req.candidate} (run {cand_eval.run_id}) and the champion {champ.pinned} "
             f"(run {champ_eval.run_id}) used different images; their {req.split} splits differ, so "
             f"{req.metric} is not comparable")
     if req.metric not in cand_eval.metrics or (champ_eval and req.metric not in champ_eval.metrics):
@@ -105,9 +121,13 @@ def promote(req: PromoteRequest) -> dict:
     value = cand_eval.metrics[req.metric]
     old = champ_eval.metrics[req.metric] if champ_eval else None
     promoted = champ is None or beats(req.metric, value, old, req.min_delta)
-    decision = "promoted" if promoted else "kept champion"
     reason = ("first champion" if champ is None else
-              f"{req.metric} {value:.4f} vs champion {old:.4f} (min_delta {req.min_delta})")
+              f"{req.metric} {value:.4f} vs champion v{champ.version} {old:.4f} (min_delta {req.min_delta})")
+    return ("promoted" if promoted else "kept champion"), reason, value, old
+
+
+def record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old) -> str:
+    """The decision as a run (table and figure) and as tags on both versions."""
     table = side_by_side(req, (cand, cand_eval), (champ, champ_eval) if champ else None)
     with tracking.run(EXPERIMENT, name=f"promote-v{cand.version}") as tr:
         tr.set_tags({"promotion": "true", "decision": decision, "reason": reason, "candidate_version": cand.version,
@@ -119,24 +139,25 @@ def promote(req: PromoteRequest) -> dict:
         fig = figures.side_by_side(table, req.metric, decision)
         tr.log_figure(fig, "side_by_side.png")
         figures.close(fig)
-        record = {"decision": decision, "metric": req.metric, "candidate_value": value,
-                  "champion_value": "" if old is None else old, "candidate_eval_run": cand_eval.run_id,
-                  "champion_eval_run": champ_eval.run_id if champ_eval else "", "promotion_run": tr.run_id}
-        tracking.tag_version(cand.name, cand.version, "promotion.", record)
+        tags = {"decision": decision, "metric": req.metric, "candidate_value": value,
+                "champion_value": "" if old is None else old, "candidate_eval_run": cand_eval.run_id,
+                "champion_eval_run": champ_eval.run_id if champ_eval else "", "promotion_run": tr.run_id}
+        tracking.tag_version(cand.name, cand.version, "promotion.", tags)
         if champ:
-            tracking.tag_version(champ.name, champ.version, "promotion.", record)
-        if promoted:
-            if champ:
-                tracking.set_alias(cand.name, PREVIOUS, champ.version)
-            tracking.set_alias(cand.name, CHAMPION, cand.version)
-        run_id = tr.run_id
-    return {"decision": decision, "reason": reason, "run_id": run_id, "champion": cand.version if promoted
-            else champ.version}
+            # The champion's own promotion.* tags keep saying how it became champion.
+            tracking.tag_version(champ.name, champ.version, "promotion.challenge.",
+                                 {"by_version": cand.version, "decision": decision, "promotion_run": tr.run_id})
+        return tr.run_id
 
 
 def rollback(req: PromoteRequest) -> dict:
     """Swap `champion` and `previous` back; the registry always has a champion while it happens."""
     name = tracking.resolve_model(req.candidate).name
+    with tracking.registry_lock(name):
+        return _rollback(name)
+
+
+def _rollback(name: str) -> dict:
     champ, prev = tracking.alias_version(name, CHAMPION), tracking.alias_version(name, PREVIOUS)
     if champ is None or prev is None:
         raise PromotionError(f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "

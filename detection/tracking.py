@@ -8,8 +8,12 @@ written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
+import socket
 import time
+import uuid
 import urllib.error
 import urllib.request
 import warnings
@@ -20,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from filelock import FileLock
 import pandas as pd
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
 
 TAG = "detection."
 
@@ -358,6 +361,77 @@ def log_model(python_model, artifacts: dict[str, str], input_example, signature,
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     loaded.predict(input_example)
     return info
+
+
+def versions_of_run(name: str, run_id: str) -> list[int]:
+    """Versions of `name` registered from `run_id`, oldest first."""
+    found = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return sorted(int(v.version) for v in found)
+
+
+def end_child_runs(parent: str, name: str, status: str) -> list[str]:
+    """End the RUNNING nested runs called `name` under `parent` (a dead worker's trial) with `status`."""
+    client = MlflowClient()
+    runs = client.search_runs([get_run(parent).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}' "
+                              f"and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_tag(r.info.run_id, TAG + "error", "its worker died (no heartbeat); the trial was run again")
+        client.set_terminated(r.info.run_id, status)
+    return [r.info.run_id for r in runs]
+
+
+LEASE_TAG = "promotion.lease"
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator[None]:
+    """Hold `name`'s promotion lock across processes while the champion is re-read and the aliases move.
+
+    Beside a local sqlite store: a file lock. Against a tracking server, whose processes may sit on
+    several machines: a lease, the registered-model tag `promotion.lease` holding an owner and an
+    expiry, written when free or expired and re-read after writing, so that of two writers only the
+    one whose tag stayed goes on.
+    """
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        with FileLock(uri[len("sqlite:///"):] + f".{name}.promotion.lock", timeout=timeout):
+            yield
+        return
+    with lease_lock(name, timeout, lease):
+        yield
+
+
+@contextlib.contextmanager
+def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator[None]:
+    client = MlflowClient()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout
+
+    def holder() -> dict | None:
+        text = client.get_registered_model(name).tags.get(LEASE_TAG)
+        return json.loads(text) if text else None
+
+    while True:
+        current = holder()
+        if current is None or current["expires"] < time.time():
+            try:
+                client.set_registered_model_tag(name, LEASE_TAG,
+                                                json.dumps({"owner": owner, "expires": time.time() + lease}))
+            except MlflowException:
+                pass  # a concurrent writer's tag landed first; re-read below decides
+            time.sleep(0.5)  # let a concurrent writer land, then see whose tag stayed
+            if (holder() or {}).get("owner") == owner:
+                break
+        if time.monotonic() > deadline:
+            raise TrackingError(f"the promotion lease on {name!r} is held by {current and current['owner']}; "
+                                f"waited {timeout:.0f} s. If that process died, the lease expires by itself")
+        time.sleep(0.5 + random.random())
+    try:
+        yield
+    finally:
+        if (holder() or {}).get("owner") == owner:
+            client.delete_registered_model_tag(name, LEASE_TAG)
 
 
 def register(model_uri: str, name: str, alias: str, tags: dict[str, Any]) -> int:

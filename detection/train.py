@@ -185,12 +185,30 @@ def log_detector(cfg: Config, model: torch.nn.Module) -> str:
 
 
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
-    """Log the trained model, then register it with the configured alias."""
-    cfg = prep.cfg
-    version = tracking.register(log_detector(cfg, model), cfg.tracking.registered_model, cfg.tracking.alias,
-                                {"split_hash": prep.split.digest, "config": cfg.name})
+    """Log the trained model, then register it with the configured alias. A run that already
+    registered a version (killed between registration and alias, then resumed) keeps that one."""
+    cfg, name = prep.cfg, prep.cfg.tracking.registered_model
+    earlier = tracking.versions_of_run(name, tr.run_id)
+    if earlier:
+        version = earlier[-1]
+        tracking.set_alias(name, cfg.tracking.alias, version)
+    else:
+        version = tracking.register(log_detector(cfg, model), name, cfg.tracking.alias,
+                                    {"split_hash": prep.split.digest, "config": cfg.name})
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
     return version
+
+
+def refuse_finished(run_id: str) -> None:
+    """A finished run has nothing to resume; resuming it would register the same model again."""
+    run = tracking.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return
+    name = run.data.tags.get(tracking.TAG + "registered_model", "")
+    versions = tracking.versions_of_run(name, run_id) if name else []
+    carried = f"; it registered {name} version {', '.join(map(str, versions))}" if versions else ""
+    raise tracking.TrackingError(f"run {run_id} already finished{carried}. Nothing to resume: start a new run "
+                                 f"(leave out --resume), or promote or evaluate that version")
 
 
 def recorded_run(run_id: str) -> tuple[Config, Split]:
@@ -210,6 +228,7 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
     tracking.check_reachable()
     recorded = None
     if resume:
+        refuse_finished(resume)
         cfg, recorded = recorded_run(resume)
     prep = prepare(cfg, data_dir, recorded)
     with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics) as tr:

@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,10 +26,13 @@ import numpy as np
 import optuna
 import pandas as pd
 from filelock import FileLock
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import TrialState
 
 from . import figures, tracking
 from .config import TUNE_RANGES, TUNE_STORAGE, Config
-from .evaluate import PROTOCOLS, Request, cached_evaluation, evaluate, judge, log_report, operating_metrics, recorded_split
+from .evaluate import (PROTOCOLS, Request, cached_evaluation, evaluate, judge, log_report, operating_metrics,
+                       recorded_split, select)
 from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer
@@ -35,6 +40,9 @@ from .postprocess import PostProcess
 from .progress import Bar
 
 KINDS = ("postprocess", "training")
+HEARTBEAT_S = 30.0  # seconds between a running trial's heartbeats
+HEARTBEAT_ATTR = "heartbeat"
+MAX_RETRIES = 2  # a trial whose worker died is run again at most this often
 OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
@@ -61,6 +69,12 @@ class TuneRequest:
     seed: int | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
+    heartbeat: float = HEARTBEAT_S
+
+    @property
+    def stale_after(self) -> float:
+        """A running trial without a heartbeat for this long belongs to a dead worker."""
+        return 3 * self.heartbeat
 
     def space(self) -> dict[str, tuple[float, float]]:
         return TUNE_RANGES | self.ranges
@@ -89,6 +103,8 @@ class TuneRequest:
                 raise TuneError(f"range {name}={low}:{high} must lie within [0, 1]")
         if space["detections_per_img"][0] < 1 or space["lr"][0] <= 0:
             raise TuneError("detections_per_img must be >= 1 and lr > 0")
+        if self.heartbeat <= 0:
+            raise TuneError(f"heartbeat={self.heartbeat} must be > 0 seconds")
 
 
 def parse_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
@@ -122,8 +138,12 @@ def _study_lock(req: TuneRequest) -> FileLock:
     return FileLock(path, timeout=600)
 
 
-def open_storage(url: str | None):
+DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL"}
+
+
+def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
     """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
+    RDB storages record Optuna's own trial heartbeats and retry a trial whose worker died.
     Fails before any trial when the storage cannot be reached."""
     url = url or TUNE_STORAGE
     try:
@@ -135,10 +155,95 @@ def open_storage(url: str | None):
         lock = _lock_path(url)
         # Workers opening a fresh sqlite file together race to create its tables: one at a time.
         with FileLock(lock, timeout=300) if lock else contextlib.nullcontext():
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, round(heartbeat)),
+                grace_period=max(2, round(3 * heartbeat)), heartbeat_stale_trial_callback=retry)
+    except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
+        module = e.name or getattr(e.__cause__, "name", None) or url.split(":", 1)[0]
+        raise TuneError(f"Optuna storage {url!r} needs the database driver {module!r}, which is not installed: "
+                        f"pip install {DRIVERS.get(module, module)}") from None
     except Exception as e:
         raise TuneError(f"Optuna storage {url!r} cannot be opened: {type(e).__name__}: {e}. Use a journal file "
                         f"path, sqlite:///optuna.db or a reachable database URL") from None
+
+
+# --- workers that die -------------------------------------------------------------------------
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a dead worker's trial to run again with the same parameters (at most MAX_RETRIES times)."""
+    retries = trial.user_attrs.get("retries", 0)
+    if retries < MAX_RETRIES:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
+                                                      "retries": retries + 1})
+
+
+def _last_beat(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.user_attrs.get(HEARTBEAT_ATTR) or trial.datetime_start.timestamp()
+
+
+def _beating(objective, seconds: float):
+    """The objective, with the trial's heartbeat recorded every `seconds` while it runs. Optuna
+    beats on RDB storages only; this one serves the journal file and tells any storage's trial ages."""
+
+    def run(trial: optuna.Trial):
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+                stop.wait(seconds)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+        thread.start()
+        try:
+            return objective(trial)
+        finally:
+            stop.set()
+            thread.join()
+
+    return run
+
+
+def fail_stale(s: Study) -> list[str]:
+    """Fail the running trials whose worker died (no heartbeat for `stale_after`), queue each again,
+    and end its nested MLflow run KILLED. Returns one line per failed trial."""
+    study = s.study
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat; its callback is `retry`
+    else:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if time.time() - _last_beat(t) > s.req.stale_after:
+                try:
+                    if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                        retry(study, study._storage.get_trial(t._trial_id))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # another worker failed it first
+    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
+    lines = []
+    for t in dead:
+        tracking.end_child_runs(s.parent, f"trial-{t.number}", "KILLED")
+        lines.append(f"failed trial {t.number}: no heartbeat for more than {s.req.stale_after:g} s, so its worker "
+                     f"died; it is queued to run again")
+    return lines
+
+
+def settle(s: Study) -> list[str]:
+    """Before deciding whether the study is done: wait while another worker's running trial has
+    missed a heartbeat, until it beats again (that worker lives) or goes stale (it died)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + s.req.stale_after + s.req.heartbeat
+    while True:
+        lines += fail_stale(s)
+        running = s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        alive = all(time.time() - _last_beat(t) < 1.5 * s.req.heartbeat for t in running)
+        if not running or alive or time.monotonic() > deadline:
+            return lines
+        time.sleep(min(s.req.heartbeat, 2.0))
 
 
 # --- objectives -------------------------------------------------------------------------------
@@ -249,7 +354,7 @@ def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extr
                               {"study": s.req.study, "trial": trial.number} | (extra_tags or {}))
 
 
-def run_postprocess(s: Study, replayer: Replayer) -> None:
+def postprocess_objective(s: Study, replayer: Replayer):
     multiclass = s.config.model.num_classes > 2
     space = s.req.space()
 
@@ -262,10 +367,10 @@ def run_postprocess(s: Study, replayer: Replayer) -> None:
             raise optuna.TrialPruned("keeps no detection")
         return objective_values(s.req.objective, counts, s.req.max_fdr)
 
-    _optimize(s, objective)
+    return objective
 
 
-def run_training(s: Study, data_dir: Path) -> None:
+def training_objective(s: Study, data_dir: Path):
     from .train import train_nested
 
     split = recorded_split(s.ref)
@@ -297,13 +402,25 @@ def run_training(s: Study, data_dir: Path) -> None:
             trial.set_user_attr(k, v)
         return objective_values(s.req.objective, last["counts"], s.req.max_fdr)
 
-    _optimize(s, objective)
+    return objective
 
 
-def _optimize(s: Study, objective) -> None:
-    with Bar(s.req.n_trials, f"study {s.req.study}", every=max(1, s.req.n_trials // 10)) as bar:
-        s.study.optimize(objective, n_trials=s.req.n_trials, catch=(),
+def _optimize(s: Study, objective, n_trials: int) -> None:
+    with Bar(n_trials, f"study {s.req.study}", every=max(1, n_trials // 10)) as bar:
+        s.study.optimize(_beating(objective, s.req.heartbeat), n_trials=n_trials, catch=(),
                          callbacks=[lambda study, trial: bar.advance(trial=trial.number)])
+
+
+def run(s: Study, objective) -> list[str]:
+    """This worker's trials, then the retries of trials whose worker died, until none is left
+    that this worker could take; returns what it found of dead workers."""
+    lines = fail_stale(s)
+    _optimize(s, objective, s.req.n_trials)
+    lines += settle(s)
+    while queued := len(s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+        _optimize(s, objective, queued)
+        lines += settle(s)
+    return lines
 
 
 # --- when the study ends ----------------------------------------------------------------------
@@ -312,13 +429,18 @@ def finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict | None:
     """Once no trial runs: test metrics of the chosen point, figures, and a registered version."""
     with _study_lock(s.req):
         trials = s.study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if any(t.state == optuna.trial.TrialState.RUNNING for t in trials) or not done:
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials) or not done:
             return None  # another worker is still at it and will finish the study
-        if s.study.user_attrs.get("finalized_trials") == len(done):
-            return None
+        attrs = s.study.user_attrs
+        if attrs.get("registered_trial") == choose(s.study).number:
+            # The choice did not change since the last registration: no second, identical version.
+            tracking.set_run_status(s.parent, "FINISHED")
+            return {"trial": attrs["registered_trial"], "params": attrs["registered_params"],
+                    "version": attrs["registered_version"], "test": attrs["registered_test"], "unchanged": True}
         result = _finalize(s, data_dir, test_cache)
-        s.study.set_user_attr("finalized_trials", len(done))
+        for k in ("trial", "params", "version", "test"):
+            s.study.set_user_attr(f"registered_{k}", result[k])
         return result
 
 
@@ -380,17 +502,28 @@ def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.Froz
     figures.close(fig)
 
 
-def tune(req: TuneRequest) -> tuple[str, dict | None]:
-    """Run (or resume) a study; returns the parent run id and, if this worker finished the study,
-    what it chose and registered."""
+def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
+    """Everything a study needs, checked before it writes a study, a run or a tag: the recorded
+    split, its val and test images in the folder, and the training overrides."""
+    split = recorded_split(ref)
+    for part in ("val", "test"):
+        select(Request(ref.pinned, req.data_dir, part, req.protocol), split)
+    if req.kind == "training":
+        cfg.replace(*req.train_overrides)
+
+
+def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
+    """Run (or resume) a study; returns the parent run id, what this worker chose and registered
+    if it finished the study, and a line per trial of a dead worker that it failed and re-ran."""
     req.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     tracking.check_reachable()
-    storage = open_storage(req.storage)
+    storage = open_storage(req.storage, req.heartbeat)
     tracking.ensure_store()
     ref = tracking.resolve_model(req.model)
     detector = tracking.load_model(ref)
     cfg = detector.config
+    check_inputs(req, ref, cfg)
     test_cache = None
     s = open_study(req, storage, ref, cfg, detector.model)
     if req.kind == "postprocess":
@@ -399,7 +532,7 @@ def tune(req: TuneRequest) -> tuple[str, dict | None]:
         with _study_lock(req):
             _, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), parent=s.parent)
             _, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), parent=s.parent)
-        run_postprocess(s, Replayer(val_cache, "greedy", cfg.eval.match_radius))
+        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", cfg.eval.match_radius)))
     else:
-        run_training(s, req.data_dir)
-    return s.parent, finalize(s, req.data_dir, test_cache)
+        lines = run(s, training_objective(s, req.data_dir))
+    return s.parent, finalize(s, req.data_dir, test_cache), lines

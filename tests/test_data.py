@@ -142,3 +142,32 @@ def test_validate_lists_every_problem_and_exits_nonzero(synth_dir, copy_of, tmp_
     assert "2 problem(s)" in result.stderr
     ok = run_cli("validate", str(synth_dir), cwd=tmp_path)
     assert ok.returncode == 0 and "valid" in ok.stdout
+
+
+def test_an_implausible_number_of_points_is_refused_before_training(synth_dir, copy_of):
+    data = copy_of(synth_dir)
+    path = data / "groundTruth" / "Case_1-01.json"
+    doc = json.loads(path.read_text())
+    doc["tumor"] = [{"x": 0.5, "y": 0.5}] * 20_001
+    path.write_text(json.dumps(doc))
+    problems = check_dataset(data)
+    assert len(problems) == 1 and "more than the 20,000" in problems[0] and "Case_1-01.json" in problems[0]
+    result = run_cli("train", "--data-dir", str(data), cwd=data)
+    assert result.returncode == 2 and "more than the 20,000" in result.stderr
+
+
+def test_predict_refuses_unusable_images_in_one_line(tmp_path):
+    from detection.predict import InputError, as_images
+
+    import pandas as pd
+
+    for image, words in ((np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
+                         (np.zeros((64, 64, 3), np.uint16), "expected RGB uint8"),
+                         (np.zeros((64, 64), np.uint8), "expected RGB uint8")):
+        with pytest.raises(InputError, match=words):
+            as_images(pd.DataFrame({"image": [image]}))
+    for name, pixels in (("grey.tif", np.zeros((64, 64), np.uint8)), ("deep.tif", np.zeros((64, 64, 3), np.uint16))):
+        tifffile.imwrite(tmp_path / name, pixels)
+        result = run_cli("predict", str(tmp_path / name), "--model", "models:/none@champion", "--out",
+                         str(tmp_path / "out"), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+        assert result.returncode == 2 and name in result.stderr and "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -154,3 +155,106 @@ def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):
     bad = run_cli("predict", str(synth_dir / "groundTruth" / "Case_1-01.json"), "--model", SOURCE,
                   "--out", str(tmp_path), cwd=in_store["workdir"])
     assert bad.returncode == 2 and "Case_1-01.json" in bad.stderr
+
+
+def _race(in_store, synth_dir, name, candidates):
+    """Start one promotion per candidate at the same moment; (version, stdout) of each."""
+    import subprocess
+
+    env = dict(os.environ) | {"MLFLOW_TRACKING_URI": in_store["uri"]}
+    procs = [(v, subprocess.Popen([sys.executable, "-m", "detection", "promote", "--candidate", f"models:/{name}/{v}",
+                                   "--data-dir", str(synth_dir), "--metric", "test/detection_rate"],
+                                  cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)) for v in candidates]
+    out = []
+    for v, p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stderr[-3000:]
+        out.append((v, stdout))
+    return out
+
+
+def test_promotions_started_together_crown_the_better_version(in_store, synth_dir, versions):
+    client = MlflowClient()
+    name = "race"
+    client.create_registered_model(name)
+    made = {}
+    for key in ("none", "all", "tie", "none"):
+        source = client.get_model_version(versions["name"], str(versions[key]))
+        made.setdefault(key, []).append(int(client.create_model_version(name, source.source, source.run_id).version))
+    worst, best, tie, worst2 = made["none"][0], made["all"][0], made["tie"][0], made["none"][1]
+    for v in (worst, best, tie, worst2):  # evaluations first, so the race is over the aliases alone
+        assert run_cli("evaluate", "--model", f"models:/{name}/{v}", "--data-dir", str(synth_dir),
+                       cwd=in_store["workdir"]).returncode == 0
+
+    # No champion yet: the worse and the better start together.
+    outcome = dict(_race(in_store, synth_dir, name, [worst, best]))
+    assert _aliases(name)["champion"] == best and f"champion is version {best}" in outcome[best]
+    if outcome[worst].startswith("promoted"):  # the worse one went first and was champion for a moment
+        assert "first champion" in outcome[worst] and outcome[best].startswith("promoted")
+        assert _aliases(name)["previous"] == worst
+    else:
+        assert outcome[worst].startswith("kept champion") and "previous" not in _aliases(name)
+        assert "first champion" in outcome[best]
+
+    # With a champion: three at once, two of them as good as each other.
+    client.set_registered_model_alias(name, "champion", str(worst))
+    if "previous" in _aliases(name):
+        client.delete_registered_model_alias(name, "previous")
+    outcome = _race(in_store, synth_dir, name, [best, tie, worst2])
+    aliases = _aliases(name)
+    assert aliases["champion"] in (best, tie) and aliases["previous"] == worst
+    decisions = {v: out.split(":")[0] for v, out in outcome}
+    assert sorted(decisions.values()) == ["kept champion", "kept champion", "promoted"]
+    assert decisions[aliases["champion"]] == "promoted"
+    assert client.get_model_version(name, str(aliases["champion"])).tags["promotion.decision"] == "promoted"
+
+
+def test_the_registry_lease_lets_one_holder_in_at_a_time(in_store):
+    import threading
+
+    client = MlflowClient()
+    client.create_registered_model("leased")
+    inside, overlaps, entered = [], [], []
+
+    def hold():
+        with tracking.lease_lock("leased", timeout=120, lease=60):
+            inside.append(1)
+            entered.append(1)
+            if len(inside) > 1:
+                overlaps.append(1)
+            time.sleep(0.3)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(entered) == 3 and overlaps == [] and "promotion.lease" not in client.get_registered_model("leased").tags
+
+
+def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_dir, monkeypatch):
+    """At the documented setting (2 workers, a 600 s request timeout), 4 concurrent whole images all
+    get answers; a too-small image and a 16-bit one get 400."""
+    import concurrent.futures
+
+    import numpy as np
+
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "600")
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    url = f"http://127.0.0.1:{port}/invocations"
+    image = load_dataset(synth_dir)[0].read_image()
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}}
+    with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = [f.result()[0] for f in [pool.submit(_post, url, payload) for _ in range(4)]]
+        assert statuses == [200] * 4
+        for bad, words in ((np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
+                           (np.full((64, 64, 3), 1000, np.uint16).tolist(), "expected RGB uint8")):
+            data = encode_png(bad) if isinstance(bad, np.ndarray) else bad
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _post(url, {"dataframe_split": {"columns": ["image"], "data": [[data]]}})
+            assert refused.value.code == 400 and words in refused.value.read().decode()
