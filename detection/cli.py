@@ -38,6 +38,14 @@ def _matching_option(p) -> None:
                         "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
 
 
+def _config_options(p) -> None:
+    p.add_argument("--config", default="experiments/smoke.yaml",
+                   help="experiments/*.yaml, looked up as given, then inside the project (default: %(default)s)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train, log and register a model",
@@ -50,10 +58,7 @@ def _add_train(sub) -> None:
                "  python -m detection train --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1\n"
                "  python -m detection train --resume 0123abcd...   # continue an interrupted run\n",
     )
-    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/*.yaml (default: %(default)s)")
-    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)")
+    _config_options(p)
     p.add_argument("--resume", default="", metavar="RUN_ID",
                    help="continue RUN_ID from its last checkpoint, with its recorded config and split")
 
@@ -63,7 +68,7 @@ def _add_evaluate(sub) -> None:
         "evaluate", help="judge a registered model on held-out images",
         description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
                     "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
-                    "point with 95%% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
+                    "point with 95% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
                     "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
                     "overlays. Metrics are named SPLIT/... (test/detection_rate).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,7 +175,7 @@ def _add_cv(sub) -> None:
         description="Hold out each case (patient) of DATA_DIR in turn: train the configured model on the other "
                     "cases (the next case in name order validates) as a nested run, judge it on the held-out "
                     "case's whole images, and pool the counts under one parent run (cv/detection_rate, cv/fdr, "
-                    "cv/f1 with 95%% intervals over cases, cv_per_case.json). The patient-level estimate a single "
+                    "cv/f1 with 95% intervals over cases, cv_per_case.json). The patient-level estimate a single "
                     "held-out split of one or two patients cannot give.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -178,10 +183,7 @@ def _add_cv(sub) -> None:
                "  python -m detection cv --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1 "
                "--cases Case_1,Case_2\n",
     )
-    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/*.yaml (default: %(default)s)")
-    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. 'train.epochs=10' (repeatable)")
+    _config_options(p)
     p.add_argument("--cases", default="", help="comma-separated cases to hold out (default: every case)")
 
 

@@ -115,6 +115,25 @@ def leaked(split: Split | None, samples: list[Sample], hashes: dict[str, str]) -
     return sorted(found)
 
 
+def guard(req: Request, ref: tracking.ModelRef, split: Split | None, samples: list[Sample],
+          hashes: dict[str, str]) -> list[str]:
+    """Refuse held-out images that are not what the training run recorded under their names, and
+    evaluated images that are training images; with allow_overlap, the names to tag instead."""
+    changed = renamed(req, split, hashes)
+    overlap = leaked(split, samples, hashes)
+    problems = []
+    if changed:
+        problems.append(f"{len(changed)} {req.split} image(s) in {req.data_dir} are not the images {ref.uri}'s "
+                        f"training run recorded under those names (their pixels differ): {', '.join(changed[:8])}; "
+                        f"restore the original files")
+    if overlap:
+        problems.append(f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a "
+                        f"flipped, rotated or re-compressed copy): {', '.join(overlap[:8])}")
+    if problems and not req.allow_overlap:
+        raise EvaluationError("; ".join(problems) + "; pass allow_overlap=true to evaluate anyway (the run is tagged)")
+    return sorted(set(overlap) | set(changed))
+
+
 def operating_metrics(counts: Counts) -> dict[str, float]:
     """The counts at one post-processing and the rates made of them (also a tune trial's attributes)."""
     return {"detection_rate": counts.detection_rate, "fdr": counts.false_discovery_rate,
@@ -186,19 +205,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
     samples, hashes = select(req, split)
-    changed = renamed(req, split, hashes)
-    if changed and not req.allow_overlap:
-        raise EvaluationError(
-            f"{len(changed)} {req.split} image(s) in {req.data_dir} are not the images {ref.uri}'s training run "
-            f"recorded under those names (their pixels differ): {', '.join(changed[:8])}; restore the original "
-            f"files, or pass allow_overlap=true to evaluate anyway (the run is tagged)")
-    overlap = leaked(split, samples, hashes)
-    if overlap and not req.allow_overlap:
-        raise EvaluationError(
-            f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a flipped, "
-            f"rotated or re-compressed copy): {', '.join(overlap[:8])}; pass allow_overlap=true to evaluate anyway "
-            f"(the run is tagged)")
-    overlap = sorted(set(overlap) | set(changed))
+    overlap = guard(req, ref, split, samples, hashes)
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
     pp = PostProcess.of_config(cfg.model)
