@@ -363,10 +363,10 @@ def log_model(python_model, artifacts: dict[str, str], input_example, signature,
     return info
 
 
-def versions_of_run(name: str, run_id: str) -> list[int]:
-    """Versions of `name` registered from `run_id`, oldest first."""
-    found = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    return sorted(int(v.version) for v in found)
+def versions_of_run(name: str | None, run_id: str) -> list[tuple[str, int]]:
+    """(model, version) registered from `run_id`, of `name` or of any registered model, oldest first."""
+    query = f"run_id='{run_id}'" + (f" and name='{name}'" if name else "")
+    return sorted((v.name, int(v.version)) for v in MlflowClient().search_model_versions(query))
 
 
 def end_child_runs(parent: str, name: str, status: str) -> list[str]:

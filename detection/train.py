@@ -190,7 +190,7 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
     cfg, name = prep.cfg, prep.cfg.tracking.registered_model
     earlier = tracking.versions_of_run(name, tr.run_id)
     if earlier:
-        version = earlier[-1]
+        version = earlier[-1][1]
         tracking.set_alias(name, cfg.tracking.alias, version)
     else:
         version = tracking.register(log_detector(cfg, model), name, cfg.tracking.alias,
@@ -204,9 +204,8 @@ def refuse_finished(run_id: str) -> None:
     run = tracking.get_run(run_id)
     if run.info.status != "FINISHED":
         return
-    name = run.data.tags.get(tracking.TAG + "registered_model", "")
-    versions = tracking.versions_of_run(name, run_id) if name else []
-    carried = f"; it registered {name} version {', '.join(map(str, versions))}" if versions else ""
+    versions = tracking.versions_of_run(None, run_id)
+    carried = "; it registered " + ", ".join(f"{n} version {v}" for n, v in versions) if versions else ""
     raise tracking.TrackingError(f"run {run_id} already finished{carried}. Nothing to resume: start a new run "
                                  f"(leave out --resume), or promote or evaluate that version")
 

@@ -103,9 +103,14 @@ def test_a_killed_worker_does_not_stall_its_study(in_store, synth_dir, tmp_path,
           f"after the kill")
 
 
+def _trained_version(client):
+    """The version the training fixture registered (tuning studies register more under the same name)."""
+    return client.search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
+
+
 def test_resuming_a_finished_run_is_refused_with_its_version(in_store, synth_dir):
     client = MlflowClient()
-    version = client.get_model_version_by_alias(MODEL, "challenger")
+    version = _trained_version(client)
     before = len(client.search_model_versions(f"name='{MODEL}'"))
     result = run_cli("train", "--data-dir", str(synth_dir), "--resume", version.run_id, cwd=in_store["workdir"])
     assert result.returncode == 2 and "already finished" in result.stderr and f"version {version.version}" in result.stderr
@@ -114,7 +119,8 @@ def test_resuming_a_finished_run_is_refused_with_its_version(in_store, synth_dir
 
 def test_a_resume_after_a_kill_between_registration_and_alias_reuses_the_version(in_store, synth_dir):
     client = MlflowClient()
-    version = client.get_model_version_by_alias(MODEL, "challenger")
+    version = _trained_version(client)
+    alias_before = client.get_model_version_by_alias(MODEL, "challenger").version
     before = len(client.search_model_versions(f"name='{MODEL}'"))
     # What a kill right after registration leaves: a registered version, no alias, a run not FINISHED.
     client.set_terminated(version.run_id, "KILLED")
@@ -124,6 +130,7 @@ def test_a_resume_after_a_kill_between_registration_and_alias_reuses_the_version
     assert len(client.search_model_versions(f"name='{MODEL}'")) == before
     assert client.get_model_version_by_alias(MODEL, "challenger").version == version.version
     assert client.get_run(version.run_id).info.status == "FINISHED"
+    client.set_registered_model_alias(MODEL, "challenger", alias_before)  # as the other tests found it
 
 
 def test_rerunning_a_study_whose_choice_is_unchanged_registers_nothing(in_store, synth_dir, tmp_path):
@@ -176,8 +183,8 @@ def test_mlflow_run_from_another_directory(trained, synth_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = dict(os.environ) | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-                              "MLFLOW_TRACKING_URI": uri}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID"))}
+    env |= {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
 
     def mlflow_run(*params):

@@ -182,8 +182,9 @@ def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tm
     bad = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--range", "score_thresh=0.9:0.1",
                   cwd=in_store["workdir"])
     assert bad.returncode == 2 and "low > high" in bad.stderr
+    (tmp_path / "a-file").write_text("not a folder")
     dead = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--storage",
-                   "postgresql://user@127.0.0.1:9/optuna", cwd=in_store["workdir"])
+                   f"sqlite:///{tmp_path}/a-file/optuna.db", cwd=in_store["workdir"])
     assert dead.returncode == 2 and "cannot be opened" in dead.stderr
     assert parse_ranges(["score_thresh=0.1:0.5 nms_thresh=0.3:0.6"]) == {"score_thresh": (0.1, 0.5),
                                                                           "nms_thresh": (0.3, 0.6)}
