@@ -106,6 +106,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     figure_every: int = 10  # log validation overlays every N epochs and after the last one
+    # Upload the checkpoint every N epochs and after the last one; the latest is on local disk every
+    # epoch. A paper.yaml checkpoint is ~1.7 GB (weights plus Adam's two moments).
+    checkpoint_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
+    need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")
     need(bool(cfg.tracking.registered_model), "tracking.registered_model must not be empty")

@@ -171,6 +171,7 @@ def last_steps(run_id: str) -> dict[str, int]:
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    mlflow.flush_async_logging()
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
@@ -183,8 +184,8 @@ class Tracker:
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         fresh = {k: v for k, v in values.items() if step > self.skip.get(k, -1)}
-        if fresh:
-            mlflow.log_metrics(fresh, step=step)
+        if fresh:  # queued: a per-step round trip to a remote server would stall training
+            mlflow.log_metrics(fresh, step=step, synchronous=False)
 
     def log_params(self, params: dict[str, Any]) -> None:
         logged = get_run(self.run_id).data.params
@@ -238,6 +239,7 @@ def _ending(active) -> Iterator[Tracker]:
     """End the active run FINISHED, or FAILED (KILLED on Ctrl-C) with the error logged."""
     try:
         yield Tracker(active.info.run_id, {})
+        mlflow.flush_async_logging()  # a run is FINISHED only with every queued metric written
     except KeyboardInterrupt:
         mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
         mlflow.end_run(status="KILLED")

@@ -1,7 +1,8 @@
 """Train the paper's detector as one tracked MLflow run that ends in a registered model.
 
 prepare (config, data, split, model: everything that can fail fast, before a run exists)
--> fit (epochs of train_one_epoch + validate, a checkpoint after each)
+-> fit (epochs of train_one_epoch + validate; a local checkpoint after each, uploaded every
+   `train.checkpoint_every` epochs)
 -> finish (figures, the logged pyfunc, the registry version with its alias).
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +33,6 @@ from .progress import Bar
 from .sampling import TrainPatches, collate, validation_patches
 from .split import SPLITS, Split, SplitError, make_split
 
-# Checkpoints alternate between two files and `latest.json` names the one last written in full,
-# so a process killed while copying a checkpoint still leaves the previous one intact.
 CHECKPOINT_DIR = "checkpoints"
 OVERLAYS_PER_EPOCH = 4
 
@@ -95,20 +97,74 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _save_checkpoint(tr: tracking.Tracker, state: dict, workdir: Path) -> None:
-    path = workdir / f"slot-{state['epoch'] % 2}.pt"
-    torch.save(state, path)
-    tr.log_file(path, CHECKPOINT_DIR)
-    tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": path.name}), f"{CHECKPOINT_DIR}/latest.json")
-    path.unlink()
+def local_checkpoints(run_id: str) -> Path:
+    """Where a run's latest checkpoint lives on this machine ($BRECAHAD_CHECKPOINTS, else the user cache)."""
+    root = os.environ.get("BRECAHAD_CHECKPOINTS") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                           "brecahad", "checkpoints")
+    return Path(root) / run_id
 
 
-def latest_checkpoint(run_id: str, dst: Path) -> Path | None:
-    """The last complete checkpoint of a run; None if it was interrupted in its first epoch."""
-    latest = tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/latest.json", dst)
-    if latest is None:
+class Checkpoints:
+    """The latest checkpoint on local disk after every epoch, uploaded every `every` epochs and after
+    the last one: a paper.yaml checkpoint is ~1.7 GB, and an upload per GPU epoch would dominate.
+
+    Uploads alternate between two files and `latest.json` names the one last written in full, so a
+    process killed while uploading still leaves the previous one intact. Locally the file is
+    replaced atomically for the same reason.
+    """
+
+    def __init__(self, tr: tracking.Tracker, every: int, epochs: int):
+        self.tr, self.every, self.epochs = tr, every, epochs
+        self.dir = local_checkpoints(tr.run_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self, state: dict) -> float:
+        """Write (and on the cadence upload) the checkpoint; returns the seconds it took."""
+        start = time.perf_counter()
+        torch.save(state, self.dir / "latest.pt.tmp")
+        os.replace(self.dir / "latest.pt.tmp", self.dir / "latest.pt")
+        _write_json(self.dir / "latest.json", {"epoch": state["epoch"], "step": state["step"]})
+        epoch = state["epoch"] + 1
+        if epoch % self.every == 0 or epoch == self.epochs:
+            self._upload(state)
+        return time.perf_counter() - start
+
+    def _upload(self, state: dict) -> None:
+        slot = self.dir / f"slot-{state['epoch'] % 2}.pt"
+        slot.unlink(missing_ok=True)
+        os.link(self.dir / "latest.pt", slot)  # the upload takes the file's name; no second copy
+        try:
+            self.tr.log_file(slot, CHECKPOINT_DIR)
+        finally:
+            slot.unlink()
+        self.tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
+                         f"{CHECKPOINT_DIR}/latest.json")
+
+
+
+def discard_local(run_id: str) -> None:
+    shutil.rmtree(local_checkpoints(run_id), ignore_errors=True)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.with_suffix(".tmp").write_text(json.dumps(value))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def latest_checkpoint(run_id: str, dst: Path) -> tuple[Path, str] | None:
+    """The newest complete checkpoint of a run, local or uploaded, and where it came from; None if
+    the run was interrupted in its first epoch."""
+    local = local_checkpoints(run_id)
+    local_epoch = json.loads((local / "latest.json").read_text())["epoch"] if (local / "latest.json").is_file() else -1
+    uploaded = tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/latest.json", dst)
+    uploaded_epoch = json.loads(uploaded.read_text())["epoch"] if uploaded else -1
+    if local_epoch < 0 and uploaded_epoch < 0:
         return None
-    return tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{json.loads(latest.read_text())['file']}", dst)
+    if local_epoch >= uploaded_epoch:
+        return local / "latest.pt", f"local epoch {local_epoch + 1}"
+    name = json.loads(uploaded.read_text())["file"]
+    return (tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{name}", dst),
+            f"uploaded epoch {uploaded_epoch + 1}")
 
 
 def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
@@ -132,7 +188,7 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
     train_set = TrainPatches(prep.samples["train"], cfg.data, cfg.train.seed)
     val_set = validation_patches(prep.samples["val"], cfg.data, cfg.train.seed, cfg.data.val_patches)
     per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
-    work = Path(tempfile.mkdtemp(prefix="brecahad-ckpt-"))
+    checkpoints = Checkpoints(tr, cfg.train.checkpoint_every, cfg.train.epochs)
     remaining = (cfg.train.epochs - start_epoch) * (per_epoch + len(val_set))
     with Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -155,9 +211,10 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
                             "val/fdr": val.counts.false_discovery_rate, "val/f1": val.counts.f1, "lr": lr}, epoch)
             if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
                 log_figures(tr, val_set, val.detections, epoch, per_epoch)
-            _save_checkpoint(tr, {"epoch": epoch, "step": step, "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "scaler": scaler.state_dict()}, work)
+            seconds = checkpoints.save({"epoch": epoch, "step": step, "model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "scaler": scaler.state_dict()})
+            tr.log_metrics({"train/checkpoint_seconds": seconds}, epoch)
             if on_epoch:
                 on_epoch(epoch, val)
     return model
@@ -235,9 +292,12 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
             log_setup(tr, prep)
         with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
             # A run interrupted in its first epoch has no checkpoint yet and starts over.
-            checkpoint = latest_checkpoint(resume, Path(tmp)) if resume else None
-            model = fit(tr, prep, checkpoint)
+            found = latest_checkpoint(resume, Path(tmp)) if resume else None
+            if found:
+                tr.set_tags({"resumed_from": found[1]})
+            model = fit(tr, prep, found and found[0])
         version = finish(tr, prep, model)
+    discard_local(tr.run_id)  # the run finished; its checkpoint is uploaded
     return tr.run_id, version
 
 
@@ -248,5 +308,8 @@ def train_nested(cfg: Config, data_dir: Path, split: Split, parent: str, name: s
     prep = prepare(cfg, data_dir, split)
     with tracking.run(cfg.tracking.experiment, parent=parent, name=name) as tr:
         log_setup(tr, prep)
-        model = fit(tr, prep, None, on_epoch)
+        try:
+            model = fit(tr, prep, None, on_epoch)
+        finally:  # a trial is re-run from scratch, never resumed
+            discard_local(tr.run_id)
         return tr.run_id, log_detector(cfg, model), model

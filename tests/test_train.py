@@ -178,3 +178,36 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
         assert "checkpoints/latest.json" in _artifacts(client, version.run_id)
         assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()  # all went to the server
         assert list((tmp_path / "served-artifacts").rglob("slot-0.pt"))
+
+
+def test_a_kill_between_uploads_resumes_from_the_local_checkpoint(store, synth_dir, tmp_path, monkeypatch):
+    local = tmp_path / "checkpoints"
+    monkeypatch.setenv("BRECAHAD_CHECKPOINTS", str(local))
+    proc = subprocess.Popen([sys.executable, "-m", "detection", "train", "--config", SMOKE, "--data-dir",
+                             str(synth_dir), "-o", f"{TINY} train.epochs=3 train.checkpoint_every=2"], cwd=store,
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:  # killed in epoch 2: epoch 1 is on local disk only, the first upload is due after epoch 2
+        while not list(local.glob("*/latest.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    client = MlflowClient()
+    (run,) = _runs(client)
+    run_id = run.info.run_id
+    assert "checkpoints/latest.json" not in _artifacts(client, run_id)
+    assert json.loads((local / run_id / "latest.json").read_text())["epoch"] == 0
+
+    result = run_cli("train", "--data-dir", str(synth_dir), "--resume", run_id, cwd=store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["detection.resumed_from"] == "local epoch 1"  # lost nothing but epoch 2's start
+    assert _steps(client, run_id, "train/loss") == [0, 1, 2, 3, 4, 5]
+    assert _steps(client, run_id, "train/checkpoint_seconds") == [0, 1, 2]
+    uploaded = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/checkpoints/latest.json"))
+    assert uploaded["epoch"] == 2  # the last epoch is always uploaded
+    assert not (local / run_id).exists()  # a finished run's local copy is removed
