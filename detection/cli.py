@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import config as config_mod
@@ -112,7 +113,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
     p.add_argument("--storage", default="",
                    help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
-                        f"postgresql://... (default: {config_mod.TUNE_STORAGE} beside mlflow.db)")
+                        f"postgresql://... Keep passwords out of it (use PGPASSWORD or ~/.pgpass): MLflow logs "
+                        f"the value as a param (default: $BRECAHAD_OPTUNA_STORAGE, else {config_mod.TUNE_STORAGE} "
+                        f"beside mlflow.db)")
     p.add_argument("--kind", default="postprocess", choices=("postprocess", "training"),
                    help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
                         "(default: %(default)s)")
@@ -212,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--per-case", type=int, default=4, help="images per case (default: %(default)s)")
 
+    p = sub.add_parser(
+        "stack", help="start, inspect or stop the team stack on this machine (PostgreSQL, S3, mlflow server)",
+        description="The team stack on one machine: PostgreSQL (databases mlflow, mlflow_auth, optuna), an S3 "
+                    "object store (moto) and `mlflow server --app-name basic-auth` with artifacts in S3, all on "
+                    "127.0.0.1 with free ports and data in one folder. `up` starts what is not running and prints "
+                    "the environment clients need; `down` stops each service by its process group. Needs the "
+                    "team extra: pip install -e '.[team]'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection stack up && eval \"$(python -m detection stack env)\"\n"
+               "  python -m detection train --data-dir data/demo -o train.epochs=1\n"
+               "  python -m detection stack down\n")
+    p.add_argument("action", choices=("up", "status", "env", "down"),
+                   help="up | status | env (export lines for a shell) | down")
+    p.add_argument("--dir", type=Path, default=Path(".stack"), help="the stack's folder (default: %(default)s)")
+
     p = sub.add_parser("stats", help="RGB mean and std of the training split, for model.image_mean/std",
                        description="Measure per-channel pixel mean and std over the training split that CONFIG "
                                    "would make of DATA_DIR, and optionally write a config that uses them.")
@@ -234,8 +252,9 @@ def cmd_train(args) -> int:
     except Exception as e:
         tracking.fail_launched_run(e, getattr(e, "problems", None))
         raise
-    print(f"run {run_id} finished; registered version {version}. Look at it with: "
-          f"mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    uri = tracking.tracking_uri()
+    where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    print(f"run {run_id} finished; registered version {version}. Look at it with: {where}")
     return 0
 
 
@@ -277,7 +296,8 @@ def cmd_tune(args) -> int:
     from .tune import TuneRequest, parse_ranges, tune
 
     try:
-        req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials, args.storage or None, args.kind,
+        req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials,
+                          args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None, args.kind,
                           args.objective, args.max_fdr, args.protocol, args.seed, parse_ranges(args.range),
                           tuple(args.train_overrides.split()), args.heartbeat)
         parent, result, recovered = tune(req)
@@ -370,6 +390,27 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_stack(args) -> int:
+    from . import stack
+
+    if args.action == "up":
+        start = time.monotonic()
+        running = stack.up(args.dir)
+        print(f"stack up in {time.monotonic() - start:.1f} s ({args.dir})", file=sys.stderr)
+        print("\n".join(stack.exports(running)))
+    elif args.action == "env":
+        running = stack.Stack.load(args.dir)
+        if running is None or not all(running.alive().get(s) for s in stack.ORDER):
+            raise stack.StackError(f"the stack in {args.dir} is not up: python -m detection stack up --dir {args.dir}")
+        print("\n".join(stack.exports(running)))
+    elif args.action == "status":
+        print("\n".join(stack.status(args.dir)))
+    else:
+        stopped = stack.down(args.dir)
+        print(f"stopped {', '.join(stopped) or 'nothing (no service was running)'}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from .data import load_dataset
     from .progress import Bar
@@ -394,7 +435,7 @@ def cmd_stats(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
-            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats}
+            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -109,17 +110,63 @@ def tracking_uri() -> str:
 
 
 def check_reachable(timeout: float = 5.0) -> None:
-    """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer."""
+    """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer,
+    refuses the login, or cannot reach its artifact store: before any epoch or trial."""
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        _get(uri, "/health", timeout)
     except (urllib.error.URLError, OSError) as e:
         raise TrackingError(
             f"tracking server {uri} is unreachable ({e}); start it (mlflow server --host 127.0.0.1) "
             f"or unset MLFLOW_TRACKING_URI to use the local sqlite store"
         ) from None
+    try:
+        _get(uri, "/api/2.0/mlflow/experiments/search?max_results=1", timeout)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            raise TrackingError(f"tracking server {uri} refused the login (HTTP {e.code}): " + (
+                "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if given else
+                "it needs one; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")) from None
+        raise TrackingError(f"tracking server {uri} answered HTTP {e.code} to a search: {_reason(e)}") from None
+    _check_artifact_store(uri)
+
+
+def _check_artifact_store(uri: str, timeout: float = 60.0) -> None:
+    """A server that proxies artifacts (mlflow server --artifacts-destination) lists its store's root."""
+    try:
+        _get(uri, "/api/2.0/mlflow-artifacts/artifacts", timeout)
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 503):  # the server does not proxy artifacts; clients write to the store directly
+            return
+        raise TrackingError(f"tracking server {uri} cannot reach its artifact store (HTTP {e.code}: {_reason(e)}); "
+                            f"check the server's --artifacts-destination, MLFLOW_S3_ENDPOINT_URL and S3 "
+                            f"credentials") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"tracking server {uri} did not list its artifact store within {timeout:.0f} s ({e}); "
+                            f"check the server's --artifacts-destination and MLFLOW_S3_ENDPOINT_URL") from None
+
+
+def _get(uri: str, path: str, timeout: float) -> bytes:
+    """GET with the login MLflow's client would send (MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    request = urllib.request.Request(uri.rstrip("/") + path)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return answer.read()
+
+
+def _reason(error: urllib.error.HTTPError) -> str:
+    """The server's own message, on one line."""
+    try:
+        body = json.loads(error.read() or b"{}")
+    except ValueError:
+        return error.reason
+    return " ".join(str(body.get("message") or body.get("error_code") or error.reason).split())[:300]
 
 
 def launched_run_id() -> str | None:
@@ -195,13 +242,13 @@ class Tracker:
         mlflow.set_tags({TAG + k: v for k, v in tags.items()})
 
     def log_text(self, text: str, path: str) -> None:
-        mlflow.log_text(text, path)
+        MlflowClient().log_text(self.run_id, text, path)  # by id: the checkpoint thread has no active run
 
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)
 
     def log_file(self, path: Path, artifact_dir: str | None) -> None:
-        mlflow.log_artifact(str(path), artifact_dir)
+        MlflowClient().log_artifact(self.run_id, str(path), artifact_dir)
 
     def log_table(self, table: pd.DataFrame, path: str) -> None:
         mlflow.log_table(table, path)

@@ -8,6 +8,7 @@ prepare (config, data, split, model: everything that can fail fast, before a run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,24 +110,47 @@ class Checkpoints:
     """The latest checkpoint on local disk after every epoch, uploaded every `every` epochs and after
     the last one: a paper.yaml checkpoint is ~1.7 GB, and an upload per GPU epoch would dominate.
 
-    Uploads alternate between two files and `latest.json` names the one last written in full, so a
-    process killed while uploading still leaves the previous one intact. Locally the file is
-    replaced atomically for the same reason.
+    The state is copied to host memory and written in a background thread while the next epoch
+    trains; training waits only for the copy (and for a previous write still under way). Uploads
+    alternate between two files and `latest.json` names the one last written in full, so a process
+    killed while uploading leaves the previous one intact; locally the file is replaced atomically.
     """
 
     def __init__(self, tr: tracking.Tracker, every: int, epochs: int):
         self.tr, self.every, self.epochs = tr, every, epochs
         self.dir = local_checkpoints(tr.run_id)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: tuple[int, Future] | None = None
 
-    def save(self, state: dict) -> float:
-        """Write (and on the cadence upload) the checkpoint; returns the seconds it took."""
+    def save(self, state: dict) -> None:
+        start = time.perf_counter()
+        self.wait()
+        snapshot = _on_host(state)  # training goes on changing the tensors in place
+        epoch = state["epoch"] + 1
+        upload = epoch % self.every == 0 or epoch == self.epochs
+        self.pending = state["epoch"], self.writer.submit(self._write, snapshot, upload)
+        self.tr.log_metrics({"train/checkpoint_wait_seconds": time.perf_counter() - start}, state["epoch"])
+
+    def wait(self) -> None:
+        """Finish the write under way (raising its error) and log how long it took."""
+        if self.pending:
+            epoch, future = self.pending
+            self.pending = None
+            self.tr.log_metrics({"train/checkpoint_seconds": future.result()}, epoch)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.writer.shutdown()
+
+    def _write(self, state: dict, upload: bool) -> float:
         start = time.perf_counter()
         torch.save(state, self.dir / "latest.pt.tmp")
         os.replace(self.dir / "latest.pt.tmp", self.dir / "latest.pt")
         _write_json(self.dir / "latest.json", {"epoch": state["epoch"], "step": state["step"]})
-        epoch = state["epoch"] + 1
-        if epoch % self.every == 0 or epoch == self.epochs:
+        if upload:
             self._upload(state)
         return time.perf_counter() - start
 
@@ -140,6 +165,10 @@ class Checkpoints:
         self.tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
                          f"{CHECKPOINT_DIR}/latest.json")
 
+
+def _on_host(state):
+    return torch.utils._pytree.tree_map(
+        lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, state)
 
 
 def discard_local(run_id: str) -> None:
@@ -190,7 +219,8 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
     per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     checkpoints = Checkpoints(tr, cfg.train.checkpoint_every, cfg.train.epochs)
     remaining = (cfg.train.epochs - start_epoch) * (per_epoch + len(val_set))
-    with Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar:
+    # Closing waits for the last write: a failed epoch still leaves the previous checkpoint complete.
+    with Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar, contextlib.closing(checkpoints):
         for epoch in range(start_epoch, cfg.train.epochs):
             bar.describe(f"epoch {epoch + 1}/{cfg.train.epochs}")
             train_set.set_epoch(epoch)
@@ -211,10 +241,9 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
                             "val/fdr": val.counts.false_discovery_rate, "val/f1": val.counts.f1, "lr": lr}, epoch)
             if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
                 log_figures(tr, val_set, val.detections, epoch, per_epoch)
-            seconds = checkpoints.save({"epoch": epoch, "step": step, "model": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "scaler": scaler.state_dict()})
-            tr.log_metrics({"train/checkpoint_seconds": seconds}, epoch)
+            checkpoints.save({"epoch": epoch, "step": step, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": scaler.state_dict()})
             if on_epoch:
                 on_epoch(epoch, val)
     return model

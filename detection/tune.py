@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import matplotlib
 import numpy as np
 import optuna
 import pandas as pd
+import sqlalchemy
 from filelock import FileLock
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
@@ -133,12 +135,46 @@ def _lock_path(storage: str) -> str | None:
     return None
 
 
-def _study_lock(req: TuneRequest) -> FileLock:
-    path = _lock_path(req.storage or TUNE_STORAGE) or os.path.join(tempfile.gettempdir(), f"brecahad-{req.study}.lock")
-    return FileLock(path, timeout=600)
+def redact(url: str) -> str:
+    """A storage URL fit for tags and messages: any password in it is masked."""
+    if "://" not in url:
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.split("://", 1)[0] + "://***"
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, key: str, timeout: float = 600) -> Iterator[None]:
+    """One worker at a time on a storage shared by many. Beside a local storage, a file lock; on
+    PostgreSQL, an advisory lock in the database itself, because workers on several machines share
+    no file system. Other databases get a lock on this machine only (schema creation is retried)."""
+    path = _lock_path(url)
+    if path is None and url.startswith("postgresql"):
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout)}s'"))
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+        finally:
+            engine.dispose()
+    else:
+        local = path or os.path.join(tempfile.gettempdir(), f"brecahad-{abs(hash((url, key)))}.lock")
+        with FileLock(local, timeout=timeout):
+            yield
+
+
+def _study_lock(req: TuneRequest):
+    return storage_lock(req.storage or TUNE_STORAGE, f"brecahad-study:{req.study}")
 
 
 DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL"}
+SCHEMA_ATTEMPTS = 3  # workers creating a fresh database's tables together may collide
 
 
 def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
@@ -152,19 +188,32 @@ def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
 
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(url))
-        lock = _lock_path(url)
-        # Workers opening a fresh sqlite file together race to create its tables: one at a time.
-        with FileLock(lock, timeout=300) if lock else contextlib.nullcontext():
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, round(heartbeat)),
-                grace_period=max(2, round(3 * heartbeat)), heartbeat_stale_trial_callback=retry)
+        return _rdb_storage(url, heartbeat)
     except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
         module = e.name or getattr(e.__cause__, "name", None) or url.split(":", 1)[0]
-        raise TuneError(f"Optuna storage {url!r} needs the database driver {module!r}, which is not installed: "
-                        f"pip install {DRIVERS.get(module, module)}") from None
+        raise TuneError(f"Optuna storage {redact(url)!r} needs the database driver {module!r}, which is not "
+                        f"installed: pip install {DRIVERS.get(module, module)}") from None
+    except sqlalchemy.exc.OperationalError as e:
+        cause = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        raise TuneError(f"Optuna storage {redact(url)!r} cannot be reached: {cause}. Check the host, port, "
+                        f"database and credentials (PGPASSWORD), or use a journal file path") from None
     except Exception as e:
-        raise TuneError(f"Optuna storage {url!r} cannot be opened: {type(e).__name__}: {e}. Use a journal file "
-                        f"path, sqlite:///optuna.db or a reachable database URL") from None
+        raise TuneError(f"Optuna storage {redact(url)!r} failed: {type(e).__name__}: {e}") from None
+
+
+def _rdb_storage(url: str, heartbeat: float):
+    # Workers opening a fresh database together race to create its tables: one at a time, and
+    # on a database without a shared lock, a lost race is retried (the tables exist by then).
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with storage_lock(url, "brecahad-optuna-schema"):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, round(heartbeat)),
+                    grace_period=max(2, round(3 * heartbeat)), heartbeat_stale_trial_callback=retry)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt + 1 == SCHEMA_ATTEMPTS:
+                raise
+            time.sleep(1 + attempt)
 
 
 # --- workers that die -------------------------------------------------------------------------
@@ -325,7 +374,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
         parent = attrs.get("mlflow_run_id")
         if parent is None:
             parent = tracking.create_run(cfg.tracking.experiment, f"study-{req.study}", {
-                "study": req.study, "study_storage": req.storage or TUNE_STORAGE, "study_kind": req.kind,
+                "study": req.study, "study_storage": redact(req.storage or TUNE_STORAGE), "study_kind": req.kind,
                 "objective": req.objective, "model_uri": ref.uri, "model_name": ref.name,
                 "model_version": ref.version})
             study.set_user_attr("mlflow_run_id", parent)
@@ -336,7 +385,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             try:
                 tracking.get_run(parent)
             except tracking.TrackingError:
-                raise TuneError(f"study {req.study!r} in {req.storage or TUNE_STORAGE} belongs to MLflow run "
+                raise TuneError(f"study {req.study!r} in {redact(req.storage or TUNE_STORAGE)} belongs to MLflow run "
                                 f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
                                 f"another study name or storage") from None
             tracking.set_run_status(parent, "RUNNING")

@@ -1,0 +1,228 @@
+"""The team stack, for real: PostgreSQL, an S3 store (moto) and `mlflow server` with logins, all
+started by `python -m detection stack` on 127.0.0.1; tune workers that start together and die.
+Marked slow; skipped where PostgreSQL or the team extra is missing."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, TINY, free_port, run_cli, serving
+
+pytestmark = pytest.mark.slow
+for module in ("psycopg2", "moto", "boto3"):
+    pytest.importorskip(module, reason="the team extra is not installed: pip install -e '.[team]'")
+if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+    pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql)", allow_module_level=True)
+
+from detection import stack as stack_mod  # noqa: E402
+
+MODEL = "brecahad-faster-rcnn"
+SMOKE = str(ROOT / "experiments" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    # Not pytest's tmp_path: its parents are closed to the postgres user that runs the server.
+    folder = Path(tempfile.mkdtemp(prefix="brecahad-stack-"))
+    folder.chmod(0o755)
+    start = time.monotonic()
+    up = stack_mod.up(folder)
+    print(f"stack up in {time.monotonic() - start:.1f} s")
+    try:
+        yield up
+    finally:
+        assert set(stack_mod.down(folder)) == set(stack_mod.ORDER)
+        assert not any(up.alive().values())
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def team(stack, tmp_path, monkeypatch):
+    """This test's process and its children talk to the stack's server with the admin login."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in stack.client_env().items():
+        monkeypatch.setenv(k, v)
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    return workdir
+
+
+def _database(stack, name):
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return stack.database(name)
+
+
+FIRST_USE = """
+import sys, time, optuna
+from detection.tune import open_storage
+url, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0, at - time.time()))  # both workers past their imports, then go together
+storage = open_storage(url)
+optuna.create_study(study_name="first-use", storage=storage, load_if_exists=True)
+"""
+
+
+def test_workers_starting_together_on_a_fresh_postgresql_database_all_succeed(stack):
+    for attempt in range(4):  # the race is intermittent: it failed 2 of 3 tries before the lock
+        url = _database(stack, f"race_{attempt}")
+        at = time.time() + 8
+        workers = [subprocess.Popen([sys.executable, "-c", FIRST_USE, url, str(at)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for w in workers:
+            _, err = w.communicate(timeout=120)
+            assert w.returncode == 0, f"attempt {attempt}: {err[-2000:]}"
+        assert len(optuna.get_all_study_summaries(url)) == 1
+
+
+def _runs(client):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _s3_objects(stack):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, **{k.lower(): v for k, v in stack_mod.S3_KEYS.items()
+                                                              if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack_mod.BUCKET)
+            for o in page.get("Contents", [])]
+    return s3, keys
+
+
+def _tune_worker(workdir, synth_dir, storage, n_trials):
+    return subprocess.Popen([sys.executable, "-m", "detection", "tune", "--model", f"models:/{MODEL}/1", "--data-dir",
+                             str(synth_dir), "--study", "team", "--n-trials", str(n_trials), "--storage", storage,
+                             "--heartbeat", "1"], cwd=workdir, env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
+    start = time.monotonic()
+    password = os.environ["MLFLOW_TRACKING_PASSWORD"]
+    client = MlflowClient()
+    outputs = []
+
+    def cli(*args):
+        result = run_cli(*args, cwd=team)
+        outputs.append(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o", f"{TINY} train.epochs=1")
+    cli("evaluate", "--model", f"models:/{MODEL}/1", "--data-dir", str(synth_dir))
+
+    # Two tune workers start together on a fresh PostgreSQL study database; one dies mid-study.
+    storage = _database(stack, "optuna_team")
+    doomed, survivor = _tune_worker(team, synth_dir, storage, 10_000), _tune_worker(team, synth_dir, storage, 30)
+    deadline = time.monotonic() + 600
+    while True:
+        assert doomed.poll() is None and time.monotonic() < deadline, doomed.communicate()[1][-3000:]
+        try:
+            if len(optuna.load_study(study_name="team", storage=storage).trials) >= 5:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.5)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    out, err = survivor.communicate(timeout=900)
+    outputs.append(out + err)
+    assert survivor.returncode == 0, err[-3000:]
+    assert "registered version" in out
+    study = optuna.load_study(study_name="team", storage=storage)
+    assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
+                                                       optuna.trial.TrialState.WAITING)]
+    tuned = client.get_model_version_by_alias(MODEL, "challenger")
+    assert str(tuned.version) != "1" and study.user_attrs["mlflow_run_id"]
+
+    cli("promote", "--candidate", f"models:/{MODEL}/{tuned.version}", "--data-dir", str(synth_dir))
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+
+    # The champion served straight from the registry, through the server's login.
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with serving(command, f"http://127.0.0.1:{port}/ping", team):
+        from detection.data import load_dataset
+        from tests.test_promote import _post
+
+        from detection.predict import encode_png
+
+        image = load_dataset(synth_dir)[0].read_image()
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
+        assert status == 200 and "predictions" in body
+
+    # Artifacts are in the bucket, none on local disk.
+    s3, keys = _s3_objects(stack)
+    run_id = client.get_model_version(MODEL, "1").run_id
+    assert any(k.endswith(f"{run_id}/artifacts/checkpoints/latest.json") for k in keys)
+    assert any(k.endswith(f"{champion.run_id}/artifacts/model/MLmodel") or "/models/" in k for k in keys)
+    assert not list(team.rglob("mlruns")) and not list(team.rglob("*.db"))
+    # No run is left RUNNING; one champion.
+    runs = _runs(client)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}, \
+        [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
+    champions = [(m.name, client.get_registered_model(m.name).aliases.get("champion"))
+                 for m in client.search_registered_models()]
+    assert [c for c in champions if c[1]] == [(MODEL, champion.version)]
+    # The password is nowhere: not in params, tags, artifacts or anything printed.
+    for r in runs:
+        assert password not in repr(r.data.params) + repr(r.data.tags)
+    for key in keys:
+        assert password.encode() not in s3.get_object(Bucket=stack_mod.BUCKET, Key=key)["Body"].read(), key
+    assert not [o for o in outputs if password in o]
+    print(f"team end-to-end: {time.monotonic() - start:.0f} s, {len(runs)} runs, {len(keys)} objects in S3")
+
+
+def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team, synth_dir, monkeypatch):
+    client = MlflowClient()
+    before = len(_runs(client))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    wrong = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=team)
+    assert wrong.returncode == 2 and "refused the login (HTTP 401)" in wrong.stderr.strip().splitlines()[-1]
+    assert "not-the-password" not in wrong.stderr + wrong.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.client_env()["MLFLOW_TRACKING_PASSWORD"])
+
+    dead_db = f"postgresql+psycopg2://postgres:secret-pw@127.0.0.1:{free_port()}/optuna"
+    unreachable = run_cli("tune", "--model", f"models:/{MODEL}@challenger", "--data-dir", str(synth_dir), "--study",
+                          "never", "--storage", dead_db, cwd=team)
+    last = unreachable.stderr.strip().splitlines()[-1]
+    assert unreachable.returncode == 2 and "cannot be reached" in last and "Connection refused" in last
+    assert "secret-pw" not in unreachable.stderr
+
+    # A server whose S3 endpoint is wrong: found before any epoch, not after an epoch's work.
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", stack.database("mlflow"), "--artifacts-destination", "s3://mlflow/artifacts",
+               "--app-name", "basic-auth", "--workers", "1"]
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(stack.dir / "basic_auth.ini"))
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", (stack.dir / "flask-secret").read_text())
+    for k, v in stack_mod.S3_KEYS.items():
+        monkeypatch.setenv(k, v)
+    with serving(command, f"http://127.0.0.1:{port}/health", team):
+        bad_s3 = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=team,
+                         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert bad_s3.returncode == 2 and "cannot reach its artifact store" in bad_s3.stderr.strip().splitlines()[-1]
+    assert len(_runs(client)) == before
