@@ -6,12 +6,13 @@ paper-norm.yaml is paper.yaml (same architecture and cost) with measured input s
 paper's image_std of ~0.004 a randomly initialised network overflows and proposes no box, which
 would skip the RoI head's work.
 
-Training images/s: the plain fp32 loop, the loop as the project ran it before (fp16 autocast with a
-GradScaler), and the fast path (bf16 autocast without a scaler, channels_last, cudnn.benchmark,
-uint8 patches decoded once and pinned, copied non-blocking), at batch 1 (the paper's), 4 and 8.
-Inference, as evaluation and serving run it (raw outputs, a 1360x1024 image cut into 9 tiles of
-512x680, each upsampled to 1024x1360 by the paper config): patches/s and whole images/s, fp32
-against bf16 autocast, tiles one by one against one batched call. Peak GPU memory for each.
+Training images/s: the plain fp32 loop beside the package's own loop as train.fit runs it on CUDA
+(bf16 autocast without a scaler, channels_last, cudnn.benchmark, a pinned DataLoader of uint8
+patches decoded once), at batch 1 (the paper's), 4 and 8. Inference through the package's
+`detect_tiles` and `Runtime`, as evaluation and the served model run it (raw outputs, a 1360x1024
+image cut into 9 tiles of 512x680, each upsampled to 1024x1360 by the paper config): patches/s and
+whole images/s, fp32 against bf16 autocast, one tile per pass against 9. Peak GPU memory for each.
+Then the GPU tests (tests/test_gpu.py).
 Pretrained weights are not fetched (same architecture and cost). Without CUDA it says so and exits 0.
 """
 
@@ -28,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detection import config as config_mod  # noqa: E402
-from detection.inference import tile_starts  # noqa: E402
 from detection.model import build_model  # noqa: E402
 from detection.postprocess import raw_outputs  # noqa: E402
 
@@ -100,38 +100,80 @@ def train_rate(cfg, data, mode: str, batch: int, steps: int, warmup: int) -> dic
             "peak_gb": _peak_gb(), "last_loss": round(float(losses[-1]), 4)}
 
 
-def whole_image_tiles(cfg, rng) -> list[torch.Tensor]:
-    image = rng.integers(90, 250, (1024, 1360, 3), dtype=np.uint8)
-    th, tw = cfg.data.patch_size
-    overlap = 2 * cfg.data.box_size
-    return [torch.from_numpy(np.ascontiguousarray(image[y:y + th, x:x + tw])).permute(2, 0, 1).contiguous()
-            for y in tile_starts(1024, th, overlap) for x in tile_starts(1360, tw, overlap)]
+class SyntheticPatches(torch.utils.data.Dataset):
+    """Patches of the training size, decoded once, served as the package's loader serves them."""
+
+    def __init__(self, cfg, n: int, rng):
+        from detection.sampling import Patch
+
+        h, w = cfg.data.patch_size
+        half = cfg.data.box_size / 2
+        self.items = []
+        for _ in range(n):
+            pts = rng.uniform([half, half], [w - half, h - half], size=(int(rng.integers(20, 60)), 2))
+            boxes = np.concatenate([pts - half, pts + half], 1).astype(np.float32)
+            self.items.append(Patch("synthetic", (0, 0), rng.integers(90, 250, (h, w, 3), dtype=np.uint8),
+                                    pts.astype(np.float32), boxes, np.ones(len(boxes), np.int64)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
 
 
-@torch.inference_mode()
-def infer_rate(cfg, tiles: list[torch.Tensor], precision: str, batched: bool, iters: int, warmup: int) -> dict:
+def package_train_rate(cfg, batch: int, steps: int, warmup: int, rng) -> dict:
+    """The package's own loop (engine.train_one_epoch) as train.fit sets it up on CUDA: bf16 autocast
+    where supported (no scaler), channels_last, cudnn.benchmark, a pinned DataLoader with workers."""
+    from detection.engine import PRECISION_NAMES, autocast_dtype, train_one_epoch
+    from detection.sampling import collate
+
     device = torch.device("cuda")
+    dtype = autocast_dtype(device, True)
     torch.backends.cudnn.benchmark = True
-    model = model_for(cfg, device, False).eval()
-
-    def one_image() -> int:
-        images = [t.to(device, non_blocking=True).float().div_(255.0) for t in tiles]
-        with raw_outputs(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            outs = model(images) if batched else [model([im])[0] for im in images]
-        return sum(len(o["scores"]) for o in outs)
-
-    for _ in range(warmup):
-        one_image()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    data = SyntheticPatches(cfg, (steps + warmup) * batch, rng)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate, num_workers=4,
+                                         pin_memory=True, persistent_workers=True)
+    batches = iter(loader)
+    warm = [next(batches) for _ in range(warmup)]
+    losses = []
+    train_one_epoch(model, opt, warm, device, scaler, dtype, 0, lambda s, v: losses.append(v["loss"]))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    boxes = sum(one_image() for _ in range(iters))
+    train_one_epoch(model, opt, batches, device, scaler, dtype, 0, lambda s, v: losses.append(v["loss"]))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    return {"figure": "inference", "config": cfg.name, "precision": precision, "tiles": "batched" if batched else
-            "one by one", "whole_images_per_s": round(iters / seconds, 2),
-            "patches_per_s": round(iters * len(tiles) / seconds, 1), "raw_boxes_per_image": boxes // iters,
-            "peak_gb": _peak_gb()}
+    return {"figure": "train", "config": cfg.name, "mode": f"package ({PRECISION_NAMES[dtype]}, channels_last, "
+            f"loader)", "batch": batch, "steps": steps, "images_per_s": round(steps * batch / seconds, 2),
+            "s_per_step": round(seconds / steps, 4), "peak_gb": _peak_gb(), "last_loss": round(losses[-1], 4)}
+
+
+def package_infer_rate(cfg, image: np.ndarray, precision: str, batch: int, iters: int, warmup: int) -> dict:
+    """detect_tiles as evaluation and the served model run it, with the package's Runtime."""
+    from detection.inference import Runtime, detect_tiles
+
+    rt = Runtime.choose("cuda", precision, batch)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = rt.place(build_model(cfg.model, pretrained=False))
+    with raw_outputs(model):
+        for _ in range(warmup):
+            detect_tiles(model, image, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(iters):
+            tiles = detect_tiles(model, image, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    return {"figure": "inference", "config": cfg.name, "path": "package detect_tiles", **rt.describe(),
+            "whole_images_per_s": round(iters / seconds, 2), "patches_per_s": round(iters * len(tiles.origin) / seconds, 1),
+            "raw_boxes_per_image": len(tiles.scores), "peak_gb": _peak_gb()}
 
 
 def main() -> int:
@@ -142,21 +184,23 @@ def main() -> int:
     args = p.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: bench/gpu.py measures GPU paths only; "
-                                   "bench/train_step.py and bench/infer.py give CPU figures"}))
+                                   "bench/cpu_inference.py gives the CPU figures"}))
         return 0
     cfg = config_mod.load(args.config)  # built with pretrained=False: the architecture, no download
     print(json.dumps({"figure": "device", "name": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "bf16": torch.cuda.is_bf16_supported()}), flush=True)
     rng = np.random.default_rng(0)
     data = patches(cfg, 16, rng)
-    for mode, batch in (("fp32", 1), ("fp16-scaler", 1), ("bf16", 1), ("bf16-channels_last", 1), ("fp32", 4),
-                        ("bf16", 4), ("fp32", 8), ("bf16", 8)):
-        print(json.dumps(train_rate(cfg, data, mode, batch, args.steps, warmup=5)), flush=True)
+    # The plain fp32 loop beside the package's fast path, in the same run.
+    for batch in (1, 4, 8):
+        print(json.dumps(train_rate(cfg, data, "fp32", batch, args.steps, warmup=5)), flush=True)
         torch.cuda.empty_cache()
-    tiles = whole_image_tiles(cfg, rng)
+        print(json.dumps(package_train_rate(cfg, batch, args.steps, 5, rng)), flush=True)
+        torch.cuda.empty_cache()
+    image = rng.integers(90, 250, (1024, 1360, 3), dtype=np.uint8)
     for precision in ("fp32", "bf16"):
-        for batched in (False, True):
-            print(json.dumps(infer_rate(cfg, tiles, precision, batched, args.iters, warmup=2)), flush=True)
+        for batch in (1, 9):
+            print(json.dumps(package_infer_rate(cfg, image, precision, batch, args.iters, warmup=2)), flush=True)
             torch.cuda.empty_cache()
     return 0
 

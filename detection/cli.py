@@ -39,6 +39,13 @@ def _matching_option(p) -> None:
                         "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
 
 
+def _device_option(p) -> None:
+    p.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N for inference (default: $BRECAHAD_DEVICE, "
+                                                "else auto: CUDA when present). $BRECAHAD_PRECISION (auto|fp32|bf16|"
+                                                "fp16; auto = bf16 on CUDA, fp32 on a CPU) and $BRECAHAD_TILE_BATCH "
+                                                "(tiles per forward pass on CUDA, default 9) tune it further")
+
+
 def _config_options(p) -> None:
     p.add_argument("--config", default="experiments/smoke.yaml",
                    help="experiments/*.yaml, looked up as given, then inside the project (default: %(default)s)")
@@ -86,7 +93,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
     p.add_argument("--allow-overlap", default="false", choices=("true", "false"),
                    help="evaluate images whose content was in the training split (the run is tagged)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    _device_option(p)
 
 
 def _add_tune(sub) -> None:
@@ -170,6 +177,7 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
     _model_option(p, "champion")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
+    _device_option(p)
 
 
 def _add_cv(sub) -> None:
@@ -351,7 +359,10 @@ def cmd_predict(args) -> int:
         except (OSError, InputError) as e:
             raise InputError(f"{path}: {e}") from None
     ref = tracking.resolve_model(args.model)
+    if args.device:
+        os.environ["BRECAHAD_DEVICE"] = args.device  # read by the pyfunc when it loads
     detector = tracking.load_model(ref)
+    print(f"{ref.pinned} on {detector.runtime.describe()}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image in images:
         table = detector.predict(None, pd.DataFrame({"image": [image]}))

@@ -102,13 +102,14 @@ class TrainConfig:
     lr_decay: float = 0.98  # multiplied into the learning rate after every epoch
     weight_decay: float = 5e-4
     momentum: float = 0.9  # sgd only
-    amp: bool = True  # used on CUDA only
+    amp: bool = True  # CUDA only: bf16 autocast where the card has it, else fp16 with loss scaling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     figure_every: int = 10  # log validation overlays every N epochs and after the last one
     # Upload the checkpoint every N epochs and after the last one; the latest is on local disk every
     # epoch. A paper.yaml checkpoint is ~1.7 GB (weights plus Adam's two moments).
     checkpoint_every: int = 10
+    workers: int = -1  # DataLoader processes making patches; -1: on CUDA one per core but one (at most 4), else 0
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
+    need(t.workers >= -1, f"train.workers={t.workers} must be >= 0, or -1 for one per core but one")
     need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")

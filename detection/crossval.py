@@ -16,9 +16,8 @@ import pandas as pd
 from . import tracking
 from .config import Config
 from .data import Sample, load_dataset
-from .engine import pick_device
 from .evaluate import COUNT_UNITS, judge, log_report, operating_metrics
-from .inference import cell_coverage, raw_inference, whole_items
+from .inference import Runtime, cell_coverage, raw_inference, whole_items
 from .matching import Counts
 from .metrics import bootstrap
 from .postprocess import PostProcess
@@ -49,10 +48,10 @@ def folds(samples: list[Sample], cases: list[str] | None = None) -> list[tuple[s
 
 def _judge_fold(cfg: Config, model, samples: list[Sample], device: str):
     items = whole_items(samples, cfg)
-    cache = raw_inference(model, items, cfg, pick_device(device))
+    cache = raw_inference(model, items, cfg, Runtime.choose(device))
     cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
     cache.meta = {"protocol": "whole", "box_size": cfg.data.box_size, "match_radius": cfg.eval.match_radius,
-                  "border_band": 0.0, "device": pick_device(device).type, "cells": cells, "cells_uncovered": uncovered}
+                  "border_band": 0.0, "device": Runtime.choose(device).device.type, "cells": cells, "cells_uncovered": uncovered}
     return judge(cache, PostProcess.of_config(cfg.model), "greedy", cfg.eval.match_radius), cache
 
 

@@ -17,8 +17,8 @@ import yaml
 from . import figures, tracking
 from .config import Config
 from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
-from .engine import pick_device
-from .inference import Cache, Item, cell_coverage, paper_items, raw_inference, whole_items
+from .engine import PRECISION_NAMES
+from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inference, whole_items
 from .matching import MATCHERS, Counts
 from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
 from .postprocess import PostProcess
@@ -49,7 +49,7 @@ class Request:
     matching: str = "greedy"
     seed: int = 0
     allow_overlap: bool = False
-    device: str = "auto"
+    device: str = ""  # auto|cpu|cuda|cuda:N; empty: $BRECAHAD_DEVICE, else auto
 
     def check(self) -> None:
         for name, value, choices in (("split", self.split, SPLIT_CHOICES), ("protocol", self.protocol, PROTOCOLS),
@@ -164,10 +164,12 @@ def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int
     return Report(metrics, images, curve(cache, pp, matching, radius), scored.kept)
 
 
-def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample]) -> tuple[list[Item], Cache]:
+def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample],
+                     rt: Runtime) -> tuple[list[Item], Cache]:
     items = paper_items(samples, cfg, req.seed) if req.protocol == "paper" else whole_items(samples, cfg)
-    with Bar(len(items), f"infer ({req.protocol})", every=max(1, len(items) // 10)) as bar:
-        cache = raw_inference(model, items, cfg, pick_device(req.device), on_item=bar.advance)
+    with Bar(len(items), f"infer ({req.protocol}, {rt.device}, {PRECISION_NAMES[rt.dtype]})",
+             every=max(1, len(items) // 10)) as bar:
+        cache = raw_inference(model, items, cfg, rt, on_item=bar.advance)
     return items, cache
 
 
@@ -209,11 +211,16 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
     pp = PostProcess.of_config(cfg.model)
+    try:
+        rt = Runtime.choose(req.device or None)
+    except (ValueError, RuntimeError) as e:
+        raise EvaluationError(str(e)) from None
     with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate-{req.split}-{req.protocol}") as tr:
         tr.set_tags({"model_name": ref.name, "model_version": ref.version, "training_run_id": ref.run_id or "",
                      "model_uri": ref.uri, "protocol": req.protocol, "split": req.split, "matching": req.matching,
                      "seed": req.seed, "metrics_version": METRICS_VERSION, "package_version": tracking.package_version(),
                      "evaluation": "true", "data_digest": content_digest(samples, hashes)}
+                    | {f"inference.{k}": v for k, v in rt.describe().items()}
                     | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {}))
         tr.log_params({"eval.model": ref.uri, "eval.model_version": ref.version, "eval.data_dir": str(req.data_dir),
                        "eval.split": req.split, "eval.protocol": req.protocol, "eval.matching": req.matching,
@@ -221,7 +228,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                        "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                        "eval.score_thresh": pp.score_thresh, "eval.nms_thresh": pp.nms_thresh,
                        "eval.detections_per_img": pp.detections_per_img, "eval.images": len(samples)})
-        items, cache = _items_and_cache(req, cfg, model, samples)
+        items, cache = _items_and_cache(req, cfg, model, samples, rt)
         cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
         cache.meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
                       "training_run_id": ref.run_id, "protocol": req.protocol, "split": req.split, "seed": req.seed,
@@ -229,7 +236,8 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                       "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__, "sha256": hashes,
                       # Whole images have no inner edges; a patch's inner edges get the don't-care band.
                       "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
-                      "device": pick_device(req.device).type, "cells": cells, "cells_uncovered": uncovered}
+                      "device": rt.device.type, "precision": PRECISION_NAMES[rt.dtype], "cells": cells,
+                      "cells_uncovered": uncovered}
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             tr.log_file(cache.save(Path(tmp) / CACHE_NAME), None)
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)

@@ -24,6 +24,8 @@ Cache schema 2 (`predictions.npz`, numpy arrays):
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +34,9 @@ import torch
 
 from .config import Config
 from .data import Sample, points_to_boxes, targets
+from .engine import PRECISION_NAMES, autocast, autocast_dtype, pick_device
 from .postprocess import Tiles, raw_outputs
-from .sampling import name_seed, random_patch
+from .sampling import name_seed, random_patch, to_float
 
 SCHEMA_VERSION = 2
 PAPER_PATCHES = 10
@@ -174,48 +177,104 @@ def _core_bounds(starts: list[int], tile: int) -> list[tuple[float, float]]:
     return [(edges[i], edges[i + 1]) for i in range(len(starts))]
 
 
-def _run(model, image: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
-    """One model input: boxes in input pixels, the same boxes in the model's resized pixels, scores, labels."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0).to(device)
-    seen: dict[str, torch.Tensor] = {}
-    hook = model.roi_heads.register_forward_hook(lambda m, i, out: seen.update(boxes=out[0][0]["boxes"]))
-    try:
-        out = model([tensor])[0]
-    finally:
-        hook.remove()
-    as_np = lambda t: t.float().cpu().numpy()  # noqa: E731
-    return as_np(out["boxes"]), as_np(seen["boxes"]), as_np(out["scores"]), out["labels"].cpu().numpy()
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@torch.inference_mode()
-def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, device: torch.device) -> Tiles:
-    """Every raw detection of `model` (set to raw outputs) on an image of any size, tile by tile."""
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tiles run. On CUDA: autocast (bf16, or fp16 where bf16 is missing) and `batch`
+    tiles per forward pass, which bounds memory. On a CPU: fp32 by default (bf16 on request), and
+    `workers` tiles side by side, because torchvision's CPU roi_align runs on one core.
+    Chosen by arguments, else $BRECAHAD_DEVICE (auto|cpu|cuda|cuda:N), $BRECAHAD_PRECISION
+    (auto|fp32|bf16|fp16) and $BRECAHAD_TILE_BATCH."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    batch: int = 1
+    workers: int = 1
+
+    @classmethod
+    def choose(cls, device: str | None = None, precision: str | None = None, batch: int | None = None) -> Runtime:
+        dev = pick_device(device or os.environ.get("BRECAHAD_DEVICE") or "auto")
+        precision = precision or os.environ.get("BRECAHAD_PRECISION") or "auto"
+        if precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            dtype = autocast_dtype(dev, True)
+        elif precision == "fp16" and dev.type == "cpu":
+            raise ValueError("precision fp16 needs CUDA; on a CPU use bf16 or fp32")
+        else:
+            dtype = PRECISIONS[precision]
+        batch = int(batch or os.environ.get("BRECAHAD_TILE_BATCH") or (9 if dev.type == "cuda" else 1))
+        if batch < 1:
+            raise ValueError(f"tile batch {batch} must be >= 1")
+        workers = 1 if dev.type == "cuda" else max(1, min(4, torch.get_num_threads()))
+        return cls(dev, dtype, batch, workers)
+
+    def describe(self) -> dict[str, str | int]:
+        return {"device": str(self.device), "precision": PRECISION_NAMES[self.dtype], "tile_batch": self.batch,
+                "tile_workers": self.workers}
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.eval().to(self.device, memory_format=torch.channels_last)
+
+
+def _forward(model, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, ...]]:
+    """GeneralizedRCNN.forward in eval mode, step by step, to keep the boxes in the model's resized
+    pixels (what its NMS saw) beside those in input pixels. No hook: tiles may run in threads."""
+    sizes = [tuple(t.shape[-2:]) for t in tensors]
+    images, _ = model.transform(tensors)
+    features = model.backbone(images.tensors)
+    proposals, _ = model.rpn(images, features)
+    detections, _ = model.roi_heads(features, proposals, images.image_sizes)
+    resized = [d["boxes"] for d in detections]
+    detections = model.transform.postprocess(detections, images.image_sizes, sizes)
+    return [(d["boxes"].float().cpu().numpy(), r.float().cpu().numpy(), d["scores"].float().cpu().numpy(),
+             d["labels"].cpu().numpy()) for d, r in zip(detections, resized)]
+
+
+def _run_tiles(model, crops: list[np.ndarray], rt: Runtime) -> list[tuple[np.ndarray, ...]]:
+    def run(chunk: list[np.ndarray]):
+        with torch.inference_mode(), autocast(rt.device, rt.dtype):
+            tensors = [to_float(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1).to(rt.device))
+                       for c in chunk]
+            return _forward(model, tensors)
+
+    chunks = [crops[i:i + rt.batch] for i in range(0, len(crops), rt.batch)]
+    if rt.workers > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(rt.workers) as pool:
+            return [out for outs in pool.map(run, chunks) for out in outs]
+    return [out for chunk in chunks for out in run(chunk)]
+
+
+def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, rt: Runtime) -> Tiles:
+    """Every raw detection of `model` (set to raw outputs, placed by `rt`) on an image of any size,
+    cut into tiles at the training scale."""
     h, w = image.shape[:2]
     th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    origin, core, parts = [], [], []
-    for y0, (ylo, yhi) in zip(ys, _core_bounds(ys, th)):
-        for x0, (xlo, xhi) in zip(xs, _core_bounds(xs, tw)):
-            boxes, nms_boxes, scores, labels = _run(model, image[y0:y0 + th, x0:x0 + tw], device)
-            order = np.argsort(-scores, kind="stable")
-            tile = np.full(len(scores), len(origin), np.int32)
-            shift = np.array([x0, y0, x0, y0], np.float32)
-            parts.append((tile, boxes[order] + shift, nms_boxes[order], scores[order], labels[order]))
-            origin.append((x0, y0))
-            core.append((xlo, ylo, xhi, yhi))
+    starts = [(x0, y0) for y0 in ys for x0 in xs]
+    cores = [(xlo, ylo, xhi, yhi) for ylo, yhi in _core_bounds(ys, th) for xlo, xhi in _core_bounds(xs, tw)]
+    outputs = _run_tiles(model, [image[y0:y0 + th, x0:x0 + tw] for x0, y0 in starts], rt)
+    parts = []
+    for k, ((x0, y0), (boxes, nms_boxes, scores, labels)) in enumerate(zip(starts, outputs)):
+        order = np.argsort(-scores, kind="stable")
+        shift = np.array([x0, y0, x0, y0], np.float32)
+        parts.append((np.full(len(scores), k, np.int32), boxes[order] + shift, nms_boxes[order], scores[order],
+                      labels[order]))
     tile, boxes, nms_boxes, scores, labels = (np.concatenate(p) for p in zip(*parts))
-    return Tiles(np.array(origin, np.int64), np.array(core, np.float64), tile, boxes.astype(np.float32),
+    return Tiles(np.array(starts, np.int64), np.array(cores, np.float64), tile, boxes.astype(np.float32),
                  nms_boxes.astype(np.float32), scores.astype(np.float32), labels.astype(np.int64))
 
 
-def raw_inference(model, items: list[Item], cfg: Config, device: torch.device, on_item=lambda: None) -> Cache:
+def raw_inference(model, items: list[Item], cfg: Config, rt: Runtime, on_item=lambda: None) -> Cache:
     """Every candidate box of every item, with score threshold 0, NMS off and no top-k cut."""
     overlap = 2 * cfg.data.box_size
     tiles = []
-    model.eval().to(device)
+    rt.place(model)
     with raw_outputs(model):
         for item in items:
-            tiles.append(detect_tiles(model, item.image, cfg.data.patch_size, overlap, device))
+            tiles.append(detect_tiles(model, item.image, cfg.data.patch_size, overlap, rt))
             on_item()
     n_tiles = np.cumsum([0] + [len(t.origin) for t in tiles])
 

@@ -26,7 +26,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType
 
 from . import config as config_mod
-from .inference import detect_tiles
+from .inference import Runtime, detect_tiles
 from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
 
@@ -104,17 +104,18 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(_encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()).decode()
 
 
-def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config) -> pd.DataFrame:
+def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config,
+           rt: Runtime | None = None) -> pd.DataFrame:
     """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
     outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
     input), then ownership and the merge across tile cuts."""
     pp = PostProcess.of_config(cfg.model)
-    device = torch.device("cpu")
+    rt = rt or Runtime(torch.device("cpu"))
     rows = []
     for i, img in enumerate(images):
         with raw_outputs(model):
-            tiles = detect_tiles(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, device)
-        kept = keep(tiles, pp, cfg.eval.match_radius, device.type)
+            tiles = detect_tiles(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
+        kept = keep(tiles, pp, cfg.eval.match_radius, rt.device.type)
         boxes, scores, labels = tiles.boxes[kept], tiles.scores[kept], tiles.labels[kept]
         rows.append(pd.DataFrame({
             "image": i,
@@ -135,15 +136,20 @@ def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[con
 
 
 class Detector(mlflow.pyfunc.PythonModel):
+    """The pyfunc. It runs where $BRECAHAD_DEVICE / $BRECAHAD_PRECISION / $BRECAHAD_TILE_BATCH say,
+    by default on CUDA (bf16 autocast, 9 tiles per pass) when present, else on the CPU in fp32."""
+
     def load_context(self, context) -> None:
         self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
+        self.runtime = Runtime.choose()
+        self.runtime.place(self.model)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         try:
             images = as_images(model_input)
         except InputError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        return detect(self.model, images, self.config)
+        return detect(self.model, images, self.config, getattr(self, "runtime", None))
 
 
 def signature() -> ModelSignature:

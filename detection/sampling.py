@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from .config import DataConfig
 from .data import Sample, points_to_boxes, targets
@@ -34,8 +35,21 @@ class Patch:
     labels: np.ndarray
 
     def tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image = torch.from_numpy(np.ascontiguousarray(self.image)).permute(2, 0, 1).float().div_(255.0)
+        """The image as a float CHW tensor in [0, 1] and its targets, as torchvision's detectors take them."""
+        image, target = self.uint8_tensors()
+        return to_float(image), target
+
+    def uint8_tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CHW uint8 (a quarter of the float bytes to pin and copy); `to_float` on the device."""
+        image = torch.from_numpy(np.ascontiguousarray(self.image)).permute(2, 0, 1)
         return image, {"boxes": torch.from_numpy(self.boxes), "labels": torch.from_numpy(self.labels)}
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (CHW, or HWC numpy) as float in [0, 1]."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return F.to_dtype(image, torch.float32, scale=True)
 
 
 def crop(sample: Sample, image: np.ndarray, cfg: DataConfig, x0: int, y0: int, flip: bool) -> Patch:
@@ -61,21 +75,39 @@ def random_patch(sample: Sample, image: np.ndarray, cfg: DataConfig, rng: np.ran
 
 
 class TrainPatches(torch.utils.data.Dataset):
-    """One random patch per image per epoch; `set_epoch` reseeds so a resumed run draws the same."""
+    """One random patch per image per epoch, drawn from (seed, epoch, image) so a resumed run draws
+    the same. Indexed by (epoch, image) pairs from `EpochOrder`, so persistent loader workers need
+    no message when the epoch changes. Images are decoded once (a TIFF decode costs more than the
+    crop); worker processes share them copy-on-write."""
 
     def __init__(self, samples: list[Sample], cfg: DataConfig, seed: int):
-        self.samples, self.cfg, self.seed, self.epoch = samples, cfg, seed, 0
+        self.samples, self.cfg, self.seed = samples, cfg, seed
+        self.images = [s.read_image() for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> Patch:
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        return random_patch(self.samples[i], self.images[i], self.cfg, rng, self.cfg.hflip)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """A fresh shuffle per epoch from (seed, epoch), yielding (epoch, image) keys."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.n
 
-    def __getitem__(self, i: int) -> Patch:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        sample = self.samples[i]
-        return random_patch(sample, sample.read_image(), self.cfg, rng, self.cfg.hflip)
+    def __iter__(self):
+        order = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter([(self.epoch, int(i)) for i in torch.randperm(self.n, generator=order)])
 
 
 def validation_patches(samples: list[Sample], cfg: DataConfig, seed: int, per_image: int) -> list[Patch]:
@@ -88,5 +120,7 @@ def validation_patches(samples: list[Sample], cfg: DataConfig, seed: int, per_im
     return patches
 
 
-def collate(batch: list[Patch]) -> list[Patch]:
-    return batch
+def collate(batch: list[Patch]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """uint8 images and targets as tensors, so the loader can pin them for an asynchronous copy."""
+    images, targets = zip(*(p.uint8_tensors() for p in batch))
+    return list(images), list(targets)

@@ -91,17 +91,30 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
 
 def test_paper_protocol_draws_ten_patches_per_image(in_store, synth_dir):
     result = run_cli("evaluate", "--data-dir", str(synth_dir), "--matching", "hungarian", "--protocol", "paper",
-                     cwd=in_store["workdir"])
+                     "--device", "cpu", cwd=in_store["workdir"], env={"BRECAHAD_PRECISION": "bf16"})
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split()[1].rstrip(":")
     cache = load_cache(run_id)
     assert len(cache) == 20 and cache.items_size.tolist() == [[256, 340]] * 20  # the tiny config's patch
     run = MlflowClient().get_run(run_id)
+    # Where inference ran is recorded: the option and the environment were honoured.
+    assert run.data.tags["detection.inference.device"] == "cpu" and cache.meta["precision"] == "bf16"
+    assert run.data.tags["detection.inference.precision"] == "bf16"
     assert run.data.tags["detection.matching"] == "hungarian" and run.data.tags["detection.count_unit"] == "cell-patch pairs"
     m = run.data.metrics
     # Cell-patch pairs: a cell in two patches counts twice, a cell in none not at all.
     assert m["test/items"] == 20 and m["test/cells"] >= m["test/cells_uncovered"] > 0
     assert run.data.params["eval.border_band"] == "16.0"
+
+
+def test_an_absent_device_is_refused_before_any_run(in_store, synth_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    client = MlflowClient()
+    before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    result = run_cli("evaluate", "--data-dir", str(synth_dir), "--device", "cuda", cwd=in_store["workdir"])
+    assert result.returncode == 2 and "needs CUDA, which is not available" in result.stderr
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
 
 
 @pytest.mark.parametrize("model, words", [

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 
 from detection.evaluate import judge
-from detection.inference import Cache, detect_tiles, tile_starts
+from detection.inference import Cache, Runtime, detect_tiles, tile_starts
 from detection.metrics import box_ap
 from detection.postprocess import PostProcess, TileNms, keep, replay_tile
 
@@ -173,14 +174,17 @@ def test_nms_once_per_group_equals_replay_at_every_threshold_and_k():
                     assert np.array_equal(order.survivors(t)[1][:k], replay_tile(boxes, scores, labels, pp))
 
 
+CPU = Runtime(torch.device("cpu"))
+
+
 class _FindDots(torch.nn.Module):
     def __init__(self, shift: float):
         super().__init__()
         self.shift = shift
 
-    def forward(self, images):
+    def forward(self, features, proposals, image_sizes):
         out = []
-        for img in images:
+        for img in features:
             ys, xs = torch.nonzero(img[0] > 0.5, as_tuple=True)
             xy = torch.stack([xs, ys], 1).float()
             # A detector's centre estimate leans towards the middle of what it sees.
@@ -191,16 +195,27 @@ class _FindDots(torch.nn.Module):
         return out, {}
 
 
+class _Batch(torch.nn.Module):
+    """GeneralizedRCNNTransform's interface without resizing or normalising."""
+
+    def forward(self, images):
+        return ImageList(torch.stack(images), [tuple(i.shape[-2:]) for i in images]), None
+
+    def postprocess(self, detections, image_sizes, original_sizes):
+        return detections
+
+
 class CellFinder(torch.nn.Module):
-    """Reports a 32 px box on every bright dot of its input: a transparent detector for tiling tests.
-    With `shift`, each centre leans that many px towards the middle of the tile."""
+    """Reports a 32 px box on every bright dot of its input: a transparent detector for tiling tests,
+    with a torchvision detector's parts. With `shift`, each centre leans that many px towards the
+    middle of the tile."""
 
     def __init__(self, shift: float = 0.0):
         super().__init__()
-        self.roi_heads = _FindDots(shift)
+        self.transform, self.backbone, self.roi_heads = _Batch(), torch.nn.Identity(), _FindDots(shift)
 
-    def forward(self, images):
-        return self.roi_heads(images)[0]
+    def rpn(self, images, features):
+        return None, {}
 
 
 def test_tiles_cover_the_image_with_overlap():
@@ -216,7 +231,7 @@ def test_tiling_loses_no_cell_on_a_border_and_counts_none_twice():
     cells += [(sx + 679, 400) for sx in starts_x[:-1]] + [(400, sy + 511) for sy in starts_y[:-1]]
     for x, y in cells:
         image[y, x] = 255
-    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, torch.device("cpu"))
+    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, CPU)
     kept = keep(tiles, KEEP_ALL, RADIUS)
     centres = sorted(map(tuple, tiles.centres[kept].astype(int).tolist()))
     assert centres == sorted(cells)
@@ -230,7 +245,7 @@ def test_a_cell_on_a_tile_cut_found_by_both_tiles_is_kept_once():
     far = [(200, 100), (1200, 700), (400, 650), (1000, 150)]
     for x, y in near + far:
         image[y, x] = 255
-    tiles = detect_tiles(CellFinder(shift=3.0), image, (512, 680), 64, torch.device("cpu"))
+    tiles = detect_tiles(CellFinder(shift=3.0), image, (512, 680), 64, CPU)
 
     def per_cell(kept, cells):
         d = np.linalg.norm(tiles.centres[kept][:, None] - np.array(cells, float)[None], axis=2)
@@ -248,7 +263,7 @@ def test_top_k_applies_per_tile_of_a_whole_image():
     rng = np.random.default_rng(0)
     dots = rng.integers([40, 40], [1320, 984], size=(300, 2))
     image[dots[:, 1], dots[:, 0]] = 255
-    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, torch.device("cpu"))
+    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, CPU)
     k = 10
     kept = keep(tiles, PostProcess(0.0, 1.0, k), RADIUS)
     per_tile = np.bincount(tiles.tile[kept], minlength=len(tiles.origin))
