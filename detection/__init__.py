@@ -1,7 +1,7 @@
 """Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow and tuned with Optuna.
 
 Stages, in the data's order: data -> split -> sampling -> model -> engine -> inference ->
-postprocess -> matching/metrics -> tracking -> tune -> promote -> predict. `python -m detection --help`.
+postprocess -> tta -> matching/metrics -> tracking -> tune -> compare -> promote -> predict. `python -m detection --help`.
 """
 
 __version__ = "0.1.0"

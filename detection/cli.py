@@ -198,6 +198,27 @@ def _add_cv(sub) -> None:
     p.add_argument("--cases", default="", help="comma-separated cases to hold out (default: every case)")
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="false positives at equal detection rate, for several registered versions",
+        description="Evaluate each version on one split (or reuse its evaluation), sweep the score threshold (the "
+                    "fused one for versions with test-time augmentation), and report the FDR at detection rates "
+                    "0.90, 0.95, 0.99 and at the highest rate all versions reach, with 95% intervals from "
+                    "resampling cases (patients). One MLflow run holds the table (comparison.json), the figure "
+                    "(figures/dr_vs_fdr.png, every curve on one plot) and VERSION/fdr_at_dr_T metrics.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection compare --models models:/brecahad-faster-rcnn/1 "
+               "models:/brecahad-faster-rcnn/2 --data-dir data/demo\n",
+    )
+    p.add_argument("--models", nargs="+", required=True, help="models:/NAME/VERSION or @ALIAS, two or more "
+                                                                "(one string of several works too)")
+    p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluated images")
+    p.add_argument("--split", default="test", choices=("test", "val", "all"), help="(default: %(default)s)")
+    _protocol_option(p)
+    p.add_argument("--targets", default="0.90 0.95 0.99", help="detection rates to read the FDR at "
+                                                               "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_predict(sub)
     _add_cv(sub)
+    _add_compare(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -280,6 +302,27 @@ def cmd_cv(args) -> int:
     print(f"run {run_id}: {metrics['n_cases']} held-out cases, " + "  ".join(
         f"cv/{k}={metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
         for k in ("detection_rate", "fdr", "f1")))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import tracking
+    from .compare import CompareRequest, compare
+    from .evaluate import EvaluationError
+
+    try:
+        models = tuple(m for arg in args.models for m in arg.split())
+        try:
+            targets = tuple(float(t) for t in args.targets.replace(",", " ").split())
+        except ValueError:
+            raise EvaluationError(f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'") from None
+        run_id, table = compare(CompareRequest(models, args.data_dir, args.split, args.protocol, targets=targets))
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    shown = ["version"] + [c for c in table.columns if c.startswith("fdr_at_dr_") and not c.endswith(("low", "high"))]
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"run {run_id}: figures/dr_vs_fdr.png and comparison.json")
     return 0
 
 
@@ -445,7 +488,7 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
+COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
             "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack}
 
 

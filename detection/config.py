@@ -59,6 +59,9 @@ class DataConfig:
     box_size: int = 32
     patch_size: tuple[int, int] = (512, 680)  # (height, width): a quarter of a 1024x1360 image
     hflip: bool = True
+    # HED stain jitter of training patches (Tellez et al. 2018): each of haematoxylin, eosin and DAB
+    # scaled by U(1-s, 1+s) and shifted by U(-s, s) in optical density. 0 (the paper) turns it off.
+    stain_jitter: float = 0.0
     val_patches: int = 5  # fixed patches per validation image, the same every epoch
     split: SplitConfig = field(default_factory=SplitConfig)
 
@@ -120,6 +123,10 @@ class EvalConfig:
     # Paper protocol: a cell or detection whose centre lies within this many px of a patch edge that
     # is not an image edge is neither TP, FP nor FN (the nucleus may be cut off by the patch).
     border_band: float = 16.0
+    # Test-time augmentation (detection/tta.py): flips to run beside the image, e.g. [none, h, v, hv];
+    # empty (the paper) runs the image alone. Fused scores are thresholded at tta_thresh.
+    tta_views: tuple[str, ...] = ()
+    tta_thresh: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -330,6 +337,13 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
     need(t.workers >= -1, f"train.workers={t.workers} must be >= 0, or -1 for one per core but one")
+    e = cfg.eval
+    views = ("none", "h", "v", "hv")
+    need(all(v in views for v in e.tta_views) and len(set(e.tta_views)) == len(e.tta_views)
+         and (not e.tta_views or "none" in e.tta_views),
+         f"eval.tta_views={list(e.tta_views)} must be distinct views of {list(views)} including none, or []")
+    need(0 <= e.tta_thresh < 1, f"eval.tta_thresh={e.tta_thresh} must be within [0, 1)")
+    need(0 <= d.stain_jitter <= 0.5, f"data.stain_jitter={d.stain_jitter} must be within 0..0.5 (0.05 is usual)")
     need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")

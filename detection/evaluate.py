@@ -7,7 +7,7 @@ resolve the model and its recorded split -> refuse leakage -> one raw inference 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, 
 from .postprocess import PostProcess
 from .progress import Bar
 from .split import Split
+from .tta import flip, fused_cache, fused_postprocess
 
 PROTOCOLS = ("whole", "paper")  # the first is the default of evaluate, tune and promote
 COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
@@ -238,11 +239,27 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                       "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                       "device": rt.device.type, "precision": PRECISION_NAMES[rt.dtype], "cells": cells,
                       "cells_uncovered": uncovered}
+        views = {"none": cache} | _flipped_caches(req, cfg, model, items, rt, cache.meta)
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
-            tr.log_file(cache.save(Path(tmp) / CACHE_NAME), None)
+            for view, c in views.items():
+                tr.log_file(c.save(Path(tmp) / (CACHE_NAME if view == "none" else f"predictions_{view}.npz")), None)
+        if cfg.eval.tta_views:  # judge the fused detections; the per-view caches stay for replays
+            tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
+            cache, pp = fused_cache(views, pp, cfg.eval.match_radius), fused_postprocess(cfg.eval.tta_thresh)
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
         log_report(tr, req.split, report, cache, items, pp)
         return tr.run_id, report.metrics
+
+
+def _flipped_caches(req: Request, cfg: Config, model, items: list[Item], rt: Runtime, meta: dict) -> dict[str, Cache]:
+    """Raw caches of each test-time flip of the items (eval.tta_views), in the flipped pixels."""
+    out = {}
+    for view in (v for v in cfg.eval.tta_views if v != "none"):
+        flipped = [replace(it, image=flip(it.image, view)) for it in items]
+        with Bar(len(flipped), f"infer ({req.protocol}, flip {view})", every=max(1, len(items) // 10)) as bar:
+            out[view] = raw_inference(model, flipped, cfg, rt, on_item=bar.advance)
+        out[view].meta = meta | {"view": view}
+    return out
 
 
 def _optional_split(ref: tracking.ModelRef) -> Split | None:
@@ -278,6 +295,18 @@ def cached_evaluation(req: Request, parent: str | None = None) -> tuple[str, Cac
     run, _ = earlier_evaluation(req, same_matching=False)
     run_id = run.info.run_id if run else evaluate(req, parent)[0]
     return run_id, load_cache(run_id)
+
+
+def load_view_caches(run_id: str, views: list[str]) -> dict[str, Cache]:
+    """The raw caches of an evaluation's test-time flips (eval.tta_views)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="brecahad-cache-") as tmp:
+        for view in views:
+            path = tracking.download_if_present(run_id, f"predictions_{view}.npz", Path(tmp))
+            if path is None:
+                raise EvaluationError(f"evaluation run {run_id} has no predictions_{view}.npz; evaluate again")
+            out[view] = Cache.load(path)
+    return out
 
 
 def load_cache(run_id: str) -> Cache:

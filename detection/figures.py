@@ -123,5 +123,25 @@ def side_by_side(table: pd.DataFrame, metric: str, decision: str):
     return fig
 
 
+def dr_vs_fdr(curves: dict[str, pd.DataFrame], targets: list[float], title: str):
+    """Detection rate against FDR over the score threshold, one curve per version, with the
+    detection rates the comparison reads the FDR at."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, c in curves.items():
+        ax.plot(c.fdr, c.detection_rate, lw=1.6, label=label)
+    for t in targets:
+        ax.axhline(t, color="grey", lw=0.7, ls=":")
+        ax.annotate(f"{t:g}", (0.01, t), color="grey", fontsize=8, va="bottom")
+    ax.set_xlabel("false discovery rate (lower is better)")
+    ax.set_ylabel("detection rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

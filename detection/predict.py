@@ -29,6 +29,7 @@ from . import config as config_mod
 from .inference import Runtime, detect_tiles
 from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
+from .tta import flip, fuse, unflip
 
 COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
 MIN_SIDE = 32  # px: the smallest FPN anchor; a smaller image holds no cell the model could find
@@ -108,15 +109,24 @@ def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Con
            rt: Runtime | None = None) -> pd.DataFrame:
     """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
     outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
-    input), then ownership and the merge across tile cuts."""
+    input), then ownership and the merge across tile cuts; with `eval.tta_views`, the same on each
+    flip, fused per cell and thresholded at `eval.tta_thresh`."""
     pp = PostProcess.of_config(cfg.model)
     rt = rt or Runtime(torch.device("cpu"))
     rows = []
     for i, img in enumerate(images):
-        with raw_outputs(model):
-            tiles = detect_tiles(model, img, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
-        kept = keep(tiles, pp, cfg.eval.match_radius, rt.device.type)
-        boxes, scores, labels = tiles.boxes[kept], tiles.scores[kept], tiles.labels[kept]
+        views = []
+        for view in cfg.eval.tta_views or ("none",):
+            with raw_outputs(model):
+                tiles = detect_tiles(model, flip(img, view), cfg.data.patch_size, 2 * cfg.data.box_size, rt)
+            kept = keep(tiles, pp, cfg.eval.match_radius, rt.device.type)
+            views.append((unflip(tiles.boxes[kept], view, *img.shape[:2]), tiles.scores[kept], tiles.labels[kept]))
+        if cfg.eval.tta_views:
+            fused = fuse(views, cfg.eval.match_radius)
+            above = fused.scores > np.float32(cfg.eval.tta_thresh)
+            boxes, scores, labels = fused.boxes[above], fused.scores[above], fused.labels[above]
+        else:
+            boxes, scores, labels = views[0]
         rows.append(pd.DataFrame({
             "image": i,
             "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],

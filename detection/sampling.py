@@ -8,10 +8,11 @@ per image, drawn from the same seed every epoch so that epochs compare.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from skimage.color import hed_from_rgb, rgb_from_hed
 from torchvision.transforms.v2 import functional as F
 
 from .config import DataConfig
@@ -90,7 +91,23 @@ class TrainPatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Patch:
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        return random_patch(self.samples[i], self.images[i], self.cfg, rng, self.cfg.hflip)
+        patch = random_patch(self.samples[i], self.images[i], self.cfg, rng, self.cfg.hflip)
+        if self.cfg.stain_jitter > 0:
+            patch = replace(patch, image=stain_jitter(patch.image, self.cfg.stain_jitter, rng))
+        return patch
+
+
+def stain_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """HED colour augmentation (Tellez et al. 2018): scale and shift each stain's optical density
+    by U(1-s, 1+s) and U(-s, s), so a model sees the stain variation between labs and scanners.
+    Pixels stay uint8 RGB; the geometry, and so every box, is untouched. scikit-image's stain matrices,
+    without the clipping of its rgb2hed (which would shift colours even at zero strength)."""
+    density = -np.log(np.maximum(image.astype(np.float64), 1.0) / 255.0)  # optical density per channel
+    hed = density.reshape(-1, 3) @ hed_from_rgb
+    alpha = rng.uniform(1 - strength, 1 + strength, size=3)
+    beta = rng.uniform(-strength, strength, size=3)
+    rgb = 255.0 * np.exp(-(hed * alpha + beta) @ rgb_from_hed)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(image.shape)
 
 
 class EpochOrder(torch.utils.data.Sampler):

@@ -559,6 +559,10 @@ def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
         select(Request(ref.pinned, req.data_dir, part, req.protocol), split)
     if req.kind == "training":
         cfg.replace(*req.train_overrides)
+    elif cfg.eval.tta_views:
+        raise TuneError(f"{ref.pinned} fuses test-time flips (eval.tta_views={list(cfg.eval.tta_views)}); a "
+                        f"postprocess study replays single views only. Tune the version without TTA, then "
+                        f"register one with eval.tta_views set and judge both with `compare`")
 
 
 def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import tifffile
 
+from detection import config
 from detection.config import BRECAHAD_CLASSES
 from detection.data import DatasetError, check_dataset, load_dataset, points_to_boxes, read_points
 from detection.sampling import crop, validation_patches
 from detection.config import DataConfig
-from tests.conftest import GROUND_TRUTH, SAMPLE, need_shared, run_cli
+from tests.conftest import GROUND_TRUTH, ROOT, SAMPLE, need_shared, run_cli
 
 
 def test_reads_real_ground_truth_files():
@@ -171,3 +172,30 @@ def test_predict_refuses_unusable_images_in_one_line(tmp_path):
         result = run_cli("predict", str(tmp_path / name), "--model", "models:/none@champion", "--out",
                          str(tmp_path / "out"), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
         assert result.returncode == 2 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stain_jitter_changes_colour_only_and_is_off_in_the_paper(synth_dir):
+    from detection.sampling import TrainPatches, random_patch, stain_jitter
+
+    paper, stained = config.load(str(ROOT / "experiments" / "paper.yaml")), config.load(
+        str(ROOT / "experiments" / "smoke-stain.yaml"))
+    assert paper.data.stain_jitter == 0.0 and stained.data.stain_jitter == 0.05
+    samples = load_dataset(synth_dir)[:2]
+    image = samples[0].read_image()
+    # At zero strength the HED round trip keeps the pixels: only the random scale and shift change colour.
+    assert np.abs(stain_jitter(image, 0.0, np.random.default_rng(0)).astype(int) - image).max() <= 1
+
+    plain = TrainPatches(samples, paper.data, seed=4)[(2, 0)]
+    assert np.array_equal(plain.image, random_patch(samples[0], image, paper.data,
+                                                    np.random.default_rng([4, 2, 0]), paper.data.hflip).image)
+    jittered = TrainPatches(samples, stained.data, seed=4)
+    a, b = jittered[(2, 0)], jittered[(2, 0)]
+    assert np.array_equal(a.image, b.image)  # drawn from (seed, epoch, image): a resumed run sees the same
+    assert a.image.dtype == np.uint8 and a.image.shape == plain.image.shape
+    assert np.array_equal(a.boxes, plain.boxes) and np.array_equal(a.origin, plain.origin)
+    diff = np.abs(a.image.astype(int) - plain.image.astype(int))
+    assert 1 < diff.mean() < 40  # a visible colour change, not noise and not a different image
+    other = stain_jitter(plain.image, 0.05, np.random.default_rng(9))
+    assert not np.array_equal(other, a.image)
+    with pytest.raises(config.ConfigError, match="stain_jitter"):
+        config.load(str(ROOT / "experiments" / "smoke.yaml"), ["data.stain_jitter=2"])
