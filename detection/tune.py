@@ -198,7 +198,7 @@ def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
         raise TuneError(f"Optuna storage {redact(url)!r} cannot be reached: {cause}. Check the host, port, "
                         f"database and credentials (PGPASSWORD), or use a journal file path") from None
     except Exception as e:
-        raise TuneError(f"Optuna storage {redact(url)!r} failed: {type(e).__name__}: {e}") from None
+        raise TuneError(f"Optuna storage {redact(url)!r} cannot be opened: {type(e).__name__}: {e}") from None
 
 
 def _rdb_storage(url: str, heartbeat: float):

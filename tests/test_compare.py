@@ -46,15 +46,16 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     plain = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
     detector = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{plain.version}").unwrap_python_model()
     split = mlflow.artifacts.load_dict(f"runs:/{plain.run_id}/split.json")
-    mlflow.set_experiment("tta-versions")
-    with mlflow.start_run(run_name="tta"):
+    # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to every later test's subprocesses.
+    with mlflow.start_run(run_name="tta", experiment_id=client.create_experiment("tta-versions")):
         mlflow.log_text(json.dumps(split), "split.json")
         cfg = detector.config.replace("eval.tta_views=[none,h,v,hv]", "eval.tta_thresh=0.05")
         uri = log_detector(cfg, detector.model)
-    tta = tracking.register(uri, "brecahad-faster-rcnn", "tta", {"case": "tta"})
+    # Under a name of its own: the shared store's tests count the trained model's versions.
+    tta = tracking.register(uri, "brecahad-tta", "tta", {"case": "tta"})
 
     result = run_cli("compare", "--models", f"models:/brecahad-faster-rcnn/{plain.version} "
-                     f"models:/brecahad-faster-rcnn/{tta}", "--data-dir", str(synth_dir), "--targets", "0.5 0.9",
+                     f"models:/brecahad-tta/{tta}", "--data-dir", str(synth_dir), "--targets", "0.5 0.9",
                      cwd=in_store["workdir"])
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split("run ")[-1].split(":")[0]
@@ -78,9 +79,9 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
 
     name = split["test"][0]
     image = [s for s in load_dataset(synth_dir) if s.name == name][0].read_image()
-    served = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{tta}").predict(pd.DataFrame({"image": [image]}))
-    req = CompareRequest((f"models:/brecahad-faster-rcnn/{tta}",), synth_dir)
-    _, cache, pp = judged(req, tracking.resolve_model(f"models:/brecahad-faster-rcnn/{tta}"), run_id)
+    served = mlflow.pyfunc.load_model(f"models:/brecahad-tta/{tta}").predict(pd.DataFrame({"image": [image]}))
+    req = CompareRequest((f"models:/brecahad-tta/{tta}",), synth_dir)
+    _, cache, pp = judged(req, tracking.resolve_model(f"models:/brecahad-tta/{tta}"), run_id)
     i = list(cache.items_name).index(name)
     lo, hi = cache.det_range(i)
     fused = cache.det_scores[lo:hi]

@@ -133,22 +133,32 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     # Two tune workers start together on a fresh PostgreSQL study database; one dies mid-study.
     storage = _database(stack, "optuna_team")
     doomed, survivor = _tune_worker(team, synth_dir, storage, 10_000), _tune_worker(team, synth_dir, storage, 30)
-    deadline = time.monotonic() + 600
-    while True:
-        assert doomed.poll() is None and time.monotonic() < deadline, doomed.communicate()[1][-3000:]
-        try:
-            if len(optuna.load_study(study_name="team", storage=storage).trials) >= 5:
-                break
-        except KeyError:
-            pass
-        time.sleep(0.5)
-    os.killpg(doomed.pid, signal.SIGKILL)
-    doomed.wait()
-    out, err = survivor.communicate(timeout=900)
+    try:
+        # Through the project's storage: a plain RDBStorage here would race the workers' table creation.
+        from detection.tune import open_storage
+
+        watch = open_storage(storage)
+        deadline = time.monotonic() + 600
+        while True:
+            assert doomed.poll() is None and time.monotonic() < deadline, doomed.communicate()[1][-3000:]
+            try:
+                if len(optuna.load_study(study_name="team", storage=watch).trials) >= 5:
+                    break
+            except KeyError:
+                pass
+            time.sleep(0.5)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        out, err = survivor.communicate(timeout=900)
+    finally:  # a failed test leaves no worker writing into the next one
+        for worker in (doomed, survivor):
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
     outputs.append(out + err)
     assert survivor.returncode == 0, err[-3000:]
     assert "registered version" in out
-    study = optuna.load_study(study_name="team", storage=storage)
+    study = optuna.load_study(study_name="team", storage=watch)
     assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
                                                        optuna.trial.TrialState.WAITING)]
     tuned = client.get_model_version_by_alias(MODEL, "challenger")

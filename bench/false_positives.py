@@ -1,0 +1,86 @@
+"""Issue 12's measurement: FDR at equal detection rate for thresholds alone, + test-time flips, and
+stain-augmented training, on the shared sample's held-out case, in one `compare` run.
+
+    python bench/false_positives.py --data-dir ../shared/data/brecahad-sample --epochs 20 --store /tmp/fp
+
+Trains smoke.yaml and smoke-stain.yaml for --epochs epochs, tunes the plain model's thresholds
+(a postprocess study), registers TTA versions (all four flips) of the tuned and the stain-augmented
+models with the same weights, and compares all of them. Prints timings and the comparison table;
+everything is in the sqlite store under --store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path) -> str:
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "detection", *args], cwd=cwd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(args[:2])} failed:\n{out.stderr[-3000:]}")
+    print(json.dumps({"step": " ".join(args[:1]), "args": " ".join(args[1:])[:160],
+                      "seconds": round(time.monotonic() - start, 1)}), flush=True)
+    return out.stdout
+
+
+def tta_version(model: str, alias: str) -> str:
+    """Register the version's weights again with eval.tta_views set (the same run's split)."""
+    import mlflow
+
+    from detection import tracking
+    from detection.train import log_detector
+
+    ref = tracking.resolve_model(model)
+    detector = tracking.load_model(ref)
+    split = mlflow.artifacts.load_dict(f"runs:/{ref.run_id}/split.json")
+    mlflow.set_experiment("brecahad")
+    with mlflow.start_run(run_name=f"tta of v{ref.version}"):
+        mlflow.log_text(json.dumps(split), "split.json")
+        uri = log_detector(detector.config.replace("eval.tta_views=[none,h,v,hv]"), detector.model)
+    version = tracking.register(uri, ref.name, alias, {"tta_of": ref.version})
+    return f"models:/{ref.name}/{version}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--store", type=Path, default=Path("/tmp/brecahad-fp"))
+    args = p.parse_args()
+    data = args.data_dir.resolve()
+    args.store.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.store.resolve() / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    name = "brecahad-faster-rcnn"
+    versions = {}
+    for label, cfg in (("plain", "smoke.yaml"), ("stain", "smoke-stain.yaml")):
+        out = cli("train", "--config", str(ROOT / "experiments" / cfg), "--data-dir", str(data), "-o",
+                  f"train.epochs={args.epochs} train.figure_every={args.epochs}", cwd=args.store)
+        versions[label] = f"models:/{name}/{out.split('registered version ')[1].split('.')[0]}"
+    cli("tune", "--model", versions["plain"], "--data-dir", str(data), "--study", "fp-thresholds", "--n-trials",
+        str(args.trials), "--storage", str(args.store / "optuna-journal.log"), cwd=args.store)
+    from detection import tracking
+
+    versions["tuned"] = tracking.resolve_model(f"models:/{name}@challenger").pinned
+    versions["tuned + tta"] = tta_version(versions["tuned"], "tta")
+    versions["stain + tta"] = tta_version(versions["stain"], "stain-tta")
+    print(json.dumps(versions), flush=True)
+    order = ["plain", "tuned", "tuned + tta", "stain", "stain + tta"]
+    print(cli("compare", "--models", " ".join(versions[k] for k in order), "--data-dir", str(data),
+              "--targets", "0.5 0.6 0.7 0.8 0.9", cwd=args.store))
+
+
+if __name__ == "__main__":
+    main()
