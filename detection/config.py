@@ -21,6 +21,7 @@ MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
 
 # Tune study defaults (used by the CLI's help without importing the tune machinery).
+TTA_VIEWS = ("none", "h", "v", "hv")  # the image, left-right, top-bottom and both flips (detection/tta.py)
 TUNE_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
 TUNE_RANGES = {
     "score_thresh": (0.0, 0.95),
@@ -338,7 +339,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
     need(t.workers >= -1, f"train.workers={t.workers} must be >= 0, or -1 for one per core but one")
     e = cfg.eval
-    views = ("none", "h", "v", "hv")
+    views = TTA_VIEWS
     need(all(v in views for v in e.tta_views) and len(set(e.tta_views)) == len(e.tta_views)
          and (not e.tta_views or "none" in e.tta_views),
          f"eval.tta_views={list(e.tta_views)} must be distinct views of {list(views)} including none, or []")

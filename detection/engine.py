@@ -51,9 +51,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def _to_device(batch, device: torch.device):
     """(uint8 images, targets) from `collate` on the device, images as float in [0, 1]."""
     images, targets = batch
-    blocking = device.type != "cuda"  # pinned host memory copies asynchronously
-    return ([to_float(i.to(device, non_blocking=not blocking)) for i in images],
-            [{k: v.to(device, non_blocking=not blocking) for k, v in t.items()} for t in targets])
+    asynchronous = device.type == "cuda"  # pinned host memory copies without blocking
+    return ([to_float(i.to(device, non_blocking=asynchronous)) for i in images],
+            [{k: v.to(device, non_blocking=asynchronous) for k, v in t.items()} for t in targets])
 
 
 @contextlib.contextmanager

@@ -18,10 +18,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .config import TTA_VIEWS as VIEWS  # noqa: F401  (one list of views, checked by the config)
 from .inference import Cache
 from .postprocess import RAW_DETECTIONS_PER_IMG, PostProcess, keep
-
-VIEWS = ("none", "h", "v", "hv")
 
 
 def flip(image: np.ndarray, view: str) -> np.ndarray:
