@@ -1,11 +1,13 @@
-"""Issue 12's measurement: FDR at equal detection rate for thresholds alone, + test-time flips, and
-stain-augmented training, on the shared sample's held-out case, in one `compare` run.
+"""Issue 12's measurement: FDR at equal detection rate for thresholds alone, + test-time flips,
++ a second look, + both, and stain-augmented training, on the shared sample's held-out case, in one
+`compare` run.
 
     python bench/false_positives.py --data-dir ../shared/data/brecahad-sample --epochs 20 --store /tmp/fp
 
-Trains smoke.yaml and smoke-stain.yaml for --epochs epochs, tunes the plain model's thresholds
-(a postprocess study), registers TTA versions (all four flips) of the tuned and the stain-augmented
-models with the same weights, and compares all of them. Prints timings and the comparison table;
+Trains smoke.yaml and smoke-stain.yaml for --epochs epochs (or takes --plain/--stain versions already
+in the store), tunes both models' thresholds (postprocess studies), registers a TTA version (all
+four flips) of the tuned plain model with the same weights, trains a second look on the tuned model
+and on its TTA version, and compares all of them. Prints timings and the comparison table;
 everything is in the sqlite store under --store.
 """
 
@@ -56,6 +58,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--store", type=Path, default=Path("/tmp/brecahad-fp"))
+    p.add_argument("--plain", help="a version of smoke.yaml already trained in the store (skips its training)")
+    p.add_argument("--stain", help="a version of smoke-stain.yaml already trained in the store")
+    p.add_argument("--second-look", default="second_look.epochs=5 second_look.max_examples=4000",
+                   help="overrides of the second looks (default: %(default)s)")
     args = p.parse_args()
     data = args.data_dir.resolve()
     args.store.mkdir(parents=True, exist_ok=True)
@@ -64,22 +70,46 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     name = "brecahad-faster-rcnn"
-    versions = {}
+    versions = {"plain": args.plain, "stain": args.stain}
     for label, cfg in (("plain", "smoke.yaml"), ("stain", "smoke-stain.yaml")):
+        if versions[label]:
+            continue
         out = cli("train", "--config", str(ROOT / "experiments" / cfg), "--data-dir", str(data), "-o",
                   f"train.epochs={args.epochs} train.figure_every={args.epochs}", cwd=args.store)
         versions[label] = f"models:/{name}/{out.split('registered version ')[1].split('.')[0]}"
-    cli("tune", "--model", versions["plain"], "--data-dir", str(data), "--study", "fp-thresholds", "--n-trials",
-        str(args.trials), "--storage", str(args.store / "optuna-journal.log"), cwd=args.store)
     from detection import tracking
 
-    versions["tuned"] = tracking.resolve_model(f"models:/{name}@challenger").pinned
-    versions["tuned + tta"] = tta_version(versions["tuned"], "tta")
-    versions["stain + tta"] = tta_version(versions["stain"], "stain-tta")
+    for label in ("plain", "stain"):
+        cli("tune", "--model", versions[label], "--data-dir", str(data), "--study", f"fp-thresholds-{label}",
+            "--n-trials", str(args.trials), "--storage", str(args.store / "optuna-journal.log"), cwd=args.store)
+        versions[f"{label} tuned"] = tracking.resolve_model(f"models:/{name}@challenger").pinned
+    versions["tuned + tta"] = tta_version(versions["plain tuned"], "tta")
+    for label, source in (("tuned + second look", "plain tuned"), ("tuned + tta + second look", "tuned + tta")):
+        out = cli("second-look", "--model", versions[source], "--data-dir", str(data), "--alias", "second-look",
+                  "-o", args.second_look, cwd=args.store)
+        print(out.strip().splitlines()[-1], flush=True)
+        versions[label] = tracking.resolve_model(f"models:/{name}@second-look").pinned
     print(json.dumps(versions), flush=True)
-    order = ["plain", "tuned", "tuned + tta", "stain", "stain + tta"]
+    order = ["plain tuned", "tuned + tta", "tuned + second look", "tuned + tta + second look", "stain tuned"]
     print(cli("compare", "--models", " ".join(versions[k] for k in order), "--data-dir", str(data),
               "--targets", "0.5 0.6 0.7 0.8 0.9", cwd=args.store))
+    print_costs()
+
+
+def print_costs() -> None:
+    """Wall time of every finished training, second look and evaluation run: each tool's cost."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    for r in client.search_runs(ids, "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
+        tags = r.data.tags
+        kind = ("evaluate" if tags.get("detection.evaluation") else "second look" if tags.get("detection.second_look")
+                else "train" if "train.epochs" in r.data.params and not tags.get("mlflow.parentRunId") else None)
+        if kind:
+            print(json.dumps({"cost": kind, "run": r.info.run_name, "model_version": tags.get("detection.model_version"),
+                              "split": tags.get("detection.split"), "tta_views": tags.get("detection.tta_views", ""),
+                              "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,32 @@ def _add_compare(sub) -> None:
                                                                "(default: %(default)s)")
 
 
+def _add_second_look(sub) -> None:
+    p = sub.add_parser(
+        "second-look", help="train a classifier that rescores a version's detections, register the pair",
+        description="The paper's score-level fusion of two networks. Run the version (with its post-processing "
+                    "and any test-time flips) on the whole images of its training split, label each kept "
+                    "detection true or false positive, and train a ResNet-18 on a second_look.crop px square "
+                    "around each. On the val split, choose the fusion weight w of (1-w) x detector + w x "
+                    "classifier with the lowest FDR at the detection rate the version reaches alone, and the "
+                    "highest threshold that keeps that rate. Logged as a nested run of the version's run "
+                    "(figures/second_look_val.png, second_look_weights.json) and registered as a new version "
+                    "holding both networks, with the configured alias.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m detection second-look --model models:/brecahad-faster-rcnn/3 --data-dir data/demo\n"
+               "  python -m detection second-look --data-dir data/demo -o 'second_look.epochs=3 second_look.crop=96'\n",
+    )
+    _model_option(p, "challenger")
+    p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the version was trained on")
+    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="second_look.* settings: epochs (10), lr (1e-3), batch_size (64), crop (64 px), "
+                        "max_examples (20000 crops per split); weight=W fixes the fusion weight instead of "
+                        "searching 0, 0.05, ..., 1 on val")
+    p.add_argument("--alias", default="", help="alias of the new version (default: the version's tracking.alias, "
+                                               "challenger unless its config says otherwise)")
+    _device_option(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_cv(sub)
     _add_compare(sub)
+    _add_second_look(sub)
 
     p = sub.add_parser("validate", help="list every problem of a dataset folder",
                        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
@@ -323,6 +350,24 @@ def cmd_compare(args) -> int:
     shown = ["version"] + [c for c in table.columns if c.startswith("fdr_at_dr_") and not c.endswith(("low", "high"))]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"run {run_id}: figures/dr_vs_fdr.png and comparison.json")
+    return 0
+
+
+def cmd_second_look(args) -> int:
+    from . import tracking
+    from .second_look import SecondLookRequest, second_look
+
+    try:
+        run_id, version, summary = second_look(SecondLookRequest(args.model, args.data_dir,
+                                                                 tuple(o for o in args.overrides if o.strip()),
+                                                                 args.device, args.alias))
+    except Exception as e:
+        tracking.fail_launched_run(e)
+        raise
+    print(f"run {run_id}: weight {summary['weight']:g}, threshold {summary['thresh']:g}; on val at detection rate "
+          f"{summary['val_detection_rate']:.4f} the FDR goes from {summary['val_fdr_alone']:.4f} to "
+          f"{summary['val_fdr']:.4f} ({summary['train_examples']} training crops, "
+          f"{summary['train_true_positives']} true positives); registered version {version}.")
     return 0
 
 
@@ -489,7 +534,8 @@ def cmd_stats(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
-            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack}
+            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack,
+            "second-look": cmd_second_look}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     from .model import WeightsError
     from .predict import InputError
     from .promote import PromotionError
+    from .second_look import SecondLookError
     from .split import SplitError
     from .tracking import TrackingError
     from .tune import TuneError
@@ -508,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
-            TuneError, PromotionError, InputError) as e:
+            TuneError, PromotionError, InputError, SecondLookError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

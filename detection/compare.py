@@ -8,22 +8,22 @@ augmentation), every curve goes on one plot, and the FDR at detection rates 0.90
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import figures, tracking
-from .evaluate import EvaluationError, Request, earlier_evaluation, evaluate, load_cache, load_view_caches
+from .evaluate import EvaluationError, Request, earlier_evaluation, evaluate, load_cache, load_pipeline_cache
 from .inference import Cache
 from .matching import PREFIX_MATCHERS
-from .metrics import case_of, score
+from .metrics import SWEEP as THRESHOLDS
+from .metrics import case_of, fdr_at, rates, threshold_counts
 from .postprocess import PostProcess
-from .tta import fused_cache, fused_postprocess
+from .tta import fused_postprocess
 
 TARGETS = (0.90, 0.95, 0.99)
-THRESHOLDS = np.unique(np.concatenate([np.linspace(0, 0.1, 201), np.linspace(0.1, 0.995, 180)])).astype(np.float32)
 EXPERIMENT = "brecahad"
 
 
@@ -54,50 +54,12 @@ def judged(req: CompareRequest, ref: tracking.ModelRef, parent: str) -> tuple[st
     ev = Request(ref.pinned, req.data_dir, req.split, req.protocol, req.matching, req.seed)
     run, _ = earlier_evaluation(ev, same_matching=False)
     run_id = run.info.run_id if run else evaluate(ev, parent=parent)[0]
+    reported = load_pipeline_cache(run_id)  # fused flips and/or a second look
+    if reported is not None:
+        thresh = float(tracking.get_run(run_id).data.tags[tracking.TAG + "pipeline_thresh"])
+        return run_id, reported, fused_postprocess(thresh)
     cache = load_cache(run_id)
-    pp = PostProcess(**cache.meta["postprocess"])
-    tags = tracking.get_run(run_id).data.tags
-    views = tags.get(tracking.TAG + "tta_views")
-    if views:
-        caches = {"none": cache} | load_view_caches(run_id, [v for v in views.split(",") if v != "none"])
-        thresh = float(tags[tracking.TAG + "tta_thresh"])
-        return run_id, fused_cache(caches, pp, cache.meta["match_radius"]), fused_postprocess(thresh)
-    return run_id, cache, pp
-
-
-def threshold_counts(cache: Cache, pp: PostProcess, matching: str, radius: float,
-                     thresholds: np.ndarray = THRESHOLDS) -> tuple[list[str], np.ndarray]:
-    """Per image: tp, fp, fn at every score threshold, (images, T, 3). Kept detections at a higher
-    threshold are a prefix of those at 0, so one scoring serves every threshold."""
-    scored = score(cache, replace(pp, score_thresh=0.0), matching, radius)
-    names = [str(n) for n in cache.items_name]
-    out = np.zeros((len(names), len(thresholds), 3))
-    for i, (kept, tp, counted, cells) in enumerate(zip(scored.kept, scored.tp, scored.counted, scored.cells)):
-        above = cache.det_scores[kept][:, None] > thresholds[None, :]
-        out[i, :, 0] = (above & (tp & counted)[:, None]).sum(0)
-        out[i, :, 1] = (above & (~tp & counted)[:, None]).sum(0)
-        out[i, :, 2] = cells - out[i, :, 0]
-    images = sorted(set(names))
-    per_image = np.stack([out[[k for k, n in enumerate(names) if n == img]].sum(0) for img in images])
-    return images, per_image
-
-
-def _rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Detection rate and FDR along the last-but-one axis of (..., T, 3) counts."""
-    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dr = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
-        fdr = np.where(tp + fp > 0, fp / (tp + fp), 0.0)
-    return dr, fdr
-
-
-def fdr_at(counts: np.ndarray, target: float) -> np.ndarray:
-    """FDR at the highest threshold whose detection rate still reaches `target` (NaN if none does)."""
-    dr, fdr = _rates(counts)
-    reach = dr >= target - 1e-12
-    last = np.where(reach.any(-1), reach.shape[-1] - 1 - np.argmax(reach[..., ::-1], -1), -1)
-    picked = np.take_along_axis(fdr, np.maximum(last, 0)[..., None], -1)[..., 0]
-    return np.where(last >= 0, picked, np.nan)
+    return run_id, cache, PostProcess(**cache.meta["postprocess"])
 
 
 def intervals(units: np.ndarray, target: float, seed: int, n: int) -> tuple[float, float]:
@@ -127,7 +89,7 @@ def compare(req: CompareRequest) -> tuple[str, pd.DataFrame]:
             images, counts = threshold_counts(cache, pp, req.matching, cache.meta["match_radius"])
             units, unit = _units(images, counts)
             label = f"{ref.name} v{ref.version}"
-            dr, fdr = _rates(units.sum(0))
+            dr, fdr = rates(units.sum(0))
             curves[label] = pd.DataFrame({"threshold": THRESHOLDS, "detection_rate": dr, "fdr": fdr})
             per_version.append((ref, run_id, label, units, unit, pp))
         reachable = min(float(np.nanmax(c.detection_rate)) for c in curves.values())

@@ -27,6 +27,7 @@ TUNE_RANGES = {
     "score_thresh": (0.0, 0.95),
     "nms_thresh": (0.1, 0.9),
     "detections_per_img": (10, 1000),
+    "tta_thresh": (0.0, 0.95),  # the fused score threshold, searched for versions with test-time flips
     "lr": (1e-5, 1e-3),
     "rpn_fg_iou_thresh": (0.5, 0.9),
     "rpn_bg_iou_thresh": (0.1, 0.4),
@@ -131,6 +132,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SecondLookConfig:
+    # A learned second look (detection/second_look.py): a ResNet-18 on a crop around each kept
+    # detection, trained on the detector's own true and false positives of the training split by
+    # `python -m detection second-look`, which also sets weight and thresh on the val split.
+    # Fused score: (1 - weight) x detector + weight x classifier, kept above thresh. weight 0 (the
+    # paper) turns it off; a version with weight > 0 carries the classifier's weights.
+    weight: float = 0.0
+    thresh: float = 0.05
+    crop: int = 64  # px side of the square crop, centred on the detection: a nucleus and its surroundings
+    epochs: int = 10
+    lr: float = 1.0e-3
+    batch_size: int = 64
+    # Crops per split at most, drawn at random; a class with fewer than half keeps all of its own (a
+    # detector at the paper's 0.05 threshold keeps tens of false positives per true one).
+    max_examples: int = 20000
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "brecahad"  # used when not launched by `mlflow run`
     registered_model: str = "brecahad-faster-rcnn"
@@ -144,6 +163,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    second_look: SecondLookConfig = field(default_factory=SecondLookConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str = "default"
 
@@ -345,6 +365,13 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"eval.tta_views={list(e.tta_views)} must be distinct views of {list(views)} including none, or []")
     need(0 <= e.tta_thresh < 1, f"eval.tta_thresh={e.tta_thresh} must be within [0, 1)")
     need(0 <= d.stain_jitter <= 0.5, f"data.stain_jitter={d.stain_jitter} must be within 0..0.5 (0.05 is usual)")
+    sl = cfg.second_look
+    need(0 <= sl.weight <= 1, f"second_look.weight={sl.weight} must be within [0, 1] (0 turns the second look off)")
+    need(0 <= sl.thresh < 1, f"second_look.thresh={sl.thresh} must be within [0, 1)")
+    need(32 <= sl.crop <= 256, f"second_look.crop={sl.crop} must be 32..256 px")
+    need(sl.max_examples >= 2, f"second_look.max_examples={sl.max_examples} must be >= 2")
+    need(sl.epochs > 0 and sl.batch_size > 0 and sl.lr > 0,
+         f"second_look epochs={sl.epochs}, batch_size={sl.batch_size}, lr={sl.lr} must all be > 0")
     need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import figures, tracking
+from . import figures, second_look, tracking
 from .config import Config
 from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
 from .engine import PRECISION_NAMES
@@ -35,6 +35,7 @@ THUMBNAIL_TOLERANCE = 1.5
 SPLIT_CHOICES = ("test", "val", "all")
 MAX_OVERLAYS = 24
 CACHE_NAME = "predictions.npz"
+PIPELINE_CACHE_NAME = "predictions_reported.npz"  # fused and/or rescored: what the version reports
 
 
 class EvaluationError(ValueError):
@@ -229,37 +230,65 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                        "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                        "eval.score_thresh": pp.score_thresh, "eval.nms_thresh": pp.nms_thresh,
                        "eval.detections_per_img": pp.detections_per_img, "eval.images": len(samples)})
-        items, cache = _items_and_cache(req, cfg, model, samples, rt)
-        cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
-        cache.meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
-                      "training_run_id": ref.run_id, "protocol": req.protocol, "split": req.split, "seed": req.seed,
-                      "classes": list(cfg.data.classes), "box_size": cfg.data.box_size,
-                      "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__, "sha256": hashes,
-                      # Whole images have no inner edges; a patch's inner edges get the don't-care band.
-                      "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
-                      "device": rt.device.type, "precision": PRECISION_NAMES[rt.dtype], "cells": cells,
-                      "cells_uncovered": uncovered}
-        views = {"none": cache} | _flipped_caches(req, cfg, model, items, rt, cache.meta)
+        meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
+                "training_run_id": ref.run_id, "sha256": hashes}
+        items, views = infer_views(req, cfg, model, samples, rt, meta)
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             for view, c in views.items():
                 tr.log_file(c.save(Path(tmp) / (CACHE_NAME if view == "none" else f"predictions_{view}.npz")), None)
-        if cfg.eval.tta_views:  # judge the fused detections; the per-view caches stay for replays
+        cache, pp = pipeline(views, pp, cfg)
+        if cfg.eval.tta_views:
             tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
-            cache, pp = fused_cache(views, pp, cfg.eval.match_radius), fused_postprocess(cfg.eval.tta_thresh)
+        if detector.second_look is not None:  # the classifier rescores what the detector keeps
+            cache, pp = second_look.apply(second_look.kept(cache, pp, cfg.eval.match_radius),
+                                          [it.image for it in items], detector.second_look, cfg, rt)
+            tr.set_tags({"second_look_weight": cfg.second_look.weight, "second_look_thresh": cfg.second_look.thresh})
+        if cache is not views["none"]:  # what the version reports, for compare and replays
+            with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
+                tr.log_file(cache.save(Path(tmp) / PIPELINE_CACHE_NAME), None)
+            tr.set_tags({"pipeline_thresh": pp.score_thresh})
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
         log_report(tr, req.split, report, cache, items, pp)
         return tr.run_id, report.metrics
 
 
-def _flipped_caches(req: Request, cfg: Config, model, items: list[Item], rt: Runtime, meta: dict) -> dict[str, Cache]:
-    """Raw caches of each test-time flip of the items (eval.tta_views), in the flipped pixels."""
-    out = {}
+def infer_views(req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime,
+                meta: dict) -> tuple[list[Item], dict[str, Cache]]:
+    """The items of the protocol and the raw cache of the image and of each test-time flip
+    (eval.tta_views), each in its own (flipped) pixels."""
+    items, cache = _items_and_cache(req, cfg, model, samples, rt)
+    cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
+    pp = PostProcess.of_config(cfg.model)
+    cache.meta = meta | {"protocol": req.protocol, "split": req.split, "seed": req.seed,
+                         "classes": list(cfg.data.classes), "box_size": cfg.data.box_size,
+                         "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__,
+                         # Whole images have no inner edges; a patch's inner edges get the don't-care band.
+                         "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
+                         "device": rt.device.type, "precision": PRECISION_NAMES[rt.dtype], "cells": cells,
+                         "cells_uncovered": uncovered}
+    views = {"none": cache}
     for view in (v for v in cfg.eval.tta_views if v != "none"):
         flipped = [replace(it, image=flip(it.image, view)) for it in items]
         with Bar(len(flipped), f"infer ({req.protocol}, flip {view})", every=max(1, len(items) // 10)) as bar:
-            out[view] = raw_inference(model, flipped, cfg, rt, on_item=bar.advance)
-        out[view].meta = meta | {"view": view}
-    return out
+            views[view] = raw_inference(model, flipped, cfg, rt, on_item=bar.advance)
+        views[view].meta = cache.meta | {"view": view}
+    return items, views
+
+
+def pipeline(views: dict[str, Cache], pp: PostProcess, cfg: Config) -> tuple[Cache, PostProcess]:
+    """What the version reports before any second look, and how to judge it: the raw cache and its
+    post-processing, or with test-time flips the fused detections and the fused threshold."""
+    if cfg.eval.tta_views:
+        return fused_cache(views, pp, cfg.eval.match_radius), fused_postprocess(cfg.eval.tta_thresh)
+    return views["none"], pp
+
+
+def load_pipeline_cache(run_id: str) -> Cache | None:
+    """The detections an evaluation judged when the version is more than its raw detector (test-time
+    flips, a second look), or None."""
+    with tempfile.TemporaryDirectory(prefix="brecahad-cache-") as tmp:
+        path = tracking.download_if_present(run_id, PIPELINE_CACHE_NAME, Path(tmp))
+        return Cache.load(path) if path else None
 
 
 def _optional_split(ref: tracking.ModelRef) -> Split | None:

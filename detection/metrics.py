@@ -21,8 +21,10 @@ from .matching import PREFIX_MATCHERS, Counts, match
 from .postprocess import PostProcess, TileNms, finish, keep
 
 THRESHOLDS = np.round(np.linspace(0.0, 0.99, 100), 2)
+# The comparison's sweep: fine below 0.1, where a detector trained to find every cell operates.
+SWEEP = np.unique(np.concatenate([np.linspace(0, 0.1, 201), np.linspace(0.1, 0.995, 180)])).astype(np.float32)
 # Bump whenever a metric's definition changes: evaluations are reused only when it matches.
-METRICS_VERSION = 2
+METRICS_VERSION = 3
 _CASE = re.compile(r"^(Case_\d+)-\d+$")
 
 
@@ -301,3 +303,41 @@ def box_ap(cache: Cache, kept: list[np.ndarray]) -> tuple[float, float]:
 def _mean_valid(p: np.ndarray) -> float:
     valid = p[p > -1]
     return float(valid.mean()) if valid.size else float("nan")
+
+
+# --- false positives at an equal detection rate (compare, second look) ------------------------
+
+def threshold_counts(cache: Cache, pp: PostProcess, matching: str, radius: float,
+                     thresholds: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+    """Per image: tp, fp, fn at every score threshold, (images, T, 3). Kept detections at a higher
+    threshold are a prefix of those at 0, so one scoring serves every threshold."""
+    thresholds = SWEEP if thresholds is None else thresholds
+    scored = score(cache, replace(pp, score_thresh=0.0), matching, radius)
+    names = [str(n) for n in cache.items_name]
+    out = np.zeros((len(names), len(thresholds), 3))
+    for i, (kept, tp, counted, cells) in enumerate(zip(scored.kept, scored.tp, scored.counted, scored.cells)):
+        above = cache.det_scores[kept][:, None] > thresholds[None, :]
+        out[i, :, 0] = (above & (tp & counted)[:, None]).sum(0)
+        out[i, :, 1] = (above & (~tp & counted)[:, None]).sum(0)
+        out[i, :, 2] = cells - out[i, :, 0]
+    images = sorted(set(names))
+    per_image = np.stack([out[[k for k, n in enumerate(names) if n == img]].sum(0) for img in images])
+    return images, per_image
+
+
+def rates(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detection rate and FDR along the last-but-one axis of (..., T, 3) counts."""
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dr = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        fdr = np.where(tp + fp > 0, fp / (tp + fp), 0.0)
+    return dr, fdr
+
+
+def fdr_at(counts: np.ndarray, target: float) -> np.ndarray:
+    """FDR at the highest threshold whose detection rate still reaches `target` (NaN if none does)."""
+    dr, fdr = rates(counts)
+    reach = dr >= target - 1e-12
+    last = np.where(reach.any(-1), reach.shape[-1] - 1 - np.argmax(reach[..., ::-1], -1), -1)
+    picked = np.take_along_axis(fdr, np.maximum(last, 0)[..., None], -1)[..., 0]
+    return np.where(last >= 0, picked, np.nan)

@@ -29,6 +29,7 @@ from . import config as config_mod
 from .inference import Runtime, detect_tiles
 from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
+from .second_look import build_classifier, fused_score, probabilities
 from .tta import flip, fuse, unflip
 
 COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
@@ -106,11 +107,12 @@ def encode_png(image: np.ndarray) -> str:
 
 
 def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config,
-           rt: Runtime | None = None) -> pd.DataFrame:
+           rt: Runtime | None = None, second_look: torch.nn.Module | None = None) -> pd.DataFrame:
     """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
     outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
     input), then ownership and the merge across tile cuts; with `eval.tta_views`, the same on each
-    flip, fused per cell and thresholded at `eval.tta_thresh`."""
+    flip, fused per cell and thresholded at `eval.tta_thresh`; with a second look, each kept
+    detection rescored by the classifier and thresholded at `second_look.thresh`."""
     pp = PostProcess.of_config(cfg.model)
     rt = rt or Runtime(torch.device("cpu"))
     rows = []
@@ -127,6 +129,12 @@ def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Con
             boxes, scores, labels = fused.boxes[above], fused.scores[above], fused.labels[above]
         else:
             boxes, scores, labels = views[0]
+        if second_look is not None:  # the classifier's score fused with the detector's, re-thresholded
+            scores = fused_score(scores, probabilities(second_look, img, boxes, cfg.second_look.crop, rt),
+                                 cfg.second_look.weight)
+            order = np.argsort(-scores, kind="stable")
+            order = order[scores[order] > np.float32(cfg.second_look.thresh)]
+            boxes, scores, labels = boxes[order], scores[order], labels[order]
         rows.append(pd.DataFrame({
             "image": i,
             "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
@@ -145,21 +153,36 @@ def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[con
     return cfg, model.eval()
 
 
+def load_second_look(cfg: config_mod.Config, weights_path: str | Path | None) -> torch.nn.Module | None:
+    """The version's classifier, or None; a config that asks for one without its weights is broken."""
+    if cfg.second_look.weight == 0:
+        return None
+    if weights_path is None:
+        raise ValueError(f"the config sets second_look.weight={cfg.second_look.weight} but the model holds no "
+                         f"second_look weights; register it with `python -m detection second-look`")
+    net = build_classifier()
+    net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
 class Detector(mlflow.pyfunc.PythonModel):
     """The pyfunc. It runs where $BRECAHAD_DEVICE / $BRECAHAD_PRECISION / $BRECAHAD_TILE_BATCH say,
     by default on CUDA (bf16 autocast, 9 tiles per pass) when present, else on the CPU in fp32."""
 
     def load_context(self, context) -> None:
         self.config, self.model = load_weights(context.artifacts["config"], context.artifacts["weights"])
+        self.second_look = load_second_look(self.config, context.artifacts.get("second_look"))
         self.runtime = Runtime.choose()
         self.runtime.place(self.model)
+        if self.second_look is not None:
+            self.second_look.to(self.runtime.device)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         try:
             images = as_images(model_input)
         except InputError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        return detect(self.model, images, self.config, getattr(self, "runtime", None))
+        return detect(self.model, images, self.config, getattr(self, "runtime", None), getattr(self, "second_look", None))
 
 
 def signature() -> ModelSignature:

@@ -267,14 +267,18 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
         figures.close(fig)
 
 
-def log_detector(cfg: Config, model: torch.nn.Module) -> str:
-    """Log weights + config as the project's pyfunc in the active run (checked by loading it back)."""
+def log_detector(cfg: Config, model: torch.nn.Module, second_look: torch.nn.Module | None = None) -> str:
+    """Log weights + config (+ the second look's weights) as the project's pyfunc in the active run,
+    checked by loading it back."""
     with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
         weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
         config_path.write_text(config_mod.dump(cfg))
-        return tracking.log_model(Detector(), {"weights": str(weights), "config": str(config_path)},
-                                  input_example(), signature()).model_uri
+        artifacts = {"weights": str(weights), "config": str(config_path)}
+        if second_look is not None:
+            torch.save({k: v.cpu() for k, v in second_look.state_dict().items()}, Path(tmp) / "second_look.pt")
+            artifacts["second_look"] = str(Path(tmp) / "second_look.pt")
+        return tracking.log_model(Detector(), artifacts, input_example(), signature()).model_uri
 
 
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
@@ -317,6 +321,10 @@ def recorded_run(run_id: str) -> tuple[Config, Split]:
 def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tuple[str, int]:
     """The whole job; returns the run id and the registered version. `cfg` is ignored on resume:
     a resumed run continues with the config and split it recorded."""
+    if cfg is not None and cfg.second_look.weight > 0:
+        raise config_mod.ConfigError(f"second_look.weight={cfg.second_look.weight}: a second look is fitted to a trained "
+                                     f"detector's own detections; train with 0, then run `python -m detection "
+                                     f"second-look` on the registered version")
     tracking.check_reachable()
     recorded = None
     if resume:

@@ -106,14 +106,24 @@ def fused_cache(caches: dict[str, Cache], pp: PostProcess, radius: float) -> Cac
     (`none` included). Judged with `fused_postprocess`, every metric, curve and interval of the
     evaluation applies unchanged."""
     base = caches["none"]
+    parts = [fuse([kept_in_view(c, i, v, pp, radius) for v, c in caches.items()], radius) for i in range(len(base))]
+    return kept_cache(base, [(f.boxes, f.scores, f.labels) for f in parts],
+                      {"tta_views": list(caches), "postprocess_per_view": pp.__dict__})
+
+
+def kept_cache(base: Cache, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], meta: dict) -> Cache:
+    """A cache of detections already kept, one pseudo-tile per item of `base` holding that item's
+    (boxes, scores, labels), best first: judged with `fused_postprocess`, only its threshold acts."""
     n = len(base)
-    parts = []
-    for i in range(n):
-        fused = fuse([kept_in_view(c, i, v, pp, radius) for v, c in caches.items()], radius)
-        parts.append(fused)
-    counts = [len(f.scores) for f in parts]
+    order = [np.argsort(-np.asarray(s), kind="stable") for _, s, _ in parts]
+    counts = [len(s) for _, s, _ in parts]
     det_tile = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)]) if n else np.zeros(0, np.int32)
-    boxes = np.concatenate([f.boxes for f in parts]) if n else np.zeros((0, 4), np.float32)
+    boxes = np.concatenate([np.asarray(b, np.float32).reshape(-1, 4)[o] for (b, _, _), o in zip(parts, order)]) \
+        if n else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([np.asarray(s, np.float32)[o] for (_, s, _), o in zip(parts, order)]) \
+        if n else np.zeros(0, np.float32)
+    labels = np.concatenate([np.asarray(lab, np.int64)[o] for (_, _, lab), o in zip(parts, order)]) \
+        if n else np.zeros(0, np.int64)
     inf = np.inf
     return replace(
         base,
@@ -123,7 +133,7 @@ def fused_cache(caches: dict[str, Cache], pp: PostProcess, radius: float) -> Cac
         det_tile=det_tile,
         det_boxes=boxes,
         det_nms_boxes=boxes,
-        det_scores=np.concatenate([f.scores for f in parts]) if n else np.zeros(0, np.float32),
-        det_labels=np.concatenate([f.labels for f in parts]) if n else np.zeros(0, np.int64),
-        meta=base.meta | {"tta_views": list(caches), "postprocess_per_view": pp.__dict__},
+        det_scores=scores,
+        det_labels=labels,
+        meta=base.meta | meta | {"kept": True},
     )

@@ -33,13 +33,14 @@ from optuna.trial import TrialState
 
 from . import figures, tracking
 from .config import TUNE_RANGES, TUNE_STORAGE, Config
-from .evaluate import (PROTOCOLS, Request, cached_evaluation, evaluate, judge, log_report, operating_metrics,
-                       recorded_split, select)
+from .evaluate import (PROTOCOLS, Request, cached_evaluation, evaluate, judge, load_view_caches, log_report,
+                       operating_metrics, recorded_split, select)
 from .inference import Cache
 from .matching import Counts
-from .metrics import Replayer
+from .metrics import Replayer, score
 from .postprocess import PostProcess
 from .progress import Bar
+from .tta import fused_cache, fused_postprocess
 
 KINDS = ("postprocess", "training")
 HEARTBEAT_S = 30.0  # seconds between a running trial's heartbeats
@@ -98,7 +99,7 @@ class TuneRequest:
             if low > high:
                 raise TuneError(f"range {name}={low}:{high} has low > high; write it as {high}:{low}")
         space = self.space()
-        for name in ("score_thresh", "nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
+        for name in ("score_thresh", "nms_thresh", "tta_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
                      "box_bg_iou_thresh"):
             low, high = space[name]
             if not 0 <= low <= high <= 1:
@@ -403,14 +404,41 @@ def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extr
                               {"study": s.req.study, "trial": trial.number} | (extra_tags or {}))
 
 
-def postprocess_objective(s: Study, replayer: Replayer):
+class FusedReplay:
+    """Counts of a version with test-time flips, for any post-processing and fused threshold, from
+    the raw cache of each view (inferred once): the views are fused per trial, since what each view
+    keeps decides the fusion."""
+
+    def __init__(self, views: dict[str, Cache], radius: float):
+        self.views, self.radius = views, radius
+
+    def judged(self, pp: PostProcess, tta_thresh: float) -> tuple[Cache, PostProcess]:
+        return fused_cache(self.views, pp, self.radius), fused_postprocess(tta_thresh)
+
+    def counts(self, pp: PostProcess, tta_thresh: float) -> Counts:
+        cache, fused_pp = self.judged(pp, tta_thresh)
+        return sum(score(cache, fused_pp, "greedy", self.radius).counts(), Counts(0, 0, 0))
+
+
+def trial_tta_thresh(trial: optuna.trial.FrozenTrial) -> float | None:
+    return trial.user_attrs.get("tta.tta_thresh")
+
+
+def postprocess_objective(s: Study, replayer: Replayer, fused: FusedReplay | None = None):
     multiclass = s.config.model.num_classes > 2
     space = s.req.space()
 
     def objective(trial: optuna.Trial):
         pp = suggest_postprocess(trial, space, multiclass)
-        counts = replayer.counts(pp)
-        _log_trial(s, trial, {f"pp.{k}": v for k, v in pp.__dict__.items()}, counts)
+        params = {f"pp.{k}": v for k, v in pp.__dict__.items()}
+        if fused is None:
+            counts = replayer.counts(pp)
+        else:  # the fusion's threshold joins the search
+            tta_thresh = trial.suggest_float("tta_thresh", *space["tta_thresh"])
+            trial.set_user_attr("tta.tta_thresh", tta_thresh)
+            params["tta.tta_thresh"] = tta_thresh
+            counts = fused.counts(pp, tta_thresh)
+        _log_trial(s, trial, params, counts)
         if s.req.objective == "pareto" and counts.tp + counts.fp == 0:
             # Detecting nothing has FDR 0 and would sit on the front; it is no operating point.
             raise optuna.TrialPruned("keeps no detection")
@@ -423,7 +451,8 @@ def training_objective(s: Study, data_dir: Path):
     from .train import train_nested
 
     split = recorded_split(s.ref)
-    base = s.config.replace(*s.req.train_overrides)
+    # A trial trains a new detector: no second look was fitted to it.
+    base = s.config.replace("second_look.weight=0", *s.req.train_overrides)
     space = s.req.space()
     single = len(s.study.directions) == 1
 
@@ -474,7 +503,7 @@ def run(s: Study, objective) -> list[str]:
 
 # --- when the study ends ----------------------------------------------------------------------
 
-def finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict | None:
+def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> dict | None:
     """Once no trial runs: test metrics of the chosen point, figures, and a registered version."""
     with _study_lock(s.req):
         trials = s.study.get_trials(deepcopy=False)
@@ -487,22 +516,26 @@ def finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict | None:
             tracking.set_run_status(s.parent, "FINISHED")
             return {"trial": attrs["registered_trial"], "params": attrs["registered_params"],
                     "version": attrs["registered_version"], "test": attrs["registered_test"], "unchanged": True}
-        result = _finalize(s, data_dir, test_cache)
+        result = _finalize(s, data_dir, test_views)
         for k in ("trial", "params", "version", "test"):
             s.study.set_user_attr(f"registered_{k}", result[k])
         return result
 
 
-def _finalize(s: Study, data_dir: Path, test_cache: Cache | None) -> dict:
+def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> dict:
     chosen = choose(s.study)
     with tracking.reopen(s.parent) as tr:
         _log_study_figures(tr, s, chosen)
         if s.req.kind == "postprocess":
-            pp = trial_postprocess(chosen)
-            chosen_params = pp.__dict__
-            report = judge(test_cache, pp, "greedy", s.config.eval.match_radius)
-            log_report(tr, "test", report, test_cache, [], pp)
-            cfg = replace(s.config.replace(*pp.as_overrides()), name=f"{s.config.name}+{s.req.study}")
+            pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
+            chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
+            radius = s.config.eval.match_radius
+            test_cache, test_pp = (test_views["none"], pp) if tta_thresh is None else \
+                FusedReplay(test_views, radius).judged(pp, tta_thresh)
+            report = judge(test_cache, test_pp, "greedy", radius)
+            log_report(tr, "test", report, test_cache, [], test_pp)
+            overrides = pp.as_overrides() + ([f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else [])
+            cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
             from .train import log_detector
 
             model_uri = log_detector(cfg, s.model)
@@ -559,10 +592,10 @@ def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
         select(Request(ref.pinned, req.data_dir, part, req.protocol), split)
     if req.kind == "training":
         cfg.replace(*req.train_overrides)
-    elif cfg.eval.tta_views:
-        raise TuneError(f"{ref.pinned} fuses test-time flips (eval.tta_views={list(cfg.eval.tta_views)}); a "
-                        f"postprocess study replays single views only. Tune the version without TTA, then "
-                        f"register one with eval.tta_views set and judge both with `compare`")
+    elif cfg.second_look.weight > 0:
+        raise TuneError(f"{ref.pinned} carries a second look (second_look.weight={cfg.second_look.weight}), which "
+                        f"was fitted to the detections of its source version's post-processing; tune that source "
+                        f"version (second_look_of tag), then run `second-look` on the tuned version")
 
 
 def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
@@ -577,15 +610,19 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
     detector = tracking.load_model(ref)
     cfg = detector.config
     check_inputs(req, ref, cfg)
-    test_cache = None
+    test_views = None
     s = open_study(req, storage, ref, cfg, detector.model)
     if req.kind == "postprocess":
         # Pinned to the resolved version: an alias may move while the study runs. Workers take
         # turns, so the first one's inference pass serves the others.
         with _study_lock(req):
-            _, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), parent=s.parent)
-            _, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), parent=s.parent)
-        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", cfg.eval.match_radius)))
+            val_run, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), s.parent)
+            test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
+        flips = [v for v in cfg.eval.tta_views if v != "none"]
+        fused = FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), cfg.eval.match_radius) \
+            if cfg.eval.tta_views else None
+        test_views = {"none": test_cache} | load_view_caches(test_run, flips)
+        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", cfg.eval.match_radius), fused))
     else:
         lines = run(s, training_objective(s, req.data_dir))
-    return s.parent, finalize(s, req.data_dir, test_cache), lines
+    return s.parent, finalize(s, req.data_dir, test_views), lines

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from detection import tracking
-from detection.compare import THRESHOLDS, fdr_at, intervals
+from detection.compare import THRESHOLDS, intervals
+from detection.metrics import fdr_at
 from detection.data import load_dataset
 from detection.train import log_detector
 from tests.conftest import run_cli

@@ -190,3 +190,38 @@ def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tm
                                                                           "nms_thresh": (0.3, 0.6)}
     with pytest.raises(TuneError, match="NAME=LOW:HIGH"):
         parse_ranges(["score_thresh=0.1"])
+
+
+def test_a_postprocess_study_of_a_tta_version_searches_the_fused_threshold(in_store, synth_dir, tmp_path):
+    """The fused threshold joins the search, replayed from each view's cache; the chosen trial's
+    counts are what evaluating the registered version on val gives."""
+    import json
+
+    import optuna
+
+    from detection import tracking
+    from detection.evaluate import evaluate
+    from detection.train import log_detector
+
+    client = MlflowClient()
+    source = client.search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
+    detector = mlflow.pyfunc.load_model(f"models:/{MODEL}/{source.version}").unwrap_python_model()
+    with mlflow.start_run(run_name="tta", experiment_id=client.create_experiment("tta-tune")):
+        mlflow.log_text(json.dumps(mlflow.artifacts.load_dict(f"runs:/{source.run_id}/split.json")), "split.json")
+        uri = log_detector(detector.config.replace("eval.tta_views=[none,h]"), detector.model)
+    name = "brecahad-tta-tune"  # its own name: the shared store's tests count the trained model's versions
+    tracking.register(uri, name, "tta", {})
+    storage = tmp_path / "journal.log"
+    result = run_cli("tune", "--model", f"models:/{name}@tta", "--data-dir", str(synth_dir), "--study", "tta",
+                     "--n-trials", "8", "--storage", str(storage), "--seed", "3", cwd=in_store["workdir"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="tta", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage))))
+    assert all("tta_thresh" in t.params for t in study.trials)
+    chosen = study.best_trial
+    tuned = tracking.resolve_model(f"models:/{name}@challenger")
+    cfg = tracking.load_model(tuned).config
+    assert cfg.eval.tta_views == ("none", "h") and cfg.eval.tta_thresh == chosen.params["tta_thresh"]
+    assert cfg.model.box_score_thresh == chosen.params["score_thresh"]
+    _, metrics = evaluate(Request(tuned.pinned, synth_dir, "val"))
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == tuple(chosen.user_attrs[k] for k in ("tp", "fp", "fn"))
