@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--store", type=Path, default=Path("/tmp/brecahad-fp"))
     p.add_argument("--plain", help="a version of smoke.yaml already trained in the store (skips its training)")
     p.add_argument("--stain", help="a version of smoke-stain.yaml already trained in the store")
+    p.add_argument("--only", default="", help="comma-separated versions to make now (default: every missing one, "
+                                               "then the comparison)")
     p.add_argument("--second-look", default="second_look.epochs=5 second_look.max_examples=4000",
                    help="overrides of the second looks (default: %(default)s)")
     args = p.parse_args()
@@ -70,27 +72,48 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     name = "brecahad-faster-rcnn"
-    versions = {"plain": args.plain, "stain": args.stain}
-    for label, cfg in (("plain", "smoke.yaml"), ("stain", "smoke-stain.yaml")):
-        if versions[label]:
-            continue
+    # Every version made is recorded in versions.json: a rerun (or --only) picks up where it stopped.
+    record = args.store / "versions.json"
+    versions = json.loads(record.read_text()) if record.exists() else {}
+    versions |= {k: v for k, v in (("plain", args.plain), ("stain", args.stain)) if v}
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def step(label: str, make) -> None:
+        if label in versions or (wanted is not None and label not in wanted):
+            return
+        versions[label] = make()
+        record.write_text(json.dumps(versions, indent=1))
+        print(json.dumps({"version": label, "model": versions[label]}), flush=True)
+
+    def train(cfg: str) -> str:
         out = cli("train", "--config", str(ROOT / "experiments" / cfg), "--data-dir", str(data), "-o",
                   f"train.epochs={args.epochs} train.figure_every={args.epochs}", cwd=args.store)
-        versions[label] = f"models:/{name}/{out.split('registered version ')[1].split('.')[0]}"
-    from detection import tracking
+        return f"models:/{name}/{out.split('registered version ')[1].split('.')[0]}"
 
-    for label in ("plain", "stain"):
+    def tune(label: str) -> str:
         cli("tune", "--model", versions[label], "--data-dir", str(data), "--study", f"fp-thresholds-{label}",
             "--n-trials", str(args.trials), "--storage", str(args.store / "optuna-journal.log"), cwd=args.store)
-        versions[f"{label} tuned"] = tracking.resolve_model(f"models:/{name}@challenger").pinned
-    versions["tuned + tta"] = tta_version(versions["plain tuned"], "tta")
-    for label, source in (("tuned + second look", "plain tuned"), ("tuned + tta + second look", "tuned + tta")):
+        return tracking.resolve_model(f"models:/{name}@challenger").pinned
+
+    def second_look(source: str) -> str:
         out = cli("second-look", "--model", versions[source], "--data-dir", str(data), "--alias", "second-look",
                   "-o", args.second_look, cwd=args.store)
         print(out.strip().splitlines()[-1], flush=True)
-        versions[label] = tracking.resolve_model(f"models:/{name}@second-look").pinned
-    print(json.dumps(versions), flush=True)
+        return tracking.resolve_model(f"models:/{name}@second-look").pinned
+
+    from detection import tracking
+
+    step("plain", lambda: train("smoke.yaml"))
+    step("plain tuned", lambda: tune("plain"))
+    step("tuned + tta", lambda: tta_version(versions["plain tuned"], "tta"))
+    step("tuned + second look", lambda: second_look("plain tuned"))
+    step("tuned + tta + second look", lambda: second_look("tuned + tta"))
+    step("stain", lambda: train("smoke-stain.yaml"))
+    step("stain tuned", lambda: tune("stain"))
     order = ["plain tuned", "tuned + tta", "tuned + second look", "tuned + tta + second look", "stain tuned"]
+    if not all(k in versions for k in order):
+        print(json.dumps({"missing": [k for k in order if k not in versions]}), flush=True)
+        return
     print(cli("compare", "--models", " ".join(versions[k] for k in order), "--data-dir", str(data),
               "--targets", "0.5 0.6 0.7 0.8 0.9", cwd=args.store))
     print_costs()
