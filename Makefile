@@ -20,12 +20,12 @@ $(DEMO)/images:
 	$(BIN)/python -m detection synth $(DEMO) --images 16 --seed 0
 
 demo: install $(DEMO)/images
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name brecahad \
 		-P config=experiments/smoke.yaml -P data_dir=$(DEMO)
 	@echo
 	@echo "Done. Open the MLflow UI on the local store with:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
-	@echo "then browse http://127.0.0.1:5000 (experiment 'Default' holds the run, 'Models' the registered version)."
+	@echo "then browse http://127.0.0.1:5000 (experiment 'brecahad' holds the run, 'Models' the registered version)."
 
 test: install
 	$(BIN)/python -m pytest

@@ -177,6 +177,9 @@ def _add_predict(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
     _model_option(p, "champion")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
+    p.add_argument("--format", default="json", choices=("json", "geojson", "both"),
+                   help="json: boxes, scores and centres; geojson: point detections with class and score in "
+                        "image pixels, for QuPath's File > Import objects (default: %(default)s)")
     _device_option(p)
 
 
@@ -263,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
                                    "no image without ground truth or the reverse). Exits 1 when any problem is found.")
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
+
+    p = sub.add_parser(
+        "download", help="fetch BreCaHAD from figshare, check every MD5, unpack and validate it",
+        description="Download the BreCaHAD dataset from its figshare record (article 7379186, "
+                    "doi:10.6084/m9.figshare.7379186) through figshare's public API: file list, sizes and "
+                    "MD5s; a progress bar; a partial file is resumed; every checksum is verified; archives "
+                    "are unpacked into DATA_DIR/images and DATA_DIR/groundTruth; `validate` runs at the end. "
+                    "Offline, it says so and gives the manual steps.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection download data/BreCaHAD && python -m detection train "
+               "--config experiments/paper.yaml --data-dir data/BreCaHAD\n")
+    p.add_argument("data_dir", type=Path, help="folder to put images/ and groundTruth/ in")
 
     p = sub.add_parser("synth", help="write an H&E-looking synthetic dataset (offline demo data)",
                        description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
@@ -436,7 +451,7 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     from . import figures, tracking
-    from .predict import InputError, as_images, decode_image
+    from .predict import InputError, as_images, decode_image, to_geojson
 
     # `mlflow run` passes several images as one space-separated parameter. Every image is read and
     # checked before the model loads, so a bad file fails in a second with its name.
@@ -454,13 +469,32 @@ def cmd_predict(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for path, image in images:
         table = detector.predict(None, pd.DataFrame({"image": [image]}))
-        doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
-        (args.out / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
+        written = []
+        if args.format in ("json", "both"):
+            doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
+            written.append(args.out / f"{path.stem}.json")
+            written[-1].write_text(json.dumps(doc, indent=1))
+        if args.format in ("geojson", "both"):
+            written.append(args.out / f"{path.stem}.geojson")
+            written[-1].write_text(json.dumps(to_geojson(table, ref.pinned)))
         boxes = table[["x1", "y1", "x2", "y2"]].to_numpy()
         fig = figures.overlay(image, boxes[:0], boxes, table["score"].to_numpy(), f"{path.name}, {ref.pinned}")
         fig.savefig(args.out / f"{path.stem}.png")
         figures.close(fig)
-        print(f"{path}: {len(table)} detections -> {args.out / (path.stem + '.json')}")
+        print(f"{path}: {len(table)} detections -> {', '.join(str(w) for w in written)}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import download
+
+    problems = download(args.data_dir)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.data_dir}: downloaded, but {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.data_dir}: BreCaHAD downloaded, checked and valid")
     return 0
 
 
@@ -535,7 +569,7 @@ def cmd_stats(args) -> int:
 
 COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
             "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack,
-            "second-look": cmd_second_look}
+            "second-look": cmd_second_look, "download": cmd_download}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     from .model import WeightsError
     from .predict import InputError
     from .promote import PromotionError
+    from .download import DownloadError
     from .second_look import SecondLookError
     from .split import SplitError
     from .tracking import TrackingError
@@ -555,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
-            TuneError, PromotionError, InputError, SecondLookError) as e:
+            TuneError, PromotionError, InputError, SecondLookError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

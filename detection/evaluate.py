@@ -6,6 +6,7 @@ resolve the model and its recorded split -> refuse leakage -> one raw inference 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inf
 from .matching import MATCHERS, Counts
 from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
 from .postprocess import PostProcess
+from .predict import to_geojson
 from .progress import Bar
 from .split import Split
 from .tta import flip, fused_cache, fused_postprocess
@@ -33,6 +35,7 @@ COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
 # fields of one case in the shared sample are >= 7.1 apart, synthetic demo images >= 2.6.
 THUMBNAIL_TOLERANCE = 1.5
 SPLIT_CHOICES = ("test", "val", "all")
+DATASET_CONTEXTS = {"test": "testing", "val": "validation", "all": "evaluation"}  # MLflow's input contexts
 MAX_OVERLAYS = 24
 CACHE_NAME = "predictions.npz"
 PIPELINE_CACHE_NAME = "predictions_reported.npz"  # fused and/or rescored: what the version reports
@@ -201,6 +204,20 @@ def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, 
         figures.close(fig)
 
 
+def log_geojson(tr: tracking.Tracker, report: Report, cache: Cache, items: list[Item], model_uri: str) -> None:
+    """What the version reports on each whole image, as QuPath-importable GeoJSON (detections/NAME.geojson)."""
+    classes = cache.meta["classes"]
+    with tempfile.TemporaryDirectory(prefix="brecahad-geojson-") as tmp:
+        for i, item in enumerate(items):
+            k = report.kept[i]
+            boxes = cache.det_boxes[k]
+            table = pd.DataFrame({"cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
+                                  "score": cache.det_scores[k], "class": [classes[c - 1] for c in cache.det_labels[k]]})
+            path = Path(tmp) / f"{item.name}.geojson"
+            path.write_text(json.dumps(to_geojson(table, model_uri)))
+            tr.log_file(path, "detections")
+
+
 def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, float]]:
     """Run one evaluation (nested under `parent` if given); returns the run id and the metrics
     logged under `{split}/`."""
@@ -217,7 +234,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         rt = Runtime.choose(req.device or None)
     except (ValueError, RuntimeError) as e:
         raise EvaluationError(str(e)) from None
-    with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate-{req.split}-{req.protocol}") as tr:
+    with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate v{ref.version} {req.split} {req.protocol}") as tr:
         tr.set_tags({"model_name": ref.name, "model_version": ref.version, "training_run_id": ref.run_id or "",
                      "model_uri": ref.uri, "protocol": req.protocol, "split": req.split, "matching": req.matching,
                      "seed": req.seed, "metrics_version": METRICS_VERSION, "package_version": tracking.package_version(),
@@ -230,6 +247,9 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                        "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                        "eval.score_thresh": pp.score_thresh, "eval.nms_thresh": pp.nms_thresh,
                        "eval.detections_per_img": pp.detections_per_img, "eval.images": len(samples)})
+        evaluated = pd.DataFrame([{"name": s.name, "case": s.case, "sha256": hashes[s.name]} for s in samples])
+        tr.log_dataset(evaluated, str(req.data_dir), content_digest(samples, hashes), f"brecahad-{req.split}",
+                       DATASET_CONTEXTS[req.split])
         meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
                 "training_run_id": ref.run_id, "sha256": hashes}
         items, views = infer_views(req, cfg, model, samples, rt, meta)
@@ -249,6 +269,8 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             tr.set_tags({"pipeline_thresh": pp.score_thresh})
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
         log_report(tr, req.split, report, cache, items, pp)
+        if req.protocol == "whole":
+            log_geojson(tr, report, cache, items, ref.pinned)
         return tr.run_id, report.metrics
 
 

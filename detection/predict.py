@@ -146,6 +146,24 @@ def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Con
     return pd.concat(rows, ignore_index=True)[COLUMNS]
 
 
+# QuPath's colours for the classes it is shown (RGB); others get grey.
+QUPATH_COLOURS = {"tumor": [200, 0, 0], "non_tumor": [0, 120, 200], "mitosis": [255, 140, 0]}
+
+
+def to_geojson(table: pd.DataFrame, source: str) -> dict:
+    """Detections (a `detect` table: cx, cy, score, class) as a GeoJSON FeatureCollection that QuPath
+    imports (File > Import objects): one Point detection per cell, in image pixels (x right, y down),
+    classified, with the score as a measurement."""
+    features = [{
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [float(row.cx), float(row.cy)]},
+        "properties": {"objectType": "detection",
+                       "classification": {"name": row["class"], "color": QUPATH_COLOURS.get(row["class"], [128] * 3)},
+                       "measurements": {"score": float(row.score)}, "source": source},
+    } for _, row in table.iterrows()]
+    return {"type": "FeatureCollection", "features": features}
+
+
 def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[config_mod.Config, torch.nn.Module]:
     cfg = config_mod.from_dict(yaml.safe_load(Path(config_path).read_text()), source=str(config_path))
     model = build_model(cfg.model, pretrained=False)
@@ -177,7 +195,7 @@ class Detector(mlflow.pyfunc.PythonModel):
         if self.second_look is not None:
             self.second_look.to(self.runtime.device)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
             images = as_images(model_input)
         except InputError as e:

@@ -129,7 +129,7 @@ def decide(req: PromoteRequest, cand_eval: Evaluation, champ, champ_eval: Evalua
 def record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old) -> str:
     """The decision as a run (table and figure) and as tags on both versions."""
     table = side_by_side(req, (cand, cand_eval), (champ, champ_eval) if champ else None)
-    with tracking.run(EXPERIMENT, name=f"promote-v{cand.version}") as tr:
+    with tracking.run(EXPERIMENT, name=f"promote v{cand.version}") as tr:
         tr.set_tags({"promotion": "true", "decision": decision, "reason": reason, "candidate_version": cand.version,
                      "champion_version": champ.version if champ else "", "metric": req.metric})
         tr.log_params({"promote.candidate": cand.pinned, "promote.metric": req.metric,
@@ -162,7 +162,7 @@ def _rollback(name: str) -> dict:
     if champ is None or prev is None:
         raise PromotionError(f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "
                              f"found champion={champ and champ.version}, previous={prev and prev.version}")
-    with tracking.run(EXPERIMENT, name=f"rollback-v{champ.version}") as tr:
+    with tracking.run(EXPERIMENT, name=f"rollback to v{champ.version}") as tr:
         tr.set_tags({"promotion": "true", "decision": "rolled back", "candidate_version": prev.version,
                      "champion_version": champ.version})
         tracking.set_alias(name, CHAMPION, prev.version)

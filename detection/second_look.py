@@ -363,13 +363,23 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
         uri = log_detector(tuned, detector.model.cpu(), net.cpu())
         version = tracking.register(uri, ref.name, req.alias or cfg.tracking.alias,
                                     {"second_look_of": ref.version, "config": tuned.name,
-                                     "second_look_weight": choice.weight, "second_look_thresh": choice.thresh})
+                                     "second_look_weight": choice.weight, "second_look_thresh": choice.thresh},
+                                    describe(ref.version, tuned.second_look, ex["train"], choice, tr.run_id))
         tr.set_tags({"registered_model": ref.name, "registered_version": version,
                      "precision": PRECISION_NAMES[rt.dtype]})
         summary = {"weight": choice.weight, "thresh": choice.thresh, "val_detection_rate": choice.detection_rate,
                    "val_fdr_alone": choice.fdr_alone, "val_fdr": choice.fdr,
                    "train_examples": len(ex["train"]), "train_true_positives": ex["train"].positives}
         return tr.run_id, version, summary
+
+
+def describe(source: int, sl: SecondLookConfig, train: Examples, choice: Choice, run_id: str) -> str:
+    """The registry's description of a version with a second look."""
+    return (f"Version {source} plus a learned second look: ResNet-18 on {sl.crop} px crops around each detection, "
+            f"trained on {len(train)} crops ({train.positives} true positives) of the training split in run "
+            f"{run_id}. Fused score (1 - w) x detector + w x classifier with w = {sl.weight:g}, kept above "
+            f"{sl.thresh:g}. On val at detection rate {choice.detection_rate:.3f}: FDR {choice.fdr_alone:.3f} "
+            f"alone, {choice.fdr:.3f} with the second look.")
 
 
 def _log_choice(tr, choice: Choice) -> None:

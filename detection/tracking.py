@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
@@ -247,6 +248,11 @@ class Tracker:
     def log_figure(self, figure, path: str) -> None:
         mlflow.log_figure(figure, path)
 
+    def log_image(self, figure, key: str, step: int) -> None:
+        """A figure as an image with a step: the UI's image slider walks it across epochs."""
+        figure.canvas.draw()
+        mlflow.log_image(np.asarray(figure.canvas.buffer_rgba())[..., :3], key=key, step=step, synchronous=True)
+
     def log_file(self, path: Path, artifact_dir: str | None) -> None:
         MlflowClient().log_artifact(self.run_id, str(path), artifact_dir)
 
@@ -299,6 +305,33 @@ def _ending(active) -> Iterator[Tracker]:
     mlflow.end_run(status="FINISHED")
 
 
+# What the MLflow UI (3.x) needs to open an experiment on its runs table instead of the GenAI view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def tag_experiment(experiment_id: str) -> None:
+    client = MlflowClient()
+    key, value = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != value:
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def use_experiment(name: str) -> str:
+    """The id of the experiment called `name`, created if missing (another process may create it at
+    the same moment), tagged as model development."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(name)
+        except MlflowException:  # created meanwhile by another worker
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = found.experiment_id
+    tag_experiment(experiment_id)
+    return experiment_id
+
+
 @contextlib.contextmanager
 def run(experiment: str, resume: str | None = None, system_metrics: bool = False,
         parent: str | None = None, name: str | None = None) -> Iterator[Tracker]:
@@ -319,8 +352,12 @@ def run(experiment: str, resume: str | None = None, system_metrics: bool = False
         skip = last_steps(resume)
     else:
         if not launched:
-            mlflow.set_experiment(experiment)
+            mlflow.set_experiment(experiment_id=use_experiment(experiment))
         active = mlflow.start_run(log_system_metrics=system_metrics, run_name=name)
+        if launched:  # `mlflow run` made the run, with a random name, in the experiment it was given
+            tag_experiment(active.info.experiment_id)
+            if name:
+                mlflow.set_tag("mlflow.runName", name)
     with _ending(active) as tr:
         tr.skip = skip
         yield tr
@@ -339,9 +376,10 @@ def create_run(experiment: str, name: str, tags: dict[str, Any]) -> str:
     client = MlflowClient()
     run_id = launched_run_id()
     if run_id is None:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run_id = client.create_run(experiment_id, run_name=name).info.run_id
+        run_id = client.create_run(use_experiment(experiment), run_name=name).info.run_id
+    else:
+        tag_experiment(get_run(run_id).info.experiment_id)
+        client.set_tag(run_id, "mlflow.runName", name)
     for k, v in tags.items():
         client.set_tag(run_id, TAG + k, str(v))
     return run_id
@@ -483,8 +521,17 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
             client.delete_registered_model_tag(name, LEASE_TAG)
 
 
-def register(model_uri: str, name: str, alias: str, tags: dict[str, Any]) -> int:
+def describe_version(name: str, version: int, description: str) -> None:
+    MlflowClient().update_model_version(name, str(version), description=description)
+
+
+def register(model_uri: str, name: str, alias: str, tags: dict[str, Any], description: str = "") -> int:
+    """Register a logged model as a new version of `name` with its tags and a description the
+    registry page shows (what the version is), then point `alias` at it."""
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    client = MlflowClient()
+    if description:
+        client.update_model_version(name, version.version, description=description)
+    client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 

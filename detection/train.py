@@ -263,7 +263,7 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
     figures.close(curve)
     for k, (patch, det) in enumerate(zip(val_set[:OVERLAYS_PER_EPOCH], detections)):
         fig = figures.overlay(patch.image, patch.boxes, det["boxes"], det["scores"], f"{patch.name} at {patch.origin}")
-        tr.log_figure(fig, f"val_patches/epoch_{epoch + 1:03d}/{k}_{patch.name}.png")
+        tr.log_image(fig, f"val_overlay_{k}_{patch.name}", step=epoch + 1)  # one slider per patch
         figures.close(fig)
 
 
@@ -281,6 +281,18 @@ def log_detector(cfg: Config, model: torch.nn.Module, second_look: torch.nn.Modu
         return tracking.log_model(Detector(), artifacts, input_example(), signature()).model_uri
 
 
+def describe(prep: Prepared, run_id: str) -> str:
+    """The registry's description of a trained version: config, images, split, run, last val figures."""
+    cfg, n = prep.cfg, {s: len(prep.samples[s]) for s in SPLITS}
+    last = {k: tracking.metric_history(run_id, f"val/{k}") for k in ("detection_rate", "fdr")}
+    figures_ = ", ".join(f"{k.replace('_', ' ')} {v[-1][1]:.3f}" for k, v in last.items() if v) or "none logged"
+    return (f"Faster R-CNN ({cfg.model.backbone} FPN, weights {cfg.model.weights}) trained with config "
+            f"`{cfg.name}` for {cfg.train.epochs} epochs on {n['train']} images of {prep.data_dir} "
+            f"(split mode {cfg.data.split.mode}, seed {cfg.data.split.seed}: {n['train']} train / {n['val']} val / "
+            f"{n['test']} test images, split hash {prep.split.digest[:12]}), training run {run_id}. "
+            f"Last validation: {figures_}. Test figures come from `evaluate` on the held-out images.")
+
+
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
     """Log the trained model, then register it with the configured alias. A run that already
     registered a version (killed between registration and alias, then resumed) keeps that one."""
@@ -291,7 +303,7 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
         tracking.set_alias(name, cfg.tracking.alias, version)
     else:
         version = tracking.register(log_detector(cfg, model), name, cfg.tracking.alias,
-                                    {"split_hash": prep.split.digest, "config": cfg.name})
+                                    {"split_hash": prep.split.digest, "config": cfg.name}, describe(prep, tr.run_id))
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
     return version
 
@@ -331,7 +343,8 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
         refuse_finished(resume)
         cfg, recorded = recorded_run(resume)
     prep = prepare(cfg, data_dir, recorded)
-    with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics) as tr:
+    with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics,
+                      name=None if resume else f"train {cfg.name}") as tr:
         if not resume:
             log_setup(tr, prep)
         with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:

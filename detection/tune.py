@@ -276,7 +276,7 @@ def fail_stale(s: Study) -> list[str]:
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
     lines = []
     for t in dead:
-        tracking.end_child_runs(s.parent, f"trial-{t.number}", "KILLED")
+        tracking.end_child_runs(s.parent, f"trial {t.number}", "KILLED")
         lines.append(f"failed trial {t.number}: no heartbeat for more than {s.req.stale_after:g} s, so its worker "
                      f"died; it is queued to run again")
     return lines
@@ -374,7 +374,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
                                 f"choose another study name")
         parent = attrs.get("mlflow_run_id")
         if parent is None:
-            parent = tracking.create_run(cfg.tracking.experiment, f"study-{req.study}", {
+            parent = tracking.create_run(cfg.tracking.experiment, f"tune {req.study}", {
                 "study": req.study, "study_storage": redact(req.storage or TUNE_STORAGE), "study_kind": req.kind,
                 "objective": req.objective, "model_uri": ref.uri, "model_name": ref.name,
                 "model_version": ref.version})
@@ -399,7 +399,7 @@ def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extr
     attrs = operating_metrics(counts)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
-    tracking.create_child_run(s.parent, f"trial-{trial.number}", params | {"trial": trial.number},
+    tracking.create_child_run(s.parent, f"trial {trial.number}", params | {"trial": trial.number},
                               {f"val/{k}": v for k, v in attrs.items()},
                               {"study": s.req.study, "trial": trial.number} | (extra_tags or {}))
 
@@ -473,7 +473,7 @@ def training_objective(s: Study, data_dir: Path):
                 if trial.should_prune():
                     raise Pruned(f"pruned after epoch {epoch + 1}")
 
-        run_id, model_uri, _ = train_nested(cfg, data_dir, split, s.parent, f"trial-{trial.number}", on_epoch)
+        run_id, model_uri, _ = train_nested(cfg, data_dir, split, s.parent, f"trial {trial.number}", on_epoch)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("model_uri", model_uri)
         for k, v in operating_metrics(last["counts"]).items():
@@ -551,10 +551,21 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
         if test_metrics is None:
             _, test_metrics = evaluate(Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol),
                                        parent=s.parent)
+        tracking.describe_version(s.ref.name, version, describe(s, chosen, chosen_params, test_metrics))
         tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
         tr.log_params({f"chosen.{k}": v for k, v in chosen_params.items()})
     return {"trial": chosen.number, "params": chosen_params, "version": version,
             "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")}}
+
+
+def describe(s: Study, chosen: optuna.trial.FrozenTrial, params: dict, test: dict) -> str:
+    """The registry's description of a tuned version: source, study, chosen settings, test figures."""
+    what = "post-processing" if s.req.kind == "postprocess" else "training"
+    settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return (f"Version {s.ref.version} with its {what} tuned by Optuna study `{s.req.study}` (objective "
+            f"{s.req.objective}, {s.req.protocol} images of the val split): trial {chosen.number}, {settings}. "
+            f"Test at registration: detection rate {test['detection_rate']:.3f}, FDR {test['fdr']:.3f}, "
+            f"F1 {test['f1']:.3f}. Study run {s.parent}.")
 
 
 def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:

@@ -86,7 +86,20 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
     for k in ("detection_rate", "fdr", "ap", "box_ap50"):
         assert again[k] == pytest.approx(m[f"test/{k}"], abs=1e-9)
     assert m["test/tp"] + m["test/fn"] == m["test/cells"] and m["test/cells_uncovered"] == 0
-    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "2"
+    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "3"
+
+    # Named for what it is, in an experiment the UI opens on its runs table, with its images as input.
+    assert run.info.run_name == f"evaluate v{version.version} test whole"
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.tags[0].value == "testing" and dataset.dataset.name == "brecahad-test"
+    # What the version reports on each image, as GeoJSON for QuPath.
+    import geojson
+
+    shapes = [geojson.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{a.path}"))
+              for a in client.list_artifacts(run.info.run_id, "detections")]
+    assert len(shapes) == 2 and all(s.is_valid for s in shapes)
+    assert sum(len(s["features"]) for s in shapes) == m["test/tp"] + m["test/fp"]
 
 
 def test_paper_protocol_draws_ten_patches_per_image(in_store, synth_dir):

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -141,6 +142,26 @@ def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth
         with pytest.raises(urllib.error.HTTPError) as empty:
             _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
         assert empty.value.code == 400
+
+
+def test_predict_writes_geojson_that_qupath_and_the_geojson_package_read(in_store, synth_dir, tmp_path):
+    import geojson
+
+    path = synth_dir / "images" / "Case_1-01.tif"
+    result = run_cli("predict", str(path), "--model", SOURCE, "--out", str(tmp_path), "--format", "geojson",
+                     cwd=in_store["workdir"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "Case_1-01.json").exists()
+    doc = geojson.loads((tmp_path / "Case_1-01.geojson").read_text())
+    assert doc.is_valid and doc["type"] == "FeatureCollection"
+    local = mlflow.pyfunc.load_model(SOURCE).predict(pd.DataFrame({"image": [load_dataset(synth_dir)[0].read_image()]}))
+    assert len(doc["features"]) == len(local) > 0
+    points = np.array([f["geometry"]["coordinates"] for f in doc["features"]])
+    assert all(f["geometry"]["type"] == "Point" for f in doc["features"])
+    assert points == pytest.approx(local[["cx", "cy"]].to_numpy(), abs=1e-3)  # image pixels, x right, y down
+    props = doc["features"][0]["properties"]
+    assert props["objectType"] == "detection" and props["classification"]["name"] == "tumor"
+    assert [f["properties"]["measurements"]["score"] for f in doc["features"]] == pytest.approx(local.score.tolist())
 
 
 def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):

@@ -45,7 +45,7 @@ def _training_run_started(study, numbers):
     parent = study.user_attrs.get("mlflow_run_id")
     return parent and client.search_runs([client.get_run(parent).info.experiment_id],
                                          f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = "
-                                         f"'trial-{numbers[0]}' and attributes.status = 'RUNNING'")
+                                         f"'trial {numbers[0]}' and attributes.status = 'RUNNING'")
 
 
 def _kill_inside_a_trial(worker, storage, study_name, ready=lambda study, numbers: True, timeout=600):
@@ -96,7 +96,7 @@ def test_a_killed_worker_does_not_stall_its_study(in_store, synth_dir, tmp_path,
     parent = client.get_run(study.user_attrs["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["detection.registered_version"]
     if kind == "training":  # the dead trial's nested training run is KILLED, not left RUNNING
-        (nested,) = [r for r in runs if r.info.run_name == f"trial-{dead[0]}"
+        (nested,) = [r for r in runs if r.info.run_name == f"trial {dead[0]}"
                      and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert nested.info.status == "KILLED"
     print(f"{storage_kind}/{kind}: the killed trial was failed and its retry done {time.monotonic() - killed_at:.1f} s "

@@ -66,7 +66,11 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
     files = _artifacts(client, run.info.run_id)
     for f in ("config.yaml", "split.json", "loss_curve.png", "checkpoints/latest.json"):
         assert f in files
-    assert any(f.startswith("val_patches/epoch_001/") and f.endswith(".png") for f in files)
+    # Overlays are images with a step, so the UI's image slider walks them across epochs.
+    assert any(f.startswith("images/val_overlay_0_") and "+step+1+" in f and f.endswith(".png") for f in files)
+    assert run.info.run_name == "train smoke"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     split = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/split.json"))
     assert run.data.tags["detection.split_hash"] and len(split["train"]) == 2 and len(split["sha256"]) == 6
     contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
@@ -74,6 +78,8 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
 
     version = client.get_model_version_by_alias(MODEL, "challenger")
     assert version.run_id == run.info.run_id and int(version.version) == 1
+    for words in ("config `smoke`", "2 train / ", run.info.run_id, "Last validation: detection rate"):
+        assert words in version.description
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
     image = load_dataset(synth_dir)[0].read_image()
     out = model.predict(pd.DataFrame({"image": [image]}))
