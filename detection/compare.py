@@ -8,6 +8,7 @@ augmentation), every curve goes on one plot, and the FDR at detection rates 0.90
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +93,17 @@ def compare(req: CompareRequest) -> tuple[str, pd.DataFrame]:
             dr, fdr = rates(units.sum(0))
             curves[label] = pd.DataFrame({"threshold": THRESHOLDS, "detection_rate": dr, "fdr": fdr})
             per_version.append((ref, run_id, label, units, unit, pp))
-        reachable = min(float(np.nanmax(c.detection_rate)) for c in curves.values())
-        targets = sorted(set(req.targets) | {round(reachable, 4)})
+        reachable = highest_common(curves)
+        targets = sorted(set(req.targets) | {reachable})
         table = pd.DataFrame([_row(req, targets, *v) for v in per_version])
         _log(tr, req, table, curves, targets, reachable)
         return tr.run_id, table
+
+
+def highest_common(curves: dict[str, pd.DataFrame]) -> float:
+    """The highest detection rate every curve reaches, rounded down to 4 decimals (rounded up, it
+    could lie past the lowest curve's top, where that version has no FDR)."""
+    return math.floor(min(float(np.nanmax(c.detection_rate)) for c in curves.values()) * 1e4) / 1e4
 
 
 def _units(images: list[str], counts: np.ndarray) -> tuple[np.ndarray, str]:

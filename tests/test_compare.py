@@ -41,6 +41,16 @@ def test_intervals_resample_cases_and_contain_the_estimate():
     assert single[0] == single[1] == pytest.approx(float(fdr_at(units[0], 0.9)))
 
 
+def test_the_highest_common_detection_rate_is_reached_by_every_version():
+    from detection.compare import highest_common
+
+    curves = {"a": pd.DataFrame({"detection_rate": [0.5, 0.76346, np.nan]}),
+              "b": pd.DataFrame({"detection_rate": [0.95, 0.8]})}
+    assert highest_common(curves) == 0.7634
+    counts = np.array([[[76346, 10, 100000 - 76346]]], float)
+    assert np.isfinite(fdr_at(counts, highest_common(curves))).all()
+
+
 @pytest.mark.slow
 def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in_store, synth_dir):
     client = MlflowClient()
