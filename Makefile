@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,team]'
+	$(BIN)/python -m pip install -e '.[test,team,docs]'
 	touch $@
 
 $(DEMO)/images:

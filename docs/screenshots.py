@@ -1,0 +1,186 @@
+"""Screenshots of the MLflow UI and optuna-dashboard from a real browser, for the README.
+
+    python docs/screenshots.py [--store /tmp/brecahad-ui] [--out docs/figures/ui]
+
+Builds a demo store in --store unless it holds one (synthetic images; two smoke trainings, an
+evaluation, a tune study and a promotion, all through `python -m detection`), starts `mlflow ui` and
+`optuna-dashboard` on 127.0.0.1, opens them in headless Chromium (Playwright driving Debian's
+/usr/bin/chromium, or $BRECAHAD_CHROMIUM: a browser download is not possible everywhere) and saves:
+runs.png (the runs table), compare.png (two training runs side by side), study.png (the study's
+trials on parallel coordinates), versions.png (the registered versions with their aliases) and
+dashboard.png (optuna-dashboard on the study). Needs `pip install -e '.[docs]'` and Chromium
+(`apt-get install -y chromium`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("BRECAHAD_CHROMIUM", "/usr/bin/chromium")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"]
+TINY = ("data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 train.figure_every=1 "
+        "train.epochs=1")
+MODEL = "brecahad-faster-rcnn"
+STUDY = "demo-thresholds"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(store: Path, *args: str) -> str:
+    env = dict(os.environ) | {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    out = subprocess.run([sys.executable, "-m", "detection", *args], cwd=store, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"python -m detection {args[0]} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def build_store(store: Path, trials: int = 40) -> None:
+    """The demo's store: two trainings (one with stain jitter), an evaluation, a study, a promotion."""
+    store.mkdir(parents=True, exist_ok=True)
+    cli(store, "synth", "data", "--images", "8", "--per-case", "2", "--seed", "1")
+    cli(store, "train", "--config", "experiments/smoke.yaml", "--data-dir", "data", "-o", TINY)
+    cli(store, "train", "--config", "experiments/smoke-stain.yaml", "--data-dir", "data", "-o", TINY)
+    cli(store, "evaluate", "--model", f"models:/{MODEL}/1", "--data-dir", "data")
+    cli(store, "tune", "--model", f"models:/{MODEL}/1", "--data-dir", "data", "--study", STUDY,
+        "--n-trials", str(trials), "--storage", str(store / "optuna-journal.log"))
+    cli(store, "promote", "--candidate", f"models:/{MODEL}@challenger", "--data-dir", "data")
+
+
+@contextlib.contextmanager
+def serving(command: list[str], ready: str, cwd: Path, timeout: float = 120):
+    """A server in its own process group, stopped with its workers afterwards."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ) | {
+                                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(ready, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} did not answer at {ready}") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            yield b.new_page(viewport={"width": 1500, "height": 900})
+        finally:
+            b.close()
+
+
+def tidy(page) -> None:
+    """The UI's model-training sidebar instead of the GenAI one, and no assistant panel: what this
+    project's users look at (both are UI preferences, remembered by the browser)."""
+    for action in (lambda: page.get_by_text("Model training", exact=True).first.click(timeout=3000),
+                   lambda: page.locator("[aria-label*='lose' i]").last.click(timeout=3000)):
+        with contextlib.suppress(Exception):
+            action()
+
+
+def shot(page, url: str, wait_for: str, path: Path | None, settle: float = 2.0) -> str:
+    """Open `url`, wait until `wait_for` is on the page, save a screenshot; returns the page's text."""
+    page.goto(url)
+    page.reload()  # a single-page app keeps the previous page's state when only the #route changes
+    page.wait_for_function("text => document.body.innerText.includes(text)", arg=wait_for, timeout=90_000)
+    tidy(page)
+    time.sleep(settle)  # charts draw after the text appears
+    if path is not None:
+        page.screenshot(path=str(path))
+    return page.inner_text("body")
+
+
+def ids(store: Path) -> dict:
+    """The experiment, the two training runs and the study's trial runs, read from the store."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("brecahad")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    train = [r.info.run_id for r in runs if r.info.run_name.startswith("train ")][:2]
+    trials = [r.info.run_id for r in runs if r.info.run_name.startswith("trial ")][:40]
+    return {"experiment": exp.experiment_id, "train": train, "trials": trials}
+
+
+def take(store: Path, out: Path) -> dict[str, float]:
+    """Every screenshot; returns seconds per picture."""
+    out.mkdir(parents=True, exist_ok=True)
+    found = ids(store)
+    exp = found["experiment"]
+    ui, dash = free_port(), free_port()
+    seconds = {}
+    mlflow_ui = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+                 f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ui)]
+    dashboard = [str(Path(sys.executable).parent / "optuna-dashboard"), str(store / "optuna-journal.log"),
+                 "--host", "127.0.0.1", "--port", str(dash)]
+    base = f"http://127.0.0.1:{ui}"
+    with serving(mlflow_ui, f"{base}/health", store), serving(dashboard, f"http://127.0.0.1:{dash}/", store), \
+            browser() as page:
+        pages = [
+            ("runs", f"{base}/#/experiments/{exp}/runs", "train smoke"),
+            ("compare", f"{base}/#/compare-runs?runs={json.dumps(found['train'])}&experiments={json.dumps([exp])}",
+             "Parameters"),
+            ("study", f"{base}/#/compare-runs?runs={json.dumps(found['trials'])}&experiments={json.dumps([exp])}",
+             "pp.score_thresh"),
+            ("versions", f"{base}/#/models/{MODEL}", "champion"),
+            ("dashboard", f"http://127.0.0.1:{dash}/dashboard/studies/0", STUDY),
+        ]
+        for name, url, wait_for in pages:
+            start = time.monotonic()
+            try:
+                shot(page, url, wait_for, out / f"{name}.png")
+            except Exception as e:
+                page.screenshot(path=str(out / f"{name}-failed.png"))
+                raise RuntimeError(f"{name}: {url} never showed {wait_for!r} ({type(e).__name__}); see "
+                                   f"{out / (name + '-failed.png')}") from None
+            seconds[name] = round(time.monotonic() - start, 1)
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=Path("/tmp/brecahad-ui"), help="demo store (built if empty)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "ui", help="where the PNGs go")
+    args = p.parse_args()
+    if not Path(CHROMIUM).exists():
+        sys.exit(f"no Chromium at {CHROMIUM}: apt-get install -y chromium, or set BRECAHAD_CHROMIUM")
+    start = time.monotonic()
+    if not (args.store / "mlflow.db").exists():
+        build_store(args.store.resolve())
+    built = time.monotonic() - start
+    seconds = take(args.store.resolve(), args.out)
+    print(json.dumps({"store_seconds": round(built, 1), "screenshots": seconds,
+                      "total_seconds": round(time.monotonic() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
