@@ -289,10 +289,13 @@ class SecondLookRequest:
     device: str = ""
     alias: str = ""  # the alias of the new version; empty: the version's tracking.alias
 
-    def check(self, cfg: Config) -> Config:
+    def check(self) -> None:
+        """Before anything is resolved or loaded."""
         bad = [o for o in " ".join(self.overrides).split() if not o.startswith("second_look.")]
         if bad:
             raise SecondLookError(f"override {bad[0]!r}: only second_look.* keys apply here (the detector is trained)")
+
+    def config(self, cfg: Config) -> Config:
         return cfg.replace("second_look.weight=0", *self.overrides)
 
     @property
@@ -319,10 +322,11 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
     from .evaluate import Request, recorded_split, renamed, select
     from .train import log_detector
 
+    req.check()
     tracking.check_reachable()
     ref = tracking.resolve_model(req.model)
     detector = tracking.load_model(ref)
-    cfg = req.check(detector.config)
+    cfg = req.config(detector.config)
     try:
         split = recorded_split(ref)
         rt = Runtime.choose(req.device or None)

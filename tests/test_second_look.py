@@ -55,15 +55,18 @@ def test_a_training_config_cannot_switch_the_second_look_on(store, synth_dir):
     assert not any(MlflowClient().search_registered_models())
 
 
-def test_second_look_overrides_are_only_second_look_keys(in_store, synth_dir):
-    result = run_cli("second-look", "--model", in_store["model"], "--data-dir", str(synth_dir),
-                     "-o", "train.epochs=3", cwd=in_store["workdir"])
-    assert result.returncode == 2 and "only second_look.* keys" in result.stderr
+def test_second_look_overrides_are_only_second_look_keys(store, synth_dir):
+    # Checked before the model is even looked up: this store has none.
+    result = run_cli("second-look", "--model", "models:/brecahad-faster-rcnn/1", "--data-dir", str(synth_dir),
+                     "-o", "train.epochs=3", cwd=store)
+    assert result.returncode == 2 and "only second_look.* keys" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_the_second_look_is_a_nested_run_and_one_pyfunc_that_serves(in_store, synth_dir):
-    source = tracking.resolve_model(in_store["model"])
+    # Version 1, the trained one: aliases move as other tests promote and tune in this store.
+    first = MlflowClient().search_model_versions("name='brecahad-faster-rcnn'", order_by=["version_number ASC"])[0]
+    source = tracking.resolve_model(f"models:/brecahad-faster-rcnn/{first.version}")
     result = run_cli("second-look", "--model", source.pinned, "--data-dir", str(synth_dir), "--alias", ALIAS,
                      "-o", "second_look.epochs=1 second_look.max_examples=200 second_look.weight=0.5",
                      cwd=in_store["workdir"])
