@@ -59,8 +59,12 @@ def _kill_inside_a_trial(worker, storage, study_name, ready=lambda study, number
         except KeyError:
             continue
         os.kill(worker.pid, signal.SIGSTOP)
-        running = [t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))]
-        if running and ready(study, running):
+        try:
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))]
+            now = bool(running) and bool(ready(study, running))
+        except Exception:  # stopped while it held a store's write lock ("database is locked"): look again
+            now = False
+        if now:
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             return running
