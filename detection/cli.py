@@ -485,30 +485,27 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_download(args) -> int:
-    from .download import download
-
-    problems = download(args.data_dir)
+def _report(data_dir: Path, problems: list[str], found: str, valid: str) -> int:
+    """Every problem on a line of its own, then a summary; exit 1 when there is any."""
     for p in problems:
         print(p)
     if problems:
-        print(f"{args.data_dir}: downloaded, but {len(problems)} problem(s) found", file=sys.stderr)
+        print(f"{data_dir}: {found}{len(problems)} problem(s)", file=sys.stderr)
         return 1
-    print(f"{args.data_dir}: BreCaHAD downloaded, checked and valid")
+    print(f"{data_dir}: {valid}")
     return 0
+
+
+def cmd_download(args) -> int:
+    from .download import download
+
+    return _report(args.data_dir, download(args.data_dir), "downloaded, but ", "BreCaHAD downloaded, checked and valid")
 
 
 def cmd_validate(args) -> int:
     from .data import check_dataset
 
-    problems = check_dataset(args.data_dir)
-    for p in problems:
-        print(p)
-    if problems:
-        print(f"{args.data_dir}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"{args.data_dir}: valid")
-    return 0
+    return _report(args.data_dir, check_dataset(args.data_dir), "", "valid")
 
 
 def cmd_synth(args) -> int:
