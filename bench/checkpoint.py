@@ -40,8 +40,17 @@ def checkpoint_state(path: str) -> tuple[dict, int]:
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.lr_decay)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return ({"epoch": 0, "step": 0, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, parameter_count(model))
+    return (
+        {
+            "epoch": 0,
+            "step": 0,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        },
+        parameter_count(model),
+    )
 
 
 def bench(path: str) -> dict:
@@ -63,20 +72,29 @@ def bench(path: str) -> dict:
     cfg = config.load(path)
     epochs = {machine: EPOCH_IMAGES * s for machine, s in SECONDS_PER_IMAGE.get(name, {}).items()}
     every = cfg.train.checkpoint_every
-    return {"config": name, "parameters": n_params, "checkpoint_mb": round(size_mb, 1),
-            "save_s": round(save_s, 2), "upload_s": round(upload_s, 2), "store": mlflow.get_tracking_uri(),
-            "checkpoint_every": every,
-            "epoch_s": {m: round(s, 1) for m, s in epochs.items()},
-            # share of run time spent on checkpoints: saved every epoch, uploaded every `every`
-            "share_every_epoch_upload": {m: round((save_s + upload_s) / (s + save_s + upload_s), 3)
-                                         for m, s in epochs.items()},
-            "share_with_cadence": {m: round((save_s + upload_s / every) / (s + save_s + upload_s / every), 3)
-                                   for m, s in epochs.items()},
-            # as landed: training waits for the host copy, and for a background write that outlasts an epoch
-            "host_copy_s": round(copy_s, 2),
-            "share_background": {m: round(_waited(copy_s, save_s, upload_s, every, s) /
-                                          (s + _waited(copy_s, save_s, upload_s, every, s)), 3)
-                                 for m, s in epochs.items()}}
+    return {
+        "config": name,
+        "parameters": n_params,
+        "checkpoint_mb": round(size_mb, 1),
+        "save_s": round(save_s, 2),
+        "upload_s": round(upload_s, 2),
+        "store": mlflow.get_tracking_uri(),
+        "checkpoint_every": every,
+        "epoch_s": {m: round(s, 1) for m, s in epochs.items()},
+        # share of run time spent on checkpoints: saved every epoch, uploaded every `every`
+        "share_every_epoch_upload": {
+            m: round((save_s + upload_s) / (s + save_s + upload_s), 3) for m, s in epochs.items()
+        },
+        "share_with_cadence": {
+            m: round((save_s + upload_s / every) / (s + save_s + upload_s / every), 3) for m, s in epochs.items()
+        },
+        # as landed: training waits for the host copy, and for a background write that outlasts an epoch
+        "host_copy_s": round(copy_s, 2),
+        "share_background": {
+            m: round(_waited(copy_s, save_s, upload_s, every, s) / (s + _waited(copy_s, save_s, upload_s, every, s)), 3)
+            for m, s in epochs.items()
+        },
+    }
 
 
 def _waited(copy_s: float, save_s: float, upload_s: float, every: int, epoch_s: float) -> float:

@@ -33,8 +33,11 @@ CPU = torch.device("cpu")
 def whole_image(cfg_name: str, image: np.ndarray, repeats: int) -> list[dict]:
     cfg = config.load(f"experiments/{cfg_name}.yaml")
     torch.manual_seed(0)
-    runtimes = {"before": Runtime(CPU, None, 1, 1), "default": Runtime.choose("cpu", "fp32"),
-                "bf16": Runtime.choose("cpu", "bf16")}
+    runtimes = {
+        "before": Runtime(CPU, None, 1, 1),
+        "default": Runtime.choose("cpu", "fp32"),
+        "bf16": Runtime.choose("cpu", "bf16"),
+    }
     out = []
     for name, rt in runtimes.items():
         model = build_model(cfg.model, pretrained=False).eval()
@@ -47,13 +50,31 @@ def whole_image(cfg_name: str, image: np.ndarray, repeats: int) -> list[dict]:
                 start = time.perf_counter()
                 tiles = detect_tiles(model, image, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
                 times.append(time.perf_counter() - start)
-        out.append({"figure": "whole_image_inference", "config": cfg_name, "path": name, **rt.describe(),
-                    "seconds": round(min(times), 2), "tiles": len(tiles.origin), "raw_boxes": len(tiles.scores)})
+        out.append(
+            {
+                "figure": "whole_image_inference",
+                "config": cfg_name,
+                "path": name,
+                **rt.describe(),
+                "seconds": round(min(times), 2),
+                "tiles": len(tiles.origin),
+                "raw_boxes": len(tiles.scores),
+            }
+        )
         print(json.dumps(out[-1]), flush=True)
     base = out[0]["seconds"]
     for row in out[1:]:
-        print(json.dumps({"figure": "speedup", "config": cfg_name, "path": row["path"],
-                          "x_before": round(base / row["seconds"], 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "figure": "speedup",
+                    "config": cfg_name,
+                    "path": row["path"],
+                    "x_before": round(base / row["seconds"], 2),
+                }
+            ),
+            flush=True,
+        )
     return out
 
 
@@ -80,8 +101,9 @@ def pipeline(data_dir: str, epochs: int) -> None:
     old = _DecodeEachTime(samples, cfg.data)
     for name, data, workers in (("before", old, 0), ("decoded once", decoded, 0), ("decoded once", decoded, 1)):
         order = EpochOrder(len(samples), 0) if data is decoded else None
-        loader = torch.utils.data.DataLoader(data, batch_size=1, sampler=order, collate_fn=collate,
-                                             num_workers=workers, persistent_workers=workers > 0)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=1, sampler=order, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0
+        )
         next(iter(loader))  # start the workers
         start, n = time.perf_counter(), 0
         for e in range(epochs):
@@ -90,8 +112,19 @@ def pipeline(data_dir: str, epochs: int) -> None:
             for images, _ in loader:
                 n += len(images)
         seconds = time.perf_counter() - start
-        print(json.dumps({"figure": "data_pipeline", "path": name, "workers": workers, "patches": n,
-                          "patches_per_s": round(n / seconds, 1), "decode_once_s": round(decode_s, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "figure": "data_pipeline",
+                    "path": name,
+                    "workers": workers,
+                    "patches": n,
+                    "patches_per_s": round(n / seconds, 1),
+                    "decode_once_s": round(decode_s, 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 def profile(image: np.ndarray) -> None:
@@ -109,9 +142,19 @@ def profile(image: np.ndarray) -> None:
     rows = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
     total = sum(e.self_cpu_time_total for e in p.key_averages())
     for e in rows:
-        print(json.dumps({"figure": "profile_top5", "config": "smoke", "op": e.key, "calls": e.count,
-                          "self_cpu_s": round(e.self_cpu_time_total / 1e6, 2),
-                          "share": round(e.self_cpu_time_total / total, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "figure": "profile_top5",
+                    "config": "smoke",
+                    "op": e.key,
+                    "calls": e.count,
+                    "self_cpu_s": round(e.self_cpu_time_total / 1e6, 2),
+                    "share": round(e.self_cpu_time_total / total, 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -121,8 +164,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3, help="data pipeline epochs (default: %(default)s)")
     args = p.parse_args()
-    print(json.dumps({"figure": "machine", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "cpu_capability": torch.backends.cpu.get_cpu_capability()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "figure": "machine",
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            }
+        ),
+        flush=True,
+    )
     image = load_dataset(args.data_dir)[0].read_image()
     pipeline(args.data_dir, args.epochs)
     for name in args.configs:

@@ -29,8 +29,16 @@ def cli(*args: str, cwd: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "detection", *args], cwd=cwd, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{' '.join(args[:2])} failed:\n{out.stderr[-3000:]}")
-    print(json.dumps({"step": " ".join(args[:1]), "args": " ".join(args[1:])[:160],
-                      "seconds": round(time.monotonic() - start, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "step": " ".join(args[:1]),
+                "args": " ".join(args[1:])[:160],
+                "seconds": round(time.monotonic() - start, 1),
+            }
+        ),
+        flush=True,
+    )
     return out.stdout
 
 
@@ -60,10 +68,16 @@ def main() -> None:
     p.add_argument("--store", type=Path, default=Path("/tmp/brecahad-fp"))
     p.add_argument("--plain", help="a version of smoke.yaml already trained in the store (skips its training)")
     p.add_argument("--stain", help="a version of smoke-stain.yaml already trained in the store")
-    p.add_argument("--only", default="", help="comma-separated versions to make now (default: every missing one, "
-                                               "then the comparison)")
-    p.add_argument("--second-look", default="second_look.epochs=5 second_look.max_examples=4000",
-                   help="overrides of the second looks (default: %(default)s)")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated versions to make now (default: every missing one, then the comparison)",
+    )
+    p.add_argument(
+        "--second-look",
+        default="second_look.epochs=5 second_look.max_examples=4000",
+        help="overrides of the second looks (default: %(default)s)",
+    )
     args = p.parse_args()
     data = args.data_dir.resolve()
     args.store.mkdir(parents=True, exist_ok=True)
@@ -86,18 +100,48 @@ def main() -> None:
         print(json.dumps({"version": label, "model": versions[label]}), flush=True)
 
     def train(cfg: str) -> str:
-        out = cli("train", "--config", str(ROOT / "experiments" / cfg), "--data-dir", str(data), "-o",
-                  f"train.epochs={args.epochs} train.figure_every={args.epochs}", cwd=args.store)
+        out = cli(
+            "train",
+            "--config",
+            str(ROOT / "experiments" / cfg),
+            "--data-dir",
+            str(data),
+            "-o",
+            f"train.epochs={args.epochs} train.figure_every={args.epochs}",
+            cwd=args.store,
+        )
         return f"models:/{name}/{out.split('registered version ')[1].split('.')[0]}"
 
     def tune(label: str) -> str:
-        cli("tune", "--model", versions[label], "--data-dir", str(data), "--study", f"fp-thresholds-{label}",
-            "--n-trials", str(args.trials), "--storage", str(args.store / "optuna-journal.log"), cwd=args.store)
+        cli(
+            "tune",
+            "--model",
+            versions[label],
+            "--data-dir",
+            str(data),
+            "--study",
+            f"fp-thresholds-{label}",
+            "--n-trials",
+            str(args.trials),
+            "--storage",
+            str(args.store / "optuna-journal.log"),
+            cwd=args.store,
+        )
         return tracking.resolve_model(f"models:/{name}@challenger").pinned
 
     def second_look(source: str) -> str:
-        out = cli("second-look", "--model", versions[source], "--data-dir", str(data), "--alias", "second-look",
-                  "-o", args.second_look, cwd=args.store)
+        out = cli(
+            "second-look",
+            "--model",
+            versions[source],
+            "--data-dir",
+            str(data),
+            "--alias",
+            "second-look",
+            "-o",
+            args.second_look,
+            cwd=args.store,
+        )
         print(out.strip().splitlines()[-1], flush=True)
         return tracking.resolve_model(f"models:/{name}@second-look").pinned
 
@@ -114,8 +158,18 @@ def main() -> None:
     if not all(k in versions for k in order):
         print(json.dumps({"missing": [k for k in order if k not in versions]}), flush=True)
         return
-    print(cli("compare", "--models", " ".join(versions[k] for k in order), "--data-dir", str(data),
-              "--targets", "0.5 0.6 0.7 0.8 0.9", cwd=args.store))
+    print(
+        cli(
+            "compare",
+            "--models",
+            " ".join(versions[k] for k in order),
+            "--data-dir",
+            str(data),
+            "--targets",
+            "0.5 0.6 0.7 0.8 0.9",
+            cwd=args.store,
+        )
+    )
     print_costs()
 
 
@@ -127,12 +181,29 @@ def print_costs() -> None:
     ids = [e.experiment_id for e in client.search_experiments()]
     for r in client.search_runs(ids, "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]):
         tags = r.data.tags
-        kind = ("evaluate" if tags.get("detection.evaluation") else "second look" if tags.get("detection.second_look")
-                else "train" if "train.epochs" in r.data.params and not tags.get("mlflow.parentRunId") else None)
+        kind = (
+            "evaluate"
+            if tags.get("detection.evaluation")
+            else "second look"
+            if tags.get("detection.second_look")
+            else "train"
+            if "train.epochs" in r.data.params and not tags.get("mlflow.parentRunId")
+            else None
+        )
         if kind:
-            print(json.dumps({"cost": kind, "run": r.info.run_name, "model_version": tags.get("detection.model_version"),
-                              "split": tags.get("detection.split"), "tta_views": tags.get("detection.tta_views", ""),
-                              "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "cost": kind,
+                        "run": r.info.run_name,
+                        "model_version": tags.get("detection.model_version"),
+                        "split": tags.get("detection.split"),
+                        "tta_views": tags.get("detection.tta_views", ""),
+                        "seconds": round((r.info.end_time - r.info.start_time) / 1000, 1),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -95,9 +95,17 @@ def train_rate(cfg, data, mode: str, batch: int, steps: int, warmup: int) -> dic
         step(warmup + i)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    return {"figure": "train", "config": cfg.name, "mode": mode, "batch": batch, "steps": steps,
-            "images_per_s": round(steps * batch / seconds, 2), "s_per_step": round(seconds / steps, 4),
-            "peak_gb": _peak_gb(), "last_loss": round(float(losses[-1]), 4)}
+    return {
+        "figure": "train",
+        "config": cfg.name,
+        "mode": mode,
+        "batch": batch,
+        "steps": steps,
+        "images_per_s": round(steps * batch / seconds, 2),
+        "s_per_step": round(seconds / steps, 4),
+        "peak_gb": _peak_gb(),
+        "last_loss": round(float(losses[-1]), 4),
+    }
 
 
 class SyntheticPatches(torch.utils.data.Dataset):
@@ -112,8 +120,16 @@ class SyntheticPatches(torch.utils.data.Dataset):
         for _ in range(n):
             pts = rng.uniform([half, half], [w - half, h - half], size=(int(rng.integers(20, 60)), 2))
             boxes = np.concatenate([pts - half, pts + half], 1).astype(np.float32)
-            self.items.append(Patch("synthetic", (0, 0), rng.integers(90, 250, (h, w, 3), dtype=np.uint8),
-                                    pts.astype(np.float32), boxes, np.ones(len(boxes), np.int64)))
+            self.items.append(
+                Patch(
+                    "synthetic",
+                    (0, 0),
+                    rng.integers(90, 250, (h, w, 3), dtype=np.uint8),
+                    pts.astype(np.float32),
+                    boxes,
+                    np.ones(len(boxes), np.int64),
+                )
+            )
 
     def __len__(self):
         return len(self.items)
@@ -136,8 +152,9 @@ def package_train_rate(cfg, batch: int, steps: int, warmup: int, rng) -> dict:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     data = SyntheticPatches(cfg, (steps + warmup) * batch, rng)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate, num_workers=4,
-                                         pin_memory=True, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch, collate_fn=collate, num_workers=4, pin_memory=True, persistent_workers=True
+    )
     batches = iter(loader)
     warm = [next(batches) for _ in range(warmup)]
     losses = []
@@ -148,9 +165,17 @@ def package_train_rate(cfg, batch: int, steps: int, warmup: int, rng) -> dict:
     train_one_epoch(model, opt, batches, device, scaler, dtype, 0, lambda s, v: losses.append(v["loss"]))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    return {"figure": "train", "config": cfg.name, "mode": f"package ({PRECISION_NAMES[dtype]}, channels_last, "
-            f"loader)", "batch": batch, "steps": steps, "images_per_s": round(steps * batch / seconds, 2),
-            "s_per_step": round(seconds / steps, 4), "peak_gb": _peak_gb(), "last_loss": round(losses[-1], 4)}
+    return {
+        "figure": "train",
+        "config": cfg.name,
+        "mode": f"package ({PRECISION_NAMES[dtype]}, channels_last, loader)",
+        "batch": batch,
+        "steps": steps,
+        "images_per_s": round(steps * batch / seconds, 2),
+        "s_per_step": round(seconds / steps, 4),
+        "peak_gb": _peak_gb(),
+        "last_loss": round(losses[-1], 4),
+    }
 
 
 def package_infer_rate(cfg, image: np.ndarray, precision: str, batch: int, iters: int, warmup: int) -> dict:
@@ -171,9 +196,16 @@ def package_infer_rate(cfg, image: np.ndarray, precision: str, batch: int, iters
             tiles = detect_tiles(model, image, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    return {"figure": "inference", "config": cfg.name, "path": "package detect_tiles", **rt.describe(),
-            "whole_images_per_s": round(iters / seconds, 2), "patches_per_s": round(iters * len(tiles.origin) / seconds, 1),
-            "raw_boxes_per_image": len(tiles.scores), "peak_gb": _peak_gb()}
+    return {
+        "figure": "inference",
+        "config": cfg.name,
+        "path": "package detect_tiles",
+        **rt.describe(),
+        "whole_images_per_s": round(iters / seconds, 2),
+        "patches_per_s": round(iters * len(tiles.origin) / seconds, 1),
+        "raw_boxes_per_image": len(tiles.scores),
+        "peak_gb": _peak_gb(),
+    }
 
 
 def main() -> int:
@@ -183,12 +215,27 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=8, help="timed whole images (default: %(default)s)")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device: bench/gpu.py measures GPU paths only; "
-                                   "bench/cpu_inference.py gives the CPU figures"}))
+        print(
+            json.dumps(
+                {
+                    "error": "no CUDA device: bench/gpu.py measures GPU paths only; "
+                    "bench/cpu_inference.py gives the CPU figures"
+                }
+            )
+        )
         return 0
     cfg = config_mod.load(args.config)  # built with pretrained=False: the architecture, no download
-    print(json.dumps({"figure": "device", "name": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "bf16": torch.cuda.is_bf16_supported()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "figure": "device",
+                "name": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
+        ),
+        flush=True,
+    )
     rng = np.random.default_rng(0)
     data = patches(cfg, 16, rng)
     # The plain fp32 loop beside the package's fast path, in the same run.

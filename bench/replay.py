@@ -40,14 +40,24 @@ def synthetic_cache(items: int = 12, boxes: int = 4000, cells: int = 150, seed: 
         det_item.append(np.full(boxes, i)), det_boxes.append(b[order]), det_scores.append(s[order])
         gt_item.append(np.full(cells, i)), gt_points.append(pts)
     boxes_all = np.concatenate(det_boxes).astype(np.float32)
-    return Cache(np.array([f"Case_{i}-01" for i in range(items)]), np.zeros((items, 2), np.int64),
-                 np.tile([1024, 1360], (items, 1)), np.tile([1024, 1360], (items, 1)),
-                 np.arange(items, dtype=np.int32), np.zeros((items, 2), np.int64),
-                 np.tile([-np.inf, -np.inf, np.inf, np.inf], (items, 1)), np.concatenate(det_item).astype(np.int32),
-                 boxes_all, boxes_all.copy(), np.concatenate(det_scores).astype(np.float32),
-                 np.ones(items * boxes, np.int64), np.concatenate(gt_item).astype(np.int32),
-                 np.concatenate(gt_points).astype(np.float32), np.ones(items * cells, np.int64),
-                 {"box_size": 32, "border_band": 0.0})
+    return Cache(
+        np.array([f"Case_{i}-01" for i in range(items)]),
+        np.zeros((items, 2), np.int64),
+        np.tile([1024, 1360], (items, 1)),
+        np.tile([1024, 1360], (items, 1)),
+        np.arange(items, dtype=np.int32),
+        np.zeros((items, 2), np.int64),
+        np.tile([-np.inf, -np.inf, np.inf, np.inf], (items, 1)),
+        np.concatenate(det_item).astype(np.int32),
+        boxes_all,
+        boxes_all.copy(),
+        np.concatenate(det_scores).astype(np.float32),
+        np.ones(items * boxes, np.int64),
+        np.concatenate(gt_item).astype(np.int32),
+        np.concatenate(gt_points).astype(np.float32),
+        np.ones(items * cells, np.int64),
+        {"box_size": 32, "border_band": 0.0},
+    )
 
 
 def tiled(cache: Cache, rows: int = 3, cols: int = 3) -> Cache:
@@ -65,16 +75,32 @@ def tiled(cache: Cache, rows: int = 3, cols: int = 3) -> Cache:
     order = np.lexsort((-cache.det_scores, tile))
     n = len(cache)
     boxes = cache.det_boxes[order]
-    return Cache(cache.items_name, cache.items_origin, cache.items_size, cache.items_image_size,
-                 np.repeat(np.arange(n, dtype=np.int32), len(origin)), np.tile(origin, (n, 1)), np.tile(core, (n, 1)),
-                 tile[order].astype(np.int32), boxes, boxes - np.tile(origin[tile[order] % len(origin)], 2).astype(np.float32),
-                 cache.det_scores[order], cache.det_labels[order], cache.gt_item, cache.gt_points, cache.gt_labels,
-                 cache.meta)
+    return Cache(
+        cache.items_name,
+        cache.items_origin,
+        cache.items_size,
+        cache.items_image_size,
+        np.repeat(np.arange(n, dtype=np.int32), len(origin)),
+        np.tile(origin, (n, 1)),
+        np.tile(core, (n, 1)),
+        tile[order].astype(np.int32),
+        boxes,
+        boxes - np.tile(origin[tile[order] % len(origin)], 2).astype(np.float32),
+        cache.det_scores[order],
+        cache.det_labels[order],
+        cache.gt_item,
+        cache.gt_points,
+        cache.gt_labels,
+        cache.meta,
+    )
 
 
 def random_pp(rng) -> PostProcess:
-    return PostProcess(float(rng.uniform(0, 0.95)), round(float(rng.choice(np.arange(0.1, 0.9001, NMS_STEP))), 6),
-                       int(rng.integers(10, 1000)))
+    return PostProcess(
+        float(rng.uniform(0, 0.95)),
+        round(float(rng.choice(np.arange(0.1, 0.9001, NMS_STEP))), 6),
+        int(rng.integers(10, 1000)),
+    )
 
 
 def plain_trial(cache: Cache, pp: PostProcess, radius: float) -> int:
@@ -124,20 +150,32 @@ def main() -> None:
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
 
     def objective(trial):
-        pp = PostProcess(trial.suggest_float("score_thresh", 0, 0.95),
-                         trial.suggest_float("nms_thresh", 0.1, 0.9, step=NMS_STEP),
-                         trial.suggest_int("detections_per_img", 10, 1000, log=True))
+        pp = PostProcess(
+            trial.suggest_float("score_thresh", 0, 0.95),
+            trial.suggest_float("nms_thresh", 0.1, 0.9, step=NMS_STEP),
+            trial.suggest_int("detections_per_img", 10, 1000, log=True),
+        )
         return replayer.counts(PostProcess(pp.score_thresh, round(pp.nms_thresh, 6), pp.detections_per_img)).f1
 
     n_optuna = min(args.trials, 2000)
     t = time.perf_counter()
     study.optimize(objective, n_trials=n_optuna)
     with_optuna = n_optuna / (time.perf_counter() - t)
-    print(json.dumps({"items": len(cache), "boxes_per_item": int(len(cache.det_scores) / len(cache)),
-                      "plain_trials_per_s": round(plain, 2), "fast_trials_per_s": round(fast, 1),
-                      "speedup": round(fast / plain), "prepare_s_all_iou_values": round(prepare_s, 2),
-                      "iou_values": len(ious), "optuna_random_sampler_trials_per_s": round(with_optuna, 1),
-                      "tiled_3x3_trials_per_s": round(tiled_rate, 1)}))
+    print(
+        json.dumps(
+            {
+                "items": len(cache),
+                "boxes_per_item": int(len(cache.det_scores) / len(cache)),
+                "plain_trials_per_s": round(plain, 2),
+                "fast_trials_per_s": round(fast, 1),
+                "speedup": round(fast / plain),
+                "prepare_s_all_iou_values": round(prepare_s, 2),
+                "iou_values": len(ious),
+                "optuna_random_sampler_trials_per_s": round(with_optuna, 1),
+                "tiled_3x3_trials_per_s": round(tiled_rate, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

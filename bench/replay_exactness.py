@@ -42,9 +42,11 @@ def main() -> None:
         b, s, lab = raw(case)
         for t, u, k in case.settings:
             own = postprocess(case, t, u, k)[1]
-            for name, kept in (("legacy", legacy(b, s, lab, t, u, k)),
-                               ("replay", replay_tile(b, s, lab, PostProcess(t, u, k))),
-                               ("tile_nms", TileNms(b, s, lab, u, False).survivors(t)[1][:k])):
+            for name, kept in (
+                ("legacy", legacy(b, s, lab, t, u, k)),
+                ("replay", replay_tile(b, s, lab, PostProcess(t, u, k))),
+                ("tile_nms", TileNms(b, s, lab, u, False).survivors(t)[1][:k]),
+            ):
                 wrong[name] += not np.array_equal(s[kept], own)
             checked += 1
     print(json.dumps({"checks": checked, "disagreements": wrong, "seconds": round(time.perf_counter() - start, 1)}))

@@ -38,12 +38,31 @@ def free_port() -> int:
 
 
 def start(model: str, port: int, workers: int, timeout: int) -> subprocess.Popen:
-    env = dict(os.environ) | {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout),
-                              "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model,
-                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(os.environ) | {
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -79,8 +98,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=600, help="server request timeout, s (default: %(default)s)")
     args = p.parse_args()
     concurrency = max(1, min(args.concurrency, 20))
-    body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                           "data": [[base64.b64encode(args.image.read_bytes()).decode()]]}}).encode()
+    body = json.dumps(
+        {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(args.image.read_bytes()).decode()]]}}
+    ).encode()
     port = free_port()
     server = start(args.model, port, args.workers, args.timeout)
     url = f"http://127.0.0.1:{port}/invocations"
@@ -98,12 +118,22 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     ok = [s for code, s in results if code == 200]
-    print(json.dumps({"image": args.image.name, "concurrency": concurrency, "workers": args.workers,
-                      "requests": args.requests, "answered": len(results), "wall_s": round(wall, 1),
-                      "requests_per_s": round(len(ok) / wall, 3),
-                      "p50_s": round(float(np.percentile(ok, 50)), 2) if ok else None,
-                      "p95_s": round(float(np.percentile(ok, 95)), 2) if ok else None,
-                      "status": dict(Counter(code for code, _ in results))}))
+    print(
+        json.dumps(
+            {
+                "image": args.image.name,
+                "concurrency": concurrency,
+                "workers": args.workers,
+                "requests": args.requests,
+                "answered": len(results),
+                "wall_s": round(wall, 1),
+                "requests_per_s": round(len(ok) / wall, 3),
+                "p50_s": round(float(np.percentile(ok, 50)), 2) if ok else None,
+                "p95_s": round(float(np.percentile(ok, 95)), 2) if ok else None,
+                "status": dict(Counter(code for code, _ in results)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

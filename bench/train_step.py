@@ -60,10 +60,16 @@ def bench(path: str, data_dir: str, steps: int, device_name: str) -> dict:
         _sync(device)
         infer_times.append(time.perf_counter() - t)
     step = statistics.median(train_times[1:])
-    return {"config": cfg.name, "device": str(device), "threads": torch.get_num_threads(),
-            "parameters_M": round(parameter_count(model) / 1e6, 1), "steps": steps,
-            "train_s_per_step": round(step, 3), "train_images_per_s": round(cfg.train.batch_size / step, 2),
-            "infer_s_per_patch": round(statistics.median(infer_times[1:]), 3)}
+    return {
+        "config": cfg.name,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "parameters_M": round(parameter_count(model) / 1e6, 1),
+        "steps": steps,
+        "train_s_per_step": round(step, 3),
+        "train_images_per_s": round(cfg.train.batch_size / step, 2),
+        "infer_s_per_patch": round(statistics.median(infer_times[1:]), 3),
+    }
 
 
 def main() -> None:

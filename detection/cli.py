@@ -22,180 +22,258 @@ Typical use:
 
 
 def _model_option(p, alias: str) -> None:
-    p.add_argument("--model", default=f"models:/brecahad-faster-rcnn@{alias}",
-                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=f"models:/brecahad-faster-rcnn@{alias}",
+        help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)",
+    )
 
 
 def _protocol_option(p) -> None:
-    p.add_argument("--protocol", default="whole", choices=("whole", "paper"),
-                   help="whole: every annotated cell of whole images counted once (tiled at the training scale); "
-                        "paper: 10 random patches per image as the paper did, counting cell-patch pairs, with a "
-                        "don't-care band of eval.border_band px along inner patch edges (default: %(default)s)")
+    p.add_argument(
+        "--protocol",
+        default="whole",
+        choices=("whole", "paper"),
+        help="whole: every annotated cell of whole images counted once (tiled at the training scale); "
+        "paper: 10 random patches per image as the paper did, counting cell-patch pairs, with a "
+        "don't-care band of eval.border_band px along inner patch edges (default: %(default)s)",
+    )
 
 
 def _matching_option(p) -> None:
-    p.add_argument("--matching", default="greedy", choices=("greedy", "hungarian", "iou"),
-                   help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
-                        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)")
+    p.add_argument(
+        "--matching",
+        default="greedy",
+        choices=("greedy", "hungarian", "iou"),
+        help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
+        "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)",
+    )
 
 
 def _device_option(p) -> None:
-    p.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N for inference (default: $BRECAHAD_DEVICE, "
-                                                "else auto: CUDA when present). $BRECAHAD_PRECISION (auto|fp32|bf16|"
-                                                "fp16; auto = bf16 on CUDA, fp32 on a CPU) and $BRECAHAD_TILE_BATCH "
-                                                "(tiles per forward pass on CUDA, default 9) tune it further")
+    p.add_argument(
+        "--device",
+        default="",
+        help="auto, cpu, cuda or cuda:N for inference (default: $BRECAHAD_DEVICE, "
+        "else auto: CUDA when present). $BRECAHAD_PRECISION (auto|fp32|bf16|"
+        "fp16; auto = bf16 on CUDA, fp32 on a CPU) and $BRECAHAD_TILE_BATCH "
+        "(tiles per forward pass on CUDA, default 9) tune it further",
+    )
 
 
 def _config_options(p) -> None:
-    p.add_argument("--config", default="experiments/smoke.yaml",
-                   help="experiments/*.yaml, looked up as given, then inside the project (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        default="experiments/smoke.yaml",
+        help="experiments/*.yaml, looked up as given, then inside the project (default: %(default)s)",
+    )
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)")
+    p.add_argument(
+        "-o",
+        "--overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. 'train.epochs=1 data.box_size=30' (repeatable)",
+    )
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train, log and register a model",
+        "train",
+        help="train, log and register a model",
         description="Train the configured Faster R-CNN on DATA_DIR as one MLflow run: every config value as a "
-                    "param, losses per step, validation detection rate and FDR per epoch, a checkpoint per epoch, "
-                    "and a registered model version with the alias tracking.alias (default challenger). Under "
-                    "`mlflow run` it attaches to the run MLflow made.",
+        "param, losses per step, validation detection rate and FDR per epoch, a checkpoint per epoch, "
+        "and a registered model version with the alias tracking.alias (default challenger). Under "
+        "`mlflow run` it attaches to the run MLflow made.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m detection train --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1\n"
-               "  python -m detection train --resume 0123abcd...   # continue an interrupted run\n",
+        "  python -m detection train --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1\n"
+        "  python -m detection train --resume 0123abcd...   # continue an interrupted run\n",
     )
     _config_options(p)
-    p.add_argument("--resume", default="", metavar="RUN_ID",
-                   help="continue RUN_ID from its last checkpoint, with its recorded config and split")
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="RUN_ID",
+        help="continue RUN_ID from its last checkpoint, with its recorded config and split",
+    )
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="judge a registered model on held-out images",
+        "evaluate",
+        help="judge a registered model on held-out images",
         description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
-                    "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
-                    "point with 95% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
-                    "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
-                    "overlays. Metrics are named SPLIT/... (test/detection_rate).",
+        "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
+        "point with 95% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
+        "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
+        "overlays. Metrics are named SPLIT/... (test/detection_rate).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
-               "--data-dir data/demo --protocol whole\n",
+        "--data-dir data/demo --protocol whole\n",
     )
     _model_option(p, "challenger")
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument("--split", default="test", choices=("test", "val", "all"),
-                   help="test/val: the held-out images recorded by the model's training run; all: every image "
-                        "of DATA_DIR, e.g. a new cohort (default: %(default)s)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "all"),
+        help="test/val: the held-out images recorded by the model's training run; all: every image "
+        "of DATA_DIR, e.g. a new cohort (default: %(default)s)",
+    )
     _protocol_option(p)
     _matching_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
-    p.add_argument("--allow-overlap", default="false", choices=("true", "false"),
-                   help="evaluate images whose content was in the training split (the run is tagged)")
+    p.add_argument(
+        "--allow-overlap",
+        default="false",
+        choices=("true", "false"),
+        help="evaluate images whose content was in the training split (the run is tagged)",
+    )
     _device_option(p)
 
 
 def _add_tune(sub) -> None:
     p = sub.add_parser(
-        "tune", help="Optuna study over the thresholds that cut false positives",
+        "tune",
+        help="Optuna study over the thresholds that cut false positives",
         description="Search post-processing (score threshold, NMS IoU, detections per image, class-agnostic NMS) "
-                    "by replaying the validation split's cached raw predictions, or training-time IoU thresholds "
-                    "and the learning rate by training one model per trial. One parent MLflow run per study, one "
-                    "nested run per trial; the objective is measured on the validation split only. When the "
-                    "study ends, the chosen point is evaluated once on the test split and registered as a new "
-                    "version with the alias challenger. Rerun with the same --study to resume it; start several "
-                    "workers on one --storage to share it.",
+        "by replaying the validation split's cached raw predictions, or training-time IoU thresholds "
+        "and the learning rate by training one model per trial. One parent MLflow run per study, one "
+        "nested run per trial; the objective is measured on the validation split only. When the "
+        "study ends, the chosen point is evaluated once on the test split and registered as a new "
+        "version with the alias challenger. Rerun with the same --study to resume it; start several "
+        "workers on one --storage to share it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m detection tune --data-dir data/demo --study pp --n-trials 200\n"
-               "  python -m detection tune --data-dir data/demo --study front --objective pareto --n-trials 100\n"
-               "  python -m detection tune --data-dir data/demo --study iou --kind training --n-trials 4 "
-               "--train-overrides 'train.epochs=2'\n"
-               "  optuna-dashboard optuna-journal.log      # watch the study\n",
+        "  python -m detection tune --data-dir data/demo --study pp --n-trials 200\n"
+        "  python -m detection tune --data-dir data/demo --study front --objective pareto --n-trials 100\n"
+        "  python -m detection tune --data-dir data/demo --study iou --kind training --n-trials 4 "
+        "--train-overrides 'train.epochs=2'\n"
+        "  optuna-dashboard optuna-journal.log      # watch the study\n",
     )
     _model_option(p, "challenger")
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
     p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
     p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
-    p.add_argument("--storage", default="",
-                   help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
-                        f"postgresql://... Keep passwords out of it (use PGPASSWORD or ~/.pgpass): MLflow logs "
-                        f"the value as a param (default: $BRECAHAD_OPTUNA_STORAGE, else {config_mod.TUNE_STORAGE} "
-                        f"beside mlflow.db)")
-    p.add_argument("--kind", default="postprocess", choices=("postprocess", "training"),
-                   help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
-                        "(default: %(default)s)")
-    p.add_argument("--objective", default="f1", choices=("f1", "recall_at_fdr", "pareto"),
-                   help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
-                        "maximise detection rate and minimise FDR (default: %(default)s)")
+    p.add_argument(
+        "--storage",
+        default="",
+        help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
+        f"postgresql://... Keep passwords out of it (use PGPASSWORD or ~/.pgpass): MLflow logs "
+        f"the value as a param (default: $BRECAHAD_OPTUNA_STORAGE, else {config_mod.TUNE_STORAGE} "
+        f"beside mlflow.db)",
+    )
+    p.add_argument(
+        "--kind",
+        default="postprocess",
+        choices=("postprocess", "training"),
+        help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--objective",
+        default="f1",
+        choices=("f1", "recall_at_fdr", "pareto"),
+        help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
+        "maximise detection rate and minimise FDR (default: %(default)s)",
+    )
     p.add_argument("--max-fdr", type=float, default=0.2, help="FDR bound of recall_at_fdr (default: %(default)s)")
     _protocol_option(p)
     p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
-    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
-                   help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
-                        + ", ".join(config_mod.TUNE_RANGES))
-    p.add_argument("--train-overrides", default="", metavar="KEY=VALUE ...",
-                   help="config overrides for training trials, e.g. 'train.epochs=2'")
-    p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds between a running trial's heartbeats; a trial silent for 3x this long belongs to "
-                        "a dead worker and is failed and run again (default: %(default)s)")
+    p.add_argument(
+        "--range",
+        action="append",
+        default=[],
+        metavar="NAME=LOW:HIGH",
+        help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
+        + ", ".join(config_mod.TUNE_RANGES),
+    )
+    p.add_argument(
+        "--train-overrides",
+        default="",
+        metavar="KEY=VALUE ...",
+        help="config overrides for training trials, e.g. 'train.epochs=2'",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between a running trial's heartbeats; a trial silent for 3x this long belongs to "
+        "a dead worker and is failed and run again (default: %(default)s)",
+    )
 
 
 def _add_promote(sub) -> None:
     p = sub.add_parser(
-        "promote", help="move the champion alias to a version that beats it",
+        "promote",
+        help="move the champion alias to a version that beats it",
         description="Compare a candidate version with the current champion on the same images, protocol and "
-                    "matching (evaluating either one that lacks such an evaluation), and move the alias champion "
-                    "only when the candidate beats it by --min-delta on --metric. The former champion keeps the "
-                    "alias previous. The decision is a run (side-by-side table and figure) and tags on both "
-                    "versions. --rollback true swaps champion and previous back.",
+        "matching (evaluating either one that lacks such an evaluation), and move the alias champion "
+        "only when the candidate beats it by --min-delta on --metric. The former champion keeps the "
+        "alias previous. The decision is a run (side-by-side table and figure) and tags on both "
+        "versions. --rollback true swaps champion and previous back.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo\n"
-               "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo "
-               "--rollback true\n",
+        "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo\n"
+        "  python -m detection promote --candidate models:/brecahad-faster-rcnn/2 --data-dir data/demo "
+        "--rollback true\n",
     )
     p.add_argument("--candidate", required=True, help="models:/NAME/VERSION (or @ALIAS) to promote")
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluation images")
-    p.add_argument("--metric", default="test/f1", help="SPLIT/NAME deciding the promotion (default: %(default)s); "
-                   "fdr, fp and fn count lower as better")
+    p.add_argument(
+        "--metric",
+        default="test/f1",
+        help="SPLIT/NAME deciding the promotion (default: %(default)s); fdr, fp and fn count lower as better",
+    )
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
-    p.add_argument("--rollback", default="false", choices=("true", "false"),
-                   help="swap the aliases champion and previous back instead")
+    p.add_argument(
+        "--rollback",
+        default="false",
+        choices=("true", "false"),
+        help="swap the aliases champion and previous back instead",
+    )
     _protocol_option(p)
     _matching_option(p)
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser(
-        "predict", help="detect cells in images with a registered model",
+        "predict",
+        help="detect cells in images with a registered model",
         description="Run a registered model on TIFF or PNG images of any size (larger ones are tiled, as in "
-                    "evaluation) and write, per image, the detections as JSON (boxes, scores, labels, centre "
-                    "points) and an overlay PNG with the predictions in green.",
+        "evaluation) and write, per image, the detections as JSON (boxes, scores, labels, centre "
+        "points) and an overlay PNG with the predictions in green.",
     )
     p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
     _model_option(p, "champion")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
-    p.add_argument("--format", default="json", choices=("json", "geojson", "both"),
-                   help="json: boxes, scores and centres; geojson: point detections with class and score in "
-                        "image pixels, for QuPath's File > Import objects (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        default="json",
+        choices=("json", "geojson", "both"),
+        help="json: boxes, scores and centres; geojson: point detections with class and score in "
+        "image pixels, for QuPath's File > Import objects (default: %(default)s)",
+    )
     _device_option(p)
 
 
 def _add_cv(sub) -> None:
     p = sub.add_parser(
-        "cv", help="leave-one-case-out cross-validation (one training per case; meant for a GPU)",
+        "cv",
+        help="leave-one-case-out cross-validation (one training per case; meant for a GPU)",
         description="Hold out each case (patient) of DATA_DIR in turn: train the configured model on the other "
-                    "cases (the next case in name order validates) as a nested run, judge it on the held-out "
-                    "case's whole images, and pool the counts under one parent run (cv/detection_rate, cv/fdr, "
-                    "cv/f1 with 95% intervals over cases, cv_per_case.json). The patient-level estimate a single "
-                    "held-out split of one or two patients cannot give.",
+        "cases (the next case in name order validates) as a nested run, judge it on the held-out "
+        "case's whole images, and pool the counts under one parent run (cv/detection_rate, cv/fdr, "
+        "cv/f1 with 95% intervals over cases, cv_per_case.json). The patient-level estimate a single "
+        "held-out split of one or two patients cannot give.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m detection cv --config experiments/paper.yaml --data-dir /data/BreCaHAD\n"
-               "  python -m detection cv --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1 "
-               "--cases Case_1,Case_2\n",
+        "  python -m detection cv --config experiments/paper.yaml --data-dir /data/BreCaHAD\n"
+        "  python -m detection cv --config experiments/smoke.yaml --data-dir data/demo -o train.epochs=1 "
+        "--cases Case_1,Case_2\n",
     )
     _config_options(p)
     p.add_argument("--cases", default="", help="comma-separated cases to hold out (default: every case)")
@@ -203,54 +281,72 @@ def _add_cv(sub) -> None:
 
 def _add_compare(sub) -> None:
     p = sub.add_parser(
-        "compare", help="false positives at equal detection rate, for several registered versions",
+        "compare",
+        help="false positives at equal detection rate, for several registered versions",
         description="Evaluate each version on one split (or reuse its evaluation), sweep the score threshold (the "
-                    "fused one for versions with test-time augmentation), and report the FDR at detection rates "
-                    "0.90, 0.95, 0.99 and at the highest rate all versions reach, with 95% intervals from "
-                    "resampling cases (patients). One MLflow run holds the table (comparison.json), the figure "
-                    "(figures/dr_vs_fdr.png, every curve on one plot) and VERSION/fdr_at_dr_T metrics.",
+        "fused one for versions with test-time augmentation), and report the FDR at detection rates "
+        "0.90, 0.95, 0.99 and at the highest rate all versions reach, with 95% intervals from "
+        "resampling cases (patients). One MLflow run holds the table (comparison.json), the figure "
+        "(figures/dr_vs_fdr.png, every curve on one plot) and VERSION/fdr_at_dr_T metrics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m detection compare --models models:/brecahad-faster-rcnn/1 "
-               "models:/brecahad-faster-rcnn/2 --data-dir data/demo\n",
+        "models:/brecahad-faster-rcnn/2 --data-dir data/demo\n",
     )
-    p.add_argument("--models", nargs="+", required=True, help="models:/NAME/VERSION or @ALIAS, two or more "
-                                                                "(one string of several works too)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        help="models:/NAME/VERSION or @ALIAS, two or more (one string of several works too)",
+    )
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluated images")
     p.add_argument("--split", default="test", choices=("test", "val", "all"), help="(default: %(default)s)")
     _protocol_option(p)
-    p.add_argument("--targets", default="0.90 0.95 0.99", help="detection rates to read the FDR at "
-                                                               "(default: %(default)s)")
+    p.add_argument(
+        "--targets", default="0.90 0.95 0.99", help="detection rates to read the FDR at (default: %(default)s)"
+    )
 
 
 def _add_second_look(sub) -> None:
     p = sub.add_parser(
-        "second-look", help="train a classifier that rescores a version's detections, register the pair",
+        "second-look",
+        help="train a classifier that rescores a version's detections, register the pair",
         description="The paper's score-level fusion of two networks. Run the version (with its post-processing "
-                    "and any test-time flips) on the whole images of its training split, label each kept "
-                    "detection true or false positive, and train a ResNet-18 on a second_look.crop px square "
-                    "around each. On the val split, choose the fusion weight w of (1-w) x detector + w x "
-                    "classifier with the lowest FDR at the detection rate the version reaches alone, and the "
-                    "highest threshold that keeps that rate. Logged as a nested run of the version's run "
-                    "(figures/second_look_val.png, second_look_weights.json) and registered as a new version "
-                    "holding both networks, with the configured alias.",
+        "and any test-time flips) on the whole images of its training split, label each kept "
+        "detection true or false positive, and train a ResNet-18 on a second_look.crop px square "
+        "around each. On the val split, choose the fusion weight w of (1-w) x detector + w x "
+        "classifier with the lowest FDR at the detection rate the version reaches alone, and the "
+        "highest threshold that keeps that rate. Logged as a nested run of the version's run "
+        "(figures/second_look_val.png, second_look_weights.json) and registered as a new version "
+        "holding both networks, with the configured alias.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m detection second-look --model models:/brecahad-faster-rcnn/3 --data-dir data/demo\n"
-               "  python -m detection second-look --data-dir data/demo -o 'second_look.epochs=3 second_look.crop=96'\n",
+        "  python -m detection second-look --data-dir data/demo -o 'second_look.epochs=3 second_look.crop=96'\n",
     )
     _model_option(p, "challenger")
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the version was trained on")
-    p.add_argument("-o", "--overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="second_look.* settings: epochs (10), lr (1e-3), batch_size (64), crop (64 px), "
-                        "max_examples (20000 crops per split); weight=W fixes the fusion weight instead of "
-                        "searching 0, 0.05, ..., 1 on val")
-    p.add_argument("--alias", default="", help="alias of the new version (default: the version's tracking.alias, "
-                                               "challenger unless its config says otherwise)")
+    p.add_argument(
+        "-o",
+        "--overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="second_look.* settings: epochs (10), lr (1e-3), batch_size (64), crop (64 px), "
+        "max_examples (20000 crops per split); weight=W fixes the fusion weight instead of "
+        "searching 0, 0.05, ..., 1 on val",
+    )
+    p.add_argument(
+        "--alias",
+        default="",
+        help="alias of the new version (default: the version's tracking.alias, "
+        "challenger unless its config says otherwise)",
+    )
     _device_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m detection", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m detection", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_evaluate(sub)
@@ -261,53 +357,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_second_look(sub)
 
-    p = sub.add_parser("validate", help="list every problem of a dataset folder",
-                       description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
-                                   "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
-                                   "no image without ground truth or the reverse). Exits 1 when any problem is found.")
+    p = sub.add_parser(
+        "validate",
+        help="list every problem of a dataset folder",
+        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
+        "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
+        "no image without ground truth or the reverse). Exits 1 when any problem is found.",
+    )
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
 
     p = sub.add_parser(
-        "download", help="fetch BreCaHAD from figshare, check every MD5, unpack and validate it",
+        "download",
+        help="fetch BreCaHAD from figshare, check every MD5, unpack and validate it",
         description="Download the BreCaHAD dataset from its figshare record (article 7379186, "
-                    "doi:10.6084/m9.figshare.7379186) through figshare's public API: file list, sizes and "
-                    "MD5s; a progress bar; a partial file is resumed; every checksum is verified; archives "
-                    "are unpacked into DATA_DIR/images and DATA_DIR/groundTruth; `validate` runs at the end. "
-                    "Offline, it says so and gives the manual steps.",
+        "doi:10.6084/m9.figshare.7379186) through figshare's public API: file list, sizes and "
+        "MD5s; a progress bar; a partial file is resumed; every checksum is verified; archives "
+        "are unpacked into DATA_DIR/images and DATA_DIR/groundTruth; `validate` runs at the end. "
+        "Offline, it says so and gives the manual steps.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m detection download data/BreCaHAD && python -m detection train "
-               "--config experiments/paper.yaml --data-dir data/BreCaHAD\n")
+        "--config experiments/paper.yaml --data-dir data/BreCaHAD\n",
+    )
     p.add_argument("data_dir", type=Path, help="folder to put images/ and groundTruth/ in")
 
-    p = sub.add_parser("synth", help="write an H&E-looking synthetic dataset (offline demo data)",
-                       description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
-                                   "tumour nuclei in nests and small dark non-tumour nuclei.")
+    p = sub.add_parser(
+        "synth",
+        help="write an H&E-looking synthetic dataset (offline demo data)",
+        description="Write synthetic images in BreCaHAD's layout: pink stroma, white lumen, large pale "
+        "tumour nuclei in nests and small dark non-tumour nuclei.",
+    )
     p.add_argument("out_dir", type=Path, help="folder to write images/ and groundTruth/ into")
     p.add_argument("--images", type=int, default=12, help="number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--per-case", type=int, default=4, help="images per case (default: %(default)s)")
 
     p = sub.add_parser(
-        "stack", help="start, inspect or stop the team stack on this machine (PostgreSQL, S3, mlflow server)",
+        "stack",
+        help="start, inspect or stop the team stack on this machine (PostgreSQL, S3, mlflow server)",
         description="The team stack on one machine: PostgreSQL (databases mlflow, mlflow_auth, optuna), an S3 "
-                    "object store (moto) and `mlflow server --app-name basic-auth` with artifacts in S3, all on "
-                    "127.0.0.1 with free ports and data in one folder. `up` starts what is not running and prints "
-                    "the environment clients need; `down` stops each service by its process group. Needs the "
-                    "team extra: pip install -e '.[team]'.",
+        "object store (moto) and `mlflow server --app-name basic-auth` with artifacts in S3, all on "
+        "127.0.0.1 with free ports and data in one folder. `up` starts what is not running and prints "
+        "the environment clients need; `down` stops each service by its process group. Needs the "
+        "team extra: pip install -e '.[team]'.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python -m detection stack up && eval \"$(python -m detection stack env)\"\n"
-               "  python -m detection train --data-dir data/demo -o train.epochs=1\n"
-               "  python -m detection stack down\n")
-    p.add_argument("action", choices=("up", "status", "env", "down"),
-                   help="up | status | env (export lines for a shell) | down")
+        epilog='example:\n  python -m detection stack up && eval "$(python -m detection stack env)"\n'
+        "  python -m detection train --data-dir data/demo -o train.epochs=1\n"
+        "  python -m detection stack down\n",
+    )
+    p.add_argument(
+        "action", choices=("up", "status", "env", "down"), help="up | status | env (export lines for a shell) | down"
+    )
     p.add_argument("--dir", type=Path, default=Path(".stack"), help="the stack's folder (default: %(default)s)")
 
-    p = sub.add_parser("stats", help="RGB mean and std of the training split, for model.image_mean/std",
-                       description="Measure per-channel pixel mean and std over the training split that CONFIG "
-                                   "would make of DATA_DIR, and optionally write a config that uses them.")
+    p = sub.add_parser(
+        "stats",
+        help="RGB mean and std of the training split, for model.image_mean/std",
+        description="Measure per-channel pixel mean and std over the training split that CONFIG "
+        "would make of DATA_DIR, and optionally write a config that uses them.",
+    )
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument("--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)")
-    p.add_argument("--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics")
+    p.add_argument(
+        "--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)"
+    )
+    p.add_argument(
+        "--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics"
+    )
     return parser
 
 
@@ -341,9 +455,13 @@ def cmd_cv(args) -> int:
     except Exception as e:
         tracking.fail_launched_run(e, getattr(e, "problems", None))
         raise
-    print(f"run {run_id}: {metrics['n_cases']} held-out cases, " + "  ".join(
-        f"cv/{k}={metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
-        for k in ("detection_rate", "fdr", "f1")))
+    print(
+        f"run {run_id}: {metrics['n_cases']} held-out cases, "
+        + "  ".join(
+            f"cv/{k}={metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
+            for k in ("detection_rate", "fdr", "f1")
+        )
+    )
     return 0
 
 
@@ -357,7 +475,9 @@ def cmd_compare(args) -> int:
         try:
             targets = tuple(float(t) for t in args.targets.replace(",", " ").split())
         except ValueError:
-            raise EvaluationError(f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'") from None
+            raise EvaluationError(
+                f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'"
+            ) from None
         run_id, table = compare(CompareRequest(models, args.data_dir, args.split, args.protocol, targets=targets))
     except Exception as e:
         tracking.fail_launched_run(e)
@@ -373,16 +493,20 @@ def cmd_second_look(args) -> int:
     from .second_look import SecondLookRequest, second_look
 
     try:
-        run_id, version, summary = second_look(SecondLookRequest(args.model, args.data_dir,
-                                                                 tuple(o for o in args.overrides if o.strip()),
-                                                                 args.device, args.alias))
+        run_id, version, summary = second_look(
+            SecondLookRequest(
+                args.model, args.data_dir, tuple(o for o in args.overrides if o.strip()), args.device, args.alias
+            )
+        )
     except Exception as e:
         tracking.fail_launched_run(e)
         raise
-    print(f"run {run_id}: weight {summary['weight']:g}, threshold {summary['thresh']:g}; on val at detection rate "
-          f"{summary['val_detection_rate']:.4f} the FDR goes from {summary['val_fdr_alone']:.4f} to "
-          f"{summary['val_fdr']:.4f} ({summary['train_examples']} training crops, "
-          f"{summary['train_true_positives']} true positives); registered version {version}.")
+    print(
+        f"run {run_id}: weight {summary['weight']:g}, threshold {summary['thresh']:g}; on val at detection rate "
+        f"{summary['val_detection_rate']:.4f} the FDR goes from {summary['val_fdr_alone']:.4f} to "
+        f"{summary['val_fdr']:.4f} ({summary['train_examples']} training crops, "
+        f"{summary['train_true_positives']} true positives); registered version {version}."
+    )
     return 0
 
 
@@ -390,8 +514,16 @@ def cmd_evaluate(args) -> int:
     from . import tracking
     from .evaluate import Request, evaluate
 
-    req = Request(args.model, args.data_dir, args.split, args.protocol, args.matching, args.seed,
-                  args.allow_overlap == "true", args.device)
+    req = Request(
+        args.model,
+        args.data_dir,
+        args.split,
+        args.protocol,
+        args.matching,
+        args.seed,
+        args.allow_overlap == "true",
+        args.device,
+    )
     try:
         run_id, metrics = evaluate(req)
     except Exception as e:
@@ -407,10 +539,21 @@ def cmd_tune(args) -> int:
     from .tune import TuneRequest, parse_ranges, tune
 
     try:
-        req = TuneRequest(args.model, args.data_dir, args.study, args.n_trials,
-                          args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None, args.kind,
-                          args.objective, args.max_fdr, args.protocol, args.seed, parse_ranges(args.range),
-                          tuple(args.train_overrides.split()), args.heartbeat)
+        req = TuneRequest(
+            args.model,
+            args.data_dir,
+            args.study,
+            args.n_trials,
+            args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None,
+            args.kind,
+            args.objective,
+            args.max_fdr,
+            args.protocol,
+            args.seed,
+            parse_ranges(args.range),
+            tuple(args.train_overrides.split()),
+            args.heartbeat,
+        )
         parent, result, recovered = tune(req)
     except Exception as e:
         tracking.fail_launched_run(e)
@@ -419,14 +562,20 @@ def cmd_tune(args) -> int:
         print(line)
     print(f"study {args.study}: parent run {parent}")
     if result and result.get("unchanged"):
-        print(f"trial {result['trial']} is still the study's choice; version {result['version']} already carries it, "
-              f"so nothing new was registered")
+        print(
+            f"trial {result['trial']} is still the study's choice; version {result['version']} already carries it, "
+            f"so nothing new was registered"
+        )
     elif result:
-        print(f"chose trial {result['trial']} {result['params']}; registered version {result['version']} "
-              f"as challenger; test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test"].items()))
+        print(
+            f"chose trial {result['trial']} {result['params']}; registered version {result['version']} "
+            f"as challenger; test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test"].items())
+        )
     else:
-        print("other workers are still running trials (their heartbeats are fresh); the last one to finish "
-              "registers the result")
+        print(
+            "other workers are still running trials (their heartbeats are fresh); the last one to finish "
+            "registers the result"
+        )
     return 0
 
 
@@ -435,13 +584,23 @@ def cmd_promote(args) -> int:
     from .promote import PromoteRequest, promote
 
     try:
-        result = promote(PromoteRequest(args.candidate, args.data_dir, args.metric, args.min_delta,
-                                        args.rollback == "true", args.protocol, args.matching))
+        result = promote(
+            PromoteRequest(
+                args.candidate,
+                args.data_dir,
+                args.metric,
+                args.min_delta,
+                args.rollback == "true",
+                args.protocol,
+                args.matching,
+            )
+        )
     except Exception as e:
         tracking.fail_launched_run(e)
         raise
-    print(f"{result['decision']}: {result['reason']}; champion is version {result['champion']} "
-          f"(run {result['run_id']})")
+    print(
+        f"{result['decision']}: {result['reason']}; champion is version {result['champion']} (run {result['run_id']})"
+    )
     return 0
 
 
@@ -471,7 +630,11 @@ def cmd_predict(args) -> int:
         table = detector.predict(None, pd.DataFrame({"image": [image]}))
         written = []
         if args.format in ("json", "both"):
-            doc = {"image": str(path), "model": ref.pinned, "detections": table.drop(columns="image").to_dict("records")}
+            doc = {
+                "image": str(path),
+                "model": ref.pinned,
+                "detections": table.drop(columns="image").to_dict("records"),
+            }
             written.append(args.out / f"{path.stem}.json")
             written[-1].write_text(json.dumps(doc, indent=1))
         if args.format in ("geojson", "both"):
@@ -564,9 +727,21 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "cv": cmd_cv, "compare": cmd_compare, "evaluate": cmd_evaluate, "tune": cmd_tune, "promote": cmd_promote,
-            "predict": cmd_predict, "validate": cmd_validate, "synth": cmd_synth, "stats": cmd_stats, "stack": cmd_stack,
-            "second-look": cmd_second_look, "download": cmd_download}
+COMMANDS = {
+    "train": cmd_train,
+    "cv": cmd_cv,
+    "compare": cmd_compare,
+    "evaluate": cmd_evaluate,
+    "tune": cmd_tune,
+    "promote": cmd_promote,
+    "predict": cmd_predict,
+    "validate": cmd_validate,
+    "synth": cmd_synth,
+    "stats": cmd_stats,
+    "stack": cmd_stack,
+    "second-look": cmd_second_look,
+    "download": cmd_download,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,8 +761,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (config_mod.ConfigError, DatasetError, SplitError, WeightsError, TrackingError, EvaluationError,
-            TuneError, PromotionError, InputError, SecondLookError, DownloadError) as e:
+    except (
+        config_mod.ConfigError,
+        DatasetError,
+        SplitError,
+        WeightsError,
+        TrackingError,
+        EvaluationError,
+        TuneError,
+        PromotionError,
+        InputError,
+        SecondLookError,
+        DownloadError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -43,8 +43,10 @@ class CompareRequest:
         if len(self.models) < 1:
             raise EvaluationError("name at least one model version to compare")
         if self.matching not in PREFIX_MATCHERS:
-            raise EvaluationError(f"matching={self.matching!r}: the threshold sweep needs a matcher whose result at a "
-                                  f"higher threshold is a prefix ({', '.join(PREFIX_MATCHERS)})")
+            raise EvaluationError(
+                f"matching={self.matching!r}: the threshold sweep needs a matcher whose result at a "
+                f"higher threshold is a prefix ({', '.join(PREFIX_MATCHERS)})"
+            )
         if not all(0 < t < 1 for t in self.targets):
             raise EvaluationError(f"targets {list(self.targets)} must be detection rates within (0, 1)")
 
@@ -114,10 +116,23 @@ def _units(images: list[str], counts: np.ndarray) -> tuple[np.ndarray, str]:
     return np.stack([counts[[k for k, c in enumerate(keys) if c == key]].sum(0) for key in sorted(set(keys))]), unit
 
 
-def _row(req: CompareRequest, targets: list[float], ref, run_id: str, label: str, units: np.ndarray, unit: str,
-         pp: PostProcess) -> dict:
-    row = {"version": label, "model": ref.pinned, "evaluation_run": run_id, "ci_unit": unit,
-           "operating_thresh": pp.score_thresh}
+def _row(
+    req: CompareRequest,
+    targets: list[float],
+    ref,
+    run_id: str,
+    label: str,
+    units: np.ndarray,
+    unit: str,
+    pp: PostProcess,
+) -> dict:
+    row = {
+        "version": label,
+        "model": ref.pinned,
+        "evaluation_run": run_id,
+        "ci_unit": unit,
+        "operating_thresh": pp.score_thresh,
+    }
     for t in targets:
         low, high = intervals(units, t, req.seed, req.n_resamples)
         row[f"fdr_at_dr_{t:g}"] = float(fdr_at(units.sum(0), t))
@@ -125,16 +140,37 @@ def _row(req: CompareRequest, targets: list[float], ref, run_id: str, label: str
     return row
 
 
-def _log(tr: tracking.Tracker, req: CompareRequest, table: pd.DataFrame, curves: dict[str, pd.DataFrame],
-         targets: list[float], reachable: float) -> None:
-    tr.set_tags({"comparison": "true", "split": req.split, "protocol": req.protocol, "matching": req.matching,
-                 "versions": ", ".join(table.version), "highest_common_detection_rate": f"{reachable:.4f}"})
-    tr.log_params({"compare.models": " ".join(req.models), "compare.split": req.split,
-                   "compare.protocol": req.protocol, "compare.targets": " ".join(f"{t:g}" for t in targets)})
+def _log(
+    tr: tracking.Tracker,
+    req: CompareRequest,
+    table: pd.DataFrame,
+    curves: dict[str, pd.DataFrame],
+    targets: list[float],
+    reachable: float,
+) -> None:
+    tr.set_tags(
+        {
+            "comparison": "true",
+            "split": req.split,
+            "protocol": req.protocol,
+            "matching": req.matching,
+            "versions": ", ".join(table.version),
+            "highest_common_detection_rate": f"{reachable:.4f}",
+        }
+    )
+    tr.log_params(
+        {
+            "compare.models": " ".join(req.models),
+            "compare.split": req.split,
+            "compare.protocol": req.protocol,
+            "compare.targets": " ".join(f"{t:g}" for t in targets),
+        }
+    )
     for values in table.to_dict("records"):
         key = str(values["version"]).replace(" ", "_")
-        tr.log_metrics({f"{key}/{k}": v for k, v in values.items() if k.startswith("fdr_at_dr_") and np.isfinite(v)},
-                       step=0)
+        tr.log_metrics(
+            {f"{key}/{k}": v for k, v in values.items() if k.startswith("fdr_at_dr_") and np.isfinite(v)}, step=0
+        )
     tr.log_table(table, "comparison.json")
     tr.log_text(table.to_csv(index=False), "comparison.csv")
     fig = figures.dr_vs_fdr(curves, targets, f"{req.split} split, {req.protocol} protocol")

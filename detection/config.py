@@ -272,9 +272,7 @@ def _build(cls: type, tree: Any, source: str, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - names)
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(hints[k], v, source, prefix + k) for k, v in tree.items()}
     return cls(**kwargs)
 
@@ -321,48 +319,88 @@ def validate(cfg: Config, source: str = "config") -> None:
     d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.data.split
     for c in d.classes:
         need(c in BRECAHAD_CLASSES, f"data.classes: {c!r} is not a BreCaHAD class ({', '.join(BRECAHAD_CLASSES)})")
-    need(len(d.classes) > 0 and len(set(d.classes)) == len(d.classes), f"data.classes {list(d.classes)} must be non-empty and unique")
-    need(m.num_classes == len(d.classes) + 1,
-         f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} (background + {list(d.classes)})")
+    need(
+        len(d.classes) > 0 and len(set(d.classes)) == len(d.classes),
+        f"data.classes {list(d.classes)} must be non-empty and unique",
+    )
+    need(
+        m.num_classes == len(d.classes) + 1,
+        f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} (background + {list(d.classes)})",
+    )
     need(d.box_size > 0, f"data.box_size={d.box_size} must be > 0 pixels")
     need(all(p > 0 for p in d.patch_size), f"data.patch_size={list(d.patch_size)} must be positive (height, width)")
     need(d.val_patches > 0, f"data.val_patches={d.val_patches} must be > 0")
     need(s.mode in ("case", "paper"), f"data.split.mode={s.mode!r} must be 'case' or 'paper'")
-    need(0 < s.val_fraction < 1 and 0 < s.test_fraction < 1 and s.val_fraction + s.test_fraction < 1,
-         f"data.split val_fraction={s.val_fraction}, test_fraction={s.test_fraction} must be in (0, 1) and sum below 1")
-    need(m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"),
-         f"model.backbone={m.backbone!r} must be resnet18, resnet34, resnet50 or resnet101")
-    need(m.weights in ("imagenet", "coco", "none") or m.weights.endswith((".pt", ".pth")),
-         f"model.weights={m.weights!r} must be imagenet, coco, none or a path to a .pt/.pth state_dict")
-    need(m.weights != "coco" or m.backbone == "resnet50", f"model.weights=coco needs model.backbone=resnet50, not {m.backbone}")
-    need(0 <= m.trainable_backbone_layers <= 5, f"model.trainable_backbone_layers={m.trainable_backbone_layers} must be 0..5")
+    need(
+        0 < s.val_fraction < 1 and 0 < s.test_fraction < 1 and s.val_fraction + s.test_fraction < 1,
+        f"data.split val_fraction={s.val_fraction}, test_fraction={s.test_fraction} must be in (0, 1) and sum below 1",
+    )
+    need(
+        m.backbone in ("resnet18", "resnet34", "resnet50", "resnet101"),
+        f"model.backbone={m.backbone!r} must be resnet18, resnet34, resnet50 or resnet101",
+    )
+    need(
+        m.weights in ("imagenet", "coco", "none") or m.weights.endswith((".pt", ".pth")),
+        f"model.weights={m.weights!r} must be imagenet, coco, none or a path to a .pt/.pth state_dict",
+    )
+    need(
+        m.weights != "coco" or m.backbone == "resnet50",
+        f"model.weights=coco needs model.backbone=resnet50, not {m.backbone}",
+    )
+    need(
+        0 <= m.trainable_backbone_layers <= 5,
+        f"model.trainable_backbone_layers={m.trainable_backbone_layers} must be 0..5",
+    )
     need(all(x > 0 for x in m.image_std), f"model.image_std={list(m.image_std)} must be > 0 in every channel")
     need(0 < m.min_size <= m.max_size, f"model.min_size={m.min_size} must be > 0 and <= model.max_size={m.max_size}")
-    for name in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_nms_thresh", "box_fg_iou_thresh",
-                 "box_bg_iou_thresh", "box_nms_thresh", "box_score_thresh"):
+    for name in (
+        "rpn_fg_iou_thresh",
+        "rpn_bg_iou_thresh",
+        "rpn_nms_thresh",
+        "box_fg_iou_thresh",
+        "box_bg_iou_thresh",
+        "box_nms_thresh",
+        "box_score_thresh",
+    ):
         v = getattr(m, name)
         need(0.0 <= v <= 1.0, f"model.{name}={v} must be in [0, 1]")
-    need(m.rpn_bg_iou_thresh <= m.rpn_fg_iou_thresh, f"model.rpn_bg_iou_thresh={m.rpn_bg_iou_thresh} must be <= rpn_fg_iou_thresh={m.rpn_fg_iou_thresh}")
-    need(m.box_bg_iou_thresh <= m.box_fg_iou_thresh, f"model.box_bg_iou_thresh={m.box_bg_iou_thresh} must be <= box_fg_iou_thresh={m.box_fg_iou_thresh}")
+    need(
+        m.rpn_bg_iou_thresh <= m.rpn_fg_iou_thresh,
+        f"model.rpn_bg_iou_thresh={m.rpn_bg_iou_thresh} must be <= rpn_fg_iou_thresh={m.rpn_fg_iou_thresh}",
+    )
+    need(
+        m.box_bg_iou_thresh <= m.box_fg_iou_thresh,
+        f"model.box_bg_iou_thresh={m.box_bg_iou_thresh} must be <= box_fg_iou_thresh={m.box_fg_iou_thresh}",
+    )
     need(m.box_detections_per_img > 0, f"model.box_detections_per_img={m.box_detections_per_img} must be > 0")
-    need(set(m.roi_featmap_names) <= {"0", "1", "2", "3", "pool"} and len(m.roi_featmap_names) > 0,
-         f"model.roi_featmap_names={list(m.roi_featmap_names)} must be FPN levels among 0, 1, 2, 3, pool")
-    need(m.roi_output_size > 0 and m.representation_size > 0, "model.roi_output_size and model.representation_size must be > 0")
+    need(
+        set(m.roi_featmap_names) <= {"0", "1", "2", "3", "pool"} and len(m.roi_featmap_names) > 0,
+        f"model.roi_featmap_names={list(m.roi_featmap_names)} must be FPN levels among 0, 1, 2, 3, pool",
+    )
+    need(
+        m.roi_output_size > 0 and m.representation_size > 0,
+        "model.roi_output_size and model.representation_size must be > 0",
+    )
     need(t.epochs > 0, f"train.epochs={t.epochs} must be > 0")
     need(t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0")
     need(t.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer={t.optimizer!r} must be adam, adamw or sgd")
     need(t.lr > 0, f"train.lr={t.lr} must be > 0")
     need(0 < t.lr_decay <= 1, f"train.lr_decay={t.lr_decay} must be in (0, 1]")
     need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-         f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
+    need(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N",
+    )
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
     need(t.workers >= -1, f"train.workers={t.workers} must be >= 0, or -1 for one per core but one")
     e = cfg.eval
     views = TTA_VIEWS
-    need(all(v in views for v in e.tta_views) and len(set(e.tta_views)) == len(e.tta_views)
-         and (not e.tta_views or "none" in e.tta_views),
-         f"eval.tta_views={list(e.tta_views)} must be distinct views of {list(views)} including none, or []")
+    need(
+        all(v in views for v in e.tta_views)
+        and len(set(e.tta_views)) == len(e.tta_views)
+        and (not e.tta_views or "none" in e.tta_views),
+        f"eval.tta_views={list(e.tta_views)} must be distinct views of {list(views)} including none, or []",
+    )
     need(0 <= e.tta_thresh < 1, f"eval.tta_thresh={e.tta_thresh} must be within [0, 1)")
     need(0 <= d.stain_jitter <= 0.5, f"data.stain_jitter={d.stain_jitter} must be within 0..0.5 (0.05 is usual)")
     sl = cfg.second_look
@@ -370,8 +408,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(0 <= sl.thresh < 1, f"second_look.thresh={sl.thresh} must be within [0, 1)")
     need(32 <= sl.crop <= 256, f"second_look.crop={sl.crop} must be 32..256 px")
     need(sl.max_examples >= 2, f"second_look.max_examples={sl.max_examples} must be >= 2")
-    need(sl.epochs > 0 and sl.batch_size > 0 and sl.lr > 0,
-         f"second_look epochs={sl.epochs}, batch_size={sl.batch_size}, lr={sl.lr} must all be > 0")
+    need(
+        sl.epochs > 0 and sl.batch_size > 0 and sl.lr > 0,
+        f"second_look epochs={sl.epochs}, batch_size={sl.batch_size}, lr={sl.lr} must all be > 0",
+    )
     need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
     need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")

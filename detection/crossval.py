@@ -31,8 +31,9 @@ def folds(samples: list[Sample], cases: list[str] | None = None) -> list[tuple[s
         by_case.setdefault(s.case, []).append(s.name)
     order = sorted(by_case)
     if len(order) < 3:
-        raise SplitError(f"leave-one-case-out needs at least 3 cases (test, val, train), found {len(order)}: "
-                         f"{', '.join(order)}")
+        raise SplitError(
+            f"leave-one-case-out needs at least 3 cases (test, val, train), found {len(order)}: {', '.join(order)}"
+        )
     unknown = sorted(set(cases or []) - set(order))
     if unknown:
         raise SplitError(f"case(s) {', '.join(unknown)} are not in the folder; its cases are {', '.join(order)}")
@@ -50,8 +51,15 @@ def _judge_fold(cfg: Config, model, samples: list[Sample], device: str):
     items = whole_items(samples, cfg)
     cache = raw_inference(model, items, cfg, Runtime.choose(device))
     cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
-    cache.meta = {"protocol": "whole", "box_size": cfg.data.box_size, "match_radius": cfg.eval.match_radius,
-                  "border_band": 0.0, "device": Runtime.choose(device).device.type, "cells": cells, "cells_uncovered": uncovered}
+    cache.meta = {
+        "protocol": "whole",
+        "box_size": cfg.data.box_size,
+        "match_radius": cfg.eval.match_radius,
+        "border_band": 0.0,
+        "device": Runtime.choose(device).device.type,
+        "cells": cells,
+        "cells_uncovered": uncovered,
+    }
     return judge(cache, PostProcess.of_config(cfg.model), "greedy", cfg.eval.match_radius), cache
 
 
@@ -69,9 +77,16 @@ def leave_one_case_out(cfg: Config, data_dir: Path, cases: list[str] | None = No
         tr.set_tags({"cv": "case", "config": cfg.name, "count_unit": COUNT_UNITS["whole"]})
         tr.log_params({"cv.folds": len(plan), "cv.data_dir": str(data_dir), "cv.config": cfg.name})
         for case, parts in plan:
-            split = Split("cv-case", cfg.data.split.seed, tuple(parts["train"]), tuple(parts["val"]),
-                          tuple(parts["test"]), {n: h for n, (h, _) in prints.items()}, "pixels",
-                          {n: prints[n][1] for n in parts["train"]})
+            split = Split(
+                "cv-case",
+                cfg.data.split.seed,
+                tuple(parts["train"]),
+                tuple(parts["val"]),
+                tuple(parts["test"]),
+                {n: h for n, (h, _) in prints.items()},
+                "pixels",
+                {n: prints[n][1] for n in parts["train"]},
+            )
             run_id, _, model = train_nested(cfg, data_dir, split, tr.run_id, f"cv fold {case}")
             report, cache = _judge_fold(cfg, model, [by_name[n] for n in parts["test"]], cfg.train.device)
             with tracking.reopen(run_id) as fold:

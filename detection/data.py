@@ -138,8 +138,10 @@ def read_points(path: Path, width: int = IMAGE_SHAPE[1], height: int = IMAGE_SHA
         raise ValueError(f"{path}: missing key {missing[0]!r}")
     total = sum(len(v) for v in doc.values() if isinstance(v, list))
     if total > MAX_POINTS_PER_IMAGE:
-        raise ValueError(f"{path}: {total:,} points in one image, more than the {MAX_POINTS_PER_IMAGE:,} any real "
-                         f"annotation holds; check the export that wrote this file")
+        raise ValueError(
+            f"{path}: {total:,} points in one image, more than the {MAX_POINTS_PER_IMAGE:,} any real "
+            f"annotation holds; check the export that wrote this file"
+        )
     points = {}
     for key in BRECAHAD_CLASSES:
         entries = doc[key]
@@ -148,11 +150,18 @@ def read_points(path: Path, width: int = IMAGE_SHAPE[1], height: int = IMAGE_SHA
         xy = np.zeros((len(entries), 2), dtype=np.float64)
         for i, p in enumerate(entries):
             if not (isinstance(p, dict) and set(p) == {"x", "y"}):
-                raise ValueError(f"{path}: {key}[{i}] = {p!r} is not a point {{\"x\": .., \"y\": ..}}")
+                raise ValueError(f'{path}: {key}[{i}] = {p!r} is not a point {{"x": .., "y": ..}}')
             for j, axis in enumerate("xy"):
                 v = p[axis]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-                    raise ValueError(f"{path}: {key}[{i}].{axis} = {v!r} is outside [0, 1] (coordinates are normalised)")
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, float))
+                    or not math.isfinite(v)
+                    or not 0.0 <= v <= 1.0
+                ):
+                    raise ValueError(
+                        f"{path}: {key}[{i}].{axis} = {v!r} is outside [0, 1] (coordinates are normalised)"
+                    )
                 xy[i, j] = v
         points[key] = xy * np.array([width, height], dtype=np.float64)
     return points
@@ -162,9 +171,11 @@ def check_dataset(root: str | Path) -> list[str]:
     """Every problem in a BreCaHAD folder, one line each, naming the file."""
     root = Path(root)
     if not root.is_dir():
-        return [f"{root}: no such folder (relative paths are taken from {Path.cwd()}, the project directory "
-                f"under `mlflow run`); point data_dir at a folder holding images/ and groundTruth/, best as an "
-                f"absolute path"]
+        return [
+            f"{root}: no such folder (relative paths are taken from {Path.cwd()}, the project directory "
+            f"under `mlflow run`); point data_dir at a folder holding images/ and groundTruth/, best as an "
+            f"absolute path"
+        ]
     problems = []
     for sub in ("images", "groundTruth"):
         if not (root / sub).is_dir():

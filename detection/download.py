@@ -40,8 +40,10 @@ class RemoteFile:
 
 
 def manual_steps(out: Path) -> str:
-    return (f"download BreCaHAD by hand from {DOI}, unzip it so that {out}/images and {out}/groundTruth exist, "
-            f"then run: python -m detection validate {out}")
+    return (
+        f"download BreCaHAD by hand from {DOI}, unzip it so that {out}/images and {out}/groundTruth exist, "
+        f"then run: python -m detection validate {out}"
+    )
 
 
 def _open(url: str, timeout: float, headers: dict | None = None):
@@ -64,8 +66,10 @@ def record(api: str, timeout: float) -> list[RemoteFile]:
     except json.JSONDecodeError as e:
         raise DownloadError(f"figshare's answer for {api} is not JSON ({e})") from None
     try:
-        return [RemoteFile(f["name"], int(f["size"]), f.get("computed_md5") or f["supplied_md5"], f["download_url"])
-                for f in doc["files"]]
+        return [
+            RemoteFile(f["name"], int(f["size"]), f.get("computed_md5") or f["supplied_md5"], f["download_url"])
+            for f in doc["files"]
+        ]
     except (KeyError, TypeError, ValueError) as e:
         raise DownloadError(f"figshare's record at {api} lacks the file list ({type(e).__name__}: {e})") from None
 
@@ -98,16 +102,22 @@ def fetch(remote: RemoteFile, dst: Path, timeout: float) -> Path:
                         f.write(block)
                         bar.advance(MiB=round((done := done + len(block)) / CHUNK, 1))
                 except (OSError, http.client.HTTPException) as e:
-                    raise DownloadError(f"{remote.name}: the transfer broke off at {done} of {remote.size} bytes "
-                                        f"({e}); run the same command again to resume") from None
+                    raise DownloadError(
+                        f"{remote.name}: the transfer broke off at {done} of {remote.size} bytes "
+                        f"({e}); run the same command again to resume"
+                    ) from None
         if dst.stat().st_size < remote.size:
-            raise DownloadError(f"{remote.name}: the transfer ended at {dst.stat().st_size} of {remote.size} bytes; "
-                                f"run the same command again to resume")
+            raise DownloadError(
+                f"{remote.name}: the transfer ended at {dst.stat().st_size} of {remote.size} bytes; "
+                f"run the same command again to resume"
+            )
     got = md5(dst)
     if got != remote.md5:
         dst.unlink()
-        raise DownloadError(f"{remote.name}: MD5 {got} is not figshare's {remote.md5}; the corrupt file was "
-                            f"deleted, run the same command again")
+        raise DownloadError(
+            f"{remote.name}: MD5 {got} is not figshare's {remote.md5}; the corrupt file was "
+            f"deleted, run the same command again"
+        )
     return dst
 
 

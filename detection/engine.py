@@ -29,8 +29,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} needs CUDA, which is not available here "
-                           f"(torch {torch.__version__}); use cpu or auto")
+        raise RuntimeError(
+            f"device {name!r} needs CUDA, which is not available here (torch {torch.__version__}); use cpu or auto"
+        )
     return torch.device(name)
 
 
@@ -52,8 +53,10 @@ def _to_device(batch, device: torch.device):
     """(uint8 images, targets) from `collate` on the device, images as float in [0, 1]."""
     images, targets = batch
     asynchronous = device.type == "cuda"  # pinned host memory copies without blocking
-    return ([to_float(i.to(device, non_blocking=asynchronous)) for i in images],
-            [{k: v.to(device, non_blocking=asynchronous) for k, v in t.items()} for t in targets])
+    return (
+        [to_float(i.to(device, non_blocking=asynchronous)) for i in images],
+        [{k: v.to(device, non_blocking=asynchronous) for k, v in t.items()} for t in targets],
+    )
 
 
 @contextlib.contextmanager
@@ -70,9 +73,16 @@ def loss_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def train_one_epoch(model, optimizer, batches: Iterable, device: torch.device,
-                    scaler: torch.amp.GradScaler, dtype: torch.dtype | None, first_step: int,
-                    on_step: Callable[[int, dict[str, float]], None]) -> int:
+def train_one_epoch(
+    model,
+    optimizer,
+    batches: Iterable,
+    device: torch.device,
+    scaler: torch.amp.GradScaler,
+    dtype: torch.dtype | None,
+    first_step: int,
+    on_step: Callable[[int, dict[str, float]], None],
+) -> int:
     """One pass over the collated batches; calls on_step(step, {"loss": .., parts..}) and returns the
     next step. `dtype` is the autocast type (None: fp32); the scaler is enabled for fp16 only.
 
@@ -128,8 +138,15 @@ class Validation:
 
 
 @torch.inference_mode()
-def validate(model, patches: list[Patch], device: torch.device, dtype: torch.dtype | None, radius: float,
-             num_classes: int, on_patch: Callable[[], None] = lambda: None) -> Validation:
+def validate(
+    model,
+    patches: list[Patch],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    radius: float,
+    num_classes: int,
+    on_patch: Callable[[], None] = lambda: None,
+) -> Validation:
     """Mean loss and, at the model's own post-processing, the matched counts over all patches."""
     losses, counts, detections = [], Counts(0, 0, 0), []
     for patch in patches:

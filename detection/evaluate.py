@@ -57,8 +57,11 @@ class Request:
     device: str = ""  # auto|cpu|cuda|cuda:N; empty: $BRECAHAD_DEVICE, else auto
 
     def check(self) -> None:
-        for name, value, choices in (("split", self.split, SPLIT_CHOICES), ("protocol", self.protocol, PROTOCOLS),
-                                     ("matching", self.matching, MATCHERS)):
+        for name, value, choices in (
+            ("split", self.split, SPLIT_CHOICES),
+            ("protocol", self.protocol, PROTOCOLS),
+            ("matching", self.matching, MATCHERS),
+        ):
             if value not in choices:
                 raise EvaluationError(f"{name}={value!r} must be one of {', '.join(choices)}")
 
@@ -71,7 +74,8 @@ def recorded_split(ref: tracking.ModelRef) -> Split:
     except tracking.TrackingError:
         raise EvaluationError(
             f"{ref.uri} (version {ref.version}): its training run {ref.run_id} recorded no split.json, "
-            f"so its held-out images are unknown; evaluate a folder of new images with split=all") from None
+            f"so its held-out images are unknown; evaluate a folder of new images with split=all"
+        ) from None
 
 
 def select(req: Request, split: Split | None) -> tuple[list[Sample], dict[str, str]]:
@@ -85,7 +89,8 @@ def select(req: Request, split: Split | None) -> tuple[list[Sample], dict[str, s
         if missing:
             raise EvaluationError(
                 f"{req.data_dir} lacks {len(missing)} of the {len(wanted)} {req.split} images recorded by the "
-                f"model's training run: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+                f"model's training run: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
         samples = [by_name[n] for n in wanted]
     if not samples:
         raise EvaluationError(f"no {req.split} images to evaluate in {req.data_dir}")
@@ -120,20 +125,25 @@ def leaked(split: Split | None, samples: list[Sample], hashes: dict[str, str]) -
     return sorted(found)
 
 
-def guard(req: Request, ref: tracking.ModelRef, split: Split | None, samples: list[Sample],
-          hashes: dict[str, str]) -> list[str]:
+def guard(
+    req: Request, ref: tracking.ModelRef, split: Split | None, samples: list[Sample], hashes: dict[str, str]
+) -> list[str]:
     """Refuse held-out images that are not what the training run recorded under their names, and
     evaluated images that are training images; with allow_overlap, the names to tag instead."""
     changed = renamed(req, split, hashes)
     overlap = leaked(split, samples, hashes)
     problems = []
     if changed:
-        problems.append(f"{len(changed)} {req.split} image(s) in {req.data_dir} are not the images {ref.uri}'s "
-                        f"training run recorded under those names (their pixels differ): {', '.join(changed[:8])}; "
-                        f"restore the original files")
+        problems.append(
+            f"{len(changed)} {req.split} image(s) in {req.data_dir} are not the images {ref.uri}'s "
+            f"training run recorded under those names (their pixels differ): {', '.join(changed[:8])}; "
+            f"restore the original files"
+        )
     if overlap:
-        problems.append(f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a "
-                        f"flipped, rotated or re-compressed copy): {', '.join(overlap[:8])}")
+        problems.append(
+            f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a "
+            f"flipped, rotated or re-compressed copy): {', '.join(overlap[:8])}"
+        )
     if problems and not req.allow_overlap:
         raise EvaluationError("; ".join(problems) + "; pass allow_overlap=true to evaluate anyway (the run is tagged)")
     return sorted(set(overlap) | set(changed))
@@ -141,8 +151,15 @@ def guard(req: Request, ref: tracking.ModelRef, split: Split | None, samples: li
 
 def operating_metrics(counts: Counts) -> dict[str, float]:
     """The counts at one post-processing and the rates made of them (also a tune trial's attributes)."""
-    return {"detection_rate": counts.detection_rate, "fdr": counts.false_discovery_rate,
-            "precision": counts.precision, "f1": counts.f1, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+    return {
+        "detection_rate": counts.detection_rate,
+        "fdr": counts.false_discovery_rate,
+        "precision": counts.precision,
+        "f1": counts.f1,
+        "tp": counts.tp,
+        "fp": counts.fp,
+        "fn": counts.fn,
+    }
 
 
 @dataclass
@@ -163,33 +180,48 @@ def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     metrics["ap"] = point_ap(scored, cache)
     metrics["box_ap"], metrics["box_ap50"] = box_ap(cache, scored.kept)
-    metrics |= {"cells": cache.meta.get("cells", float("nan")),
-                "cells_uncovered": cache.meta.get("cells_uncovered", float("nan")),
-                "items": len(cache), "n_images": len(images), "n_cases": images["case"].nunique()}
+    metrics |= {
+        "cells": cache.meta.get("cells", float("nan")),
+        "cells_uncovered": cache.meta.get("cells_uncovered", float("nan")),
+        "items": len(cache),
+        "n_images": len(images),
+        "n_cases": images["case"].nunique(),
+    }
     return Report(metrics, images, curve(cache, pp, matching, radius), scored.kept)
 
 
-def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample],
-                     rt: Runtime) -> tuple[list[Item], Cache]:
+def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime) -> tuple[list[Item], Cache]:
     items = paper_items(samples, cfg, req.seed) if req.protocol == "paper" else whole_items(samples, cfg)
-    with Bar(len(items), f"infer ({req.protocol}, {rt.device}, {PRECISION_NAMES[rt.dtype]})",
-             every=max(1, len(items) // 10)) as bar:
+    with Bar(
+        len(items), f"infer ({req.protocol}, {rt.device}, {PRECISION_NAMES[rt.dtype]})", every=max(1, len(items) // 10)
+    ) as bar:
         cache = raw_inference(model, items, cfg, rt, on_item=bar.advance)
     return items, cache
 
 
-def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, items: list[Item],
-               pp: PostProcess) -> None:
+def log_report(
+    tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, items: list[Item], pp: PostProcess
+) -> None:
     tr.log_metrics({f"{prefix}/{k}": v for k, v in report.metrics.items() if np.isfinite(v)}, step=0)
     unit = bootstrap_unit(report.images)
-    tr.set_tags({"count_unit": COUNT_UNITS.get(cache.meta.get("protocol"), "cells"), "ci_unit": unit}
-                | ({"ci_note": "the evaluated images come from one case: intervals are over images within "
-                               "that patient, not across patients"} if unit == "image" else {}))
+    tr.set_tags(
+        {"count_unit": COUNT_UNITS.get(cache.meta.get("protocol"), "cells"), "ci_unit": unit}
+        | (
+            {
+                "ci_note": "the evaluated images come from one case: intervals are over images within "
+                "that patient, not across patients"
+            }
+            if unit == "image"
+            else {}
+        )
+    )
     tr.log_table(report.images, f"{prefix}_per_image.json")
     tr.log_text(report.curve.to_csv(index=False), f"{prefix}_threshold_curve.csv")
     title = f"{prefix}: {len(report.images)} images, {len(cache)} items"
-    for fig, name in ((figures.threshold_curve(report.curve, pp.score_thresh, title), "fig4_tpr_fdr.png"),
-                      (figures.pr_curve(report.curve, pp.score_thresh, title), "precision_recall.png")):
+    for fig, name in (
+        (figures.threshold_curve(report.curve, pp.score_thresh, title), "fig4_tpr_fdr.png"),
+        (figures.pr_curve(report.curve, pp.score_thresh, title), "precision_recall.png"),
+    ):
         tr.log_figure(fig, f"figures/{name}")
         figures.close(fig)
     shown: set[str] = set()
@@ -198,8 +230,13 @@ def log_report(tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, 
             continue
         shown.add(item.name)
         k = report.kept[i]
-        fig = figures.overlay(item.image, cache.ground_truth(i)[2], cache.det_boxes[k], cache.det_scores[k],
-                              f"{item.name} at {item.origin}, score > {pp.score_thresh:g}")
+        fig = figures.overlay(
+            item.image,
+            cache.ground_truth(i)[2],
+            cache.det_boxes[k],
+            cache.det_scores[k],
+            f"{item.name} at {item.origin}, score > {pp.score_thresh:g}",
+        )
         tr.log_figure(fig, f"overlays/{item.name}.png")
         figures.close(fig)
 
@@ -211,8 +248,14 @@ def log_geojson(tr: tracking.Tracker, report: Report, cache: Cache, items: list[
         for i, item in enumerate(items):
             k = report.kept[i]
             boxes = cache.det_boxes[k]
-            table = pd.DataFrame({"cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
-                                  "score": cache.det_scores[k], "class": [classes[c - 1] for c in cache.det_labels[k]]})
+            table = pd.DataFrame(
+                {
+                    "cx": (boxes[:, 0] + boxes[:, 2]) / 2,
+                    "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
+                    "score": cache.det_scores[k],
+                    "class": [classes[c - 1] for c in cache.det_labels[k]],
+                }
+            )
             path = Path(tmp) / f"{item.name}.geojson"
             path.write_text(json.dumps(to_geojson(table, model_uri)))
             tr.log_file(path, "detections")
@@ -234,24 +277,59 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         rt = Runtime.choose(req.device or None)
     except (ValueError, RuntimeError) as e:
         raise EvaluationError(str(e)) from None
-    with tracking.run(cfg.tracking.experiment, parent=parent, name=f"evaluate v{ref.version} {req.split} {req.protocol}") as tr:
-        tr.set_tags({"model_name": ref.name, "model_version": ref.version, "training_run_id": ref.run_id or "",
-                     "model_uri": ref.uri, "protocol": req.protocol, "split": req.split, "matching": req.matching,
-                     "seed": req.seed, "metrics_version": METRICS_VERSION, "package_version": tracking.package_version(),
-                     "evaluation": "true", "data_digest": content_digest(samples, hashes)}
-                    | {f"inference.{k}": v for k, v in rt.describe().items()}
-                    | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {}))
-        tr.log_params({"eval.model": ref.uri, "eval.model_version": ref.version, "eval.data_dir": str(req.data_dir),
-                       "eval.split": req.split, "eval.protocol": req.protocol, "eval.matching": req.matching,
-                       "eval.seed": req.seed, "eval.match_radius": cfg.eval.match_radius,
-                       "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
-                       "eval.score_thresh": pp.score_thresh, "eval.nms_thresh": pp.nms_thresh,
-                       "eval.detections_per_img": pp.detections_per_img, "eval.images": len(samples)})
+    with tracking.run(
+        cfg.tracking.experiment, parent=parent, name=f"evaluate v{ref.version} {req.split} {req.protocol}"
+    ) as tr:
+        tr.set_tags(
+            {
+                "model_name": ref.name,
+                "model_version": ref.version,
+                "training_run_id": ref.run_id or "",
+                "model_uri": ref.uri,
+                "protocol": req.protocol,
+                "split": req.split,
+                "matching": req.matching,
+                "seed": req.seed,
+                "metrics_version": METRICS_VERSION,
+                "package_version": tracking.package_version(),
+                "evaluation": "true",
+                "data_digest": content_digest(samples, hashes),
+            }
+            | {f"inference.{k}": v for k, v in rt.describe().items()}
+            | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {})
+        )
+        tr.log_params(
+            {
+                "eval.model": ref.uri,
+                "eval.model_version": ref.version,
+                "eval.data_dir": str(req.data_dir),
+                "eval.split": req.split,
+                "eval.protocol": req.protocol,
+                "eval.matching": req.matching,
+                "eval.seed": req.seed,
+                "eval.match_radius": cfg.eval.match_radius,
+                "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
+                "eval.score_thresh": pp.score_thresh,
+                "eval.nms_thresh": pp.nms_thresh,
+                "eval.detections_per_img": pp.detections_per_img,
+                "eval.images": len(samples),
+            }
+        )
         evaluated = pd.DataFrame([{"name": s.name, "case": s.case, "sha256": hashes[s.name]} for s in samples])
-        tr.log_dataset(evaluated, str(req.data_dir), content_digest(samples, hashes), f"brecahad-{req.split}",
-                       DATASET_CONTEXTS[req.split])
-        meta = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version,
-                "training_run_id": ref.run_id, "sha256": hashes}
+        tr.log_dataset(
+            evaluated,
+            str(req.data_dir),
+            content_digest(samples, hashes),
+            f"brecahad-{req.split}",
+            DATASET_CONTEXTS[req.split],
+        )
+        meta = {
+            "model_uri": ref.uri,
+            "model_name": ref.name,
+            "model_version": ref.version,
+            "training_run_id": ref.run_id,
+            "sha256": hashes,
+        }
         items, views = infer_views(req, cfg, model, samples, rt, meta)
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             for view, c in views.items():
@@ -260,8 +338,13 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         if cfg.eval.tta_views:
             tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
         if detector.second_look is not None:  # the classifier rescores what the detector keeps
-            cache, pp = second_look.apply(second_look.kept(cache, pp, cfg.eval.match_radius),
-                                          [it.image for it in items], detector.second_look, cfg, rt)
+            cache, pp = second_look.apply(
+                second_look.kept(cache, pp, cfg.eval.match_radius),
+                [it.image for it in items],
+                detector.second_look,
+                cfg,
+                rt,
+            )
             tr.set_tags({"second_look_weight": cfg.second_look.weight, "second_look_thresh": cfg.second_look.thresh})
         if cache is not views["none"]:  # what the version reports, for compare and replays
             with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
@@ -274,20 +357,29 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         return tr.run_id, report.metrics
 
 
-def infer_views(req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime,
-                meta: dict) -> tuple[list[Item], dict[str, Cache]]:
+def infer_views(
+    req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime, meta: dict
+) -> tuple[list[Item], dict[str, Cache]]:
     """The items of the protocol and the raw cache of the image and of each test-time flip
     (eval.tta_views), each in its own (flipped) pixels."""
     items, cache = _items_and_cache(req, cfg, model, samples, rt)
     cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
     pp = PostProcess.of_config(cfg.model)
-    cache.meta = meta | {"protocol": req.protocol, "split": req.split, "seed": req.seed,
-                         "classes": list(cfg.data.classes), "box_size": cfg.data.box_size,
-                         "match_radius": cfg.eval.match_radius, "postprocess": pp.__dict__,
-                         # Whole images have no inner edges; a patch's inner edges get the don't-care band.
-                         "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
-                         "device": rt.device.type, "precision": PRECISION_NAMES[rt.dtype], "cells": cells,
-                         "cells_uncovered": uncovered}
+    cache.meta = meta | {
+        "protocol": req.protocol,
+        "split": req.split,
+        "seed": req.seed,
+        "classes": list(cfg.data.classes),
+        "box_size": cfg.data.box_size,
+        "match_radius": cfg.eval.match_radius,
+        "postprocess": pp.__dict__,
+        # Whole images have no inner edges; a patch's inner edges get the don't-care band.
+        "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
+        "device": rt.device.type,
+        "precision": PRECISION_NAMES[rt.dtype],
+        "cells": cells,
+        "cells_uncovered": uncovered,
+    }
     views = {"none": cache}
     for view in (v for v in cfg.eval.tta_views if v != "none"):
         flipped = [replace(it, image=flip(it.image, view)) for it in items]
@@ -328,12 +420,14 @@ def earlier_evaluation(req: Request, same_matching: bool):
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
     digest = content_digest(*select(req, split))
-    query = (f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
-             f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
-             f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
-             f"tags.`detection.data_digest` = '{digest}' and "
-             f"tags.`detection.metrics_version` = '{METRICS_VERSION}' and "
-             f"tags.`detection.package_version` = '{tracking.package_version()}'")
+    query = (
+        f"tags.`detection.evaluation` = 'true' and tags.`detection.model_name` = '{ref.name}' and "
+        f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
+        f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
+        f"tags.`detection.data_digest` = '{digest}' and "
+        f"tags.`detection.metrics_version` = '{METRICS_VERSION}' and "
+        f"tags.`detection.package_version` = '{tracking.package_version()}'"
+    )
     if same_matching:
         query += f" and tags.`detection.matching` = '{req.matching}'"
     found = tracking.find_runs(query)
@@ -367,4 +461,3 @@ def load_cache(run_id: str) -> Cache:
         if path is None:
             raise EvaluationError(f"run {run_id} has no {CACHE_NAME}; it is not an evaluation run")
         return Cache.load(path)
-

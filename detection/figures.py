@@ -21,7 +21,7 @@ def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], ste
         ax.plot(steps, values, color="tab:blue", alpha=0.3, lw=0.8, label="train/loss (step)")
         window = max(1, min(len(values), steps_per_epoch))
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", lw=1.8, label=f"train/loss (mean of {window})")
+        ax.plot(steps[window - 1 :], smooth, color="tab:blue", lw=1.8, label=f"train/loss (mean of {window})")
     if val:
         epochs, values = np.array(val).T
         ax.plot((epochs + 1) * steps_per_epoch - 1, values, "o-", color="tab:orange", label="val/loss (epoch)")
@@ -90,8 +90,15 @@ def tradeoff(trials: list[dict], chosen: int, title: str):
     points = ax.scatter(fdr, dr, c=[t["f1"] for t in trials], cmap="viridis", s=18)
     fig.colorbar(points, ax=ax, label="F1")
     pick = next(t for t in trials if t["trial"] == chosen)
-    ax.scatter([pick["fdr"]], [pick["detection_rate"]], s=160, facecolors="none", edgecolors="red", lw=2,
-               label=f"chosen: trial {chosen}")
+    ax.scatter(
+        [pick["fdr"]],
+        [pick["detection_rate"]],
+        s=160,
+        facecolors="none",
+        edgecolors="red",
+        lw=2,
+        label=f"chosen: trial {chosen}",
+    )
     ax.set_xlabel("false discovery rate (validation)")
     ax.set_ylabel("detection rate (validation)")
     ax.set_title(f"study {title}")

@@ -88,9 +88,15 @@ class Cache:
         """Item i's raw detections tile by tile; their indices are offsets from det_range(i)[0]."""
         t0, t1 = self._tile_range(i)
         lo, hi = self.det_range(i)
-        return Tiles(self.tiles_origin[t0:t1], self.tiles_core[t0:t1], self.det_tile[lo:hi] - t0,
-                     self.det_boxes[lo:hi], self.det_nms_boxes[lo:hi], self.det_scores[lo:hi],
-                     self.det_labels[lo:hi])
+        return Tiles(
+            self.tiles_origin[t0:t1],
+            self.tiles_core[t0:t1],
+            self.det_tile[lo:hi] - t0,
+            self.det_boxes[lo:hi],
+            self.det_nms_boxes[lo:hi],
+            self.det_scores[lo:hi],
+            self.det_labels[lo:hi],
+        )
 
     def ground_truth(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Points, labels and the boxes drawn around the points (as in training) of item i."""
@@ -108,8 +114,12 @@ class Cache:
             return np.zeros(len(points), bool)
         (x0, y0), (h, w), (ih, iw) = self.items_origin[i], self.items_size[i], self.items_image_size[i]
         x, y = points[:, 0], points[:, 1]
-        return (((x0 > 0) & (x < band)) | ((y0 > 0) & (y < band)) |
-                ((x0 + w < iw) & (x > w - band)) | ((y0 + h < ih) & (y > h - band)))
+        return (
+            ((x0 > 0) & (x < band))
+            | ((y0 > 0) & (y < band))
+            | ((x0 + w < iw) & (x > w - band))
+            | ((y0 + h < ih) & (y > h - band))
+        )
 
     def save(self, path: str | Path) -> Path:
         arrays = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "meta"}
@@ -121,8 +131,10 @@ class Cache:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"{path}: cache schema {meta.get('schema_version')} is not {SCHEMA_VERSION}; "
-                                 f"evaluate the model again to make a current one")
+                raise ValueError(
+                    f"{path}: cache schema {meta.get('schema_version')} is not {SCHEMA_VERSION}; "
+                    f"evaluate the model again to make a current one"
+                )
             return cls(**{k: z[k] for k in cls.__dataclass_fields__ if k != "meta"}, meta=meta)
 
 
@@ -212,8 +224,12 @@ class Runtime:
         return cls(dev, dtype, batch, workers)
 
     def describe(self) -> dict[str, str | int]:
-        return {"device": str(self.device), "precision": PRECISION_NAMES[self.dtype], "tile_batch": self.batch,
-                "tile_workers": self.workers}
+        return {
+            "device": str(self.device),
+            "precision": PRECISION_NAMES[self.dtype],
+            "tile_batch": self.batch,
+            "tile_workers": self.workers,
+        }
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.eval().to(self.device, memory_format=torch.channels_last)
@@ -229,18 +245,26 @@ def _forward(model, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, ...]]
     detections, _ = model.roi_heads(features, proposals, images.image_sizes)
     resized = [d["boxes"] for d in detections]
     detections = model.transform.postprocess(detections, images.image_sizes, sizes)
-    return [(d["boxes"].float().cpu().numpy(), r.float().cpu().numpy(), d["scores"].float().cpu().numpy(),
-             d["labels"].cpu().numpy()) for d, r in zip(detections, resized)]
+    return [
+        (
+            d["boxes"].float().cpu().numpy(),
+            r.float().cpu().numpy(),
+            d["scores"].float().cpu().numpy(),
+            d["labels"].cpu().numpy(),
+        )
+        for d, r in zip(detections, resized)
+    ]
 
 
 def _run_tiles(model, crops: list[np.ndarray], rt: Runtime) -> list[tuple[np.ndarray, ...]]:
     def run(chunk: list[np.ndarray]):
         with torch.inference_mode(), autocast(rt.device, rt.dtype):
-            tensors = [to_float(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1).to(rt.device))
-                       for c in chunk]
+            tensors = [
+                to_float(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1).to(rt.device)) for c in chunk
+            ]
             return _forward(model, tensors)
 
-    chunks = [crops[i:i + rt.batch] for i in range(0, len(crops), rt.batch)]
+    chunks = [crops[i : i + rt.batch] for i in range(0, len(crops), rt.batch)]
     if rt.workers > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(rt.workers) as pool:
             return [out for outs in pool.map(run, chunks) for out in outs]
@@ -255,16 +279,24 @@ def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: in
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
     starts = [(x0, y0) for y0 in ys for x0 in xs]
     cores = [(xlo, ylo, xhi, yhi) for ylo, yhi in _core_bounds(ys, th) for xlo, xhi in _core_bounds(xs, tw)]
-    outputs = _run_tiles(model, [image[y0:y0 + th, x0:x0 + tw] for x0, y0 in starts], rt)
+    outputs = _run_tiles(model, [image[y0 : y0 + th, x0 : x0 + tw] for x0, y0 in starts], rt)
     parts = []
     for k, ((x0, y0), (boxes, nms_boxes, scores, labels)) in enumerate(zip(starts, outputs)):
         order = np.argsort(-scores, kind="stable")
         shift = np.array([x0, y0, x0, y0], np.float32)
-        parts.append((np.full(len(scores), k, np.int32), boxes[order] + shift, nms_boxes[order], scores[order],
-                      labels[order]))
+        parts.append(
+            (np.full(len(scores), k, np.int32), boxes[order] + shift, nms_boxes[order], scores[order], labels[order])
+        )
     tile, boxes, nms_boxes, scores, labels = (np.concatenate(p) for p in zip(*parts))
-    return Tiles(np.array(starts, np.int64), np.array(cores, np.float64), tile, boxes.astype(np.float32),
-                 nms_boxes.astype(np.float32), scores.astype(np.float32), labels.astype(np.int64))
+    return Tiles(
+        np.array(starts, np.int64),
+        np.array(cores, np.float64),
+        tile,
+        boxes.astype(np.float32),
+        nms_boxes.astype(np.float32),
+        scores.astype(np.float32),
+        labels.astype(np.int64),
+    )
 
 
 def raw_inference(model, items: list[Item], cfg: Config, rt: Runtime, on_item=lambda: None) -> Cache:
@@ -298,4 +330,3 @@ def raw_inference(model, items: list[Item], cfg: Config, rt: Runtime, on_item=la
         gt_points=cat([it.points for it in items], np.float32, (0, 2)),
         gt_labels=cat([it.labels for it in items], np.int64, (0,)),
     )
-

@@ -89,8 +89,9 @@ def iou_match(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, thres
     return matched
 
 
-def match(method: str, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, gt_boxes: np.ndarray,
-          radius: float) -> np.ndarray:
+def match(
+    method: str, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, gt_boxes: np.ndarray, radius: float
+) -> np.ndarray:
     """(D,) int: each detection's cell (index into points) by the chosen matcher, or -1."""
     if method == "greedy":
         return greedy_match(box_centres(boxes), scores, points, radius)

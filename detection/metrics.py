@@ -109,8 +109,13 @@ class Replayer:
     def tile_nms(self, iou: float, agnostic: bool) -> list[list[TileNms]]:
         key = (round(iou, 6), agnostic)
         if key not in self._nms:
-            self._nms[key] = [[TileNms(t.nms_boxes[lo:hi], t.scores[lo:hi], t.labels[lo:hi], iou, agnostic,
-                                       _device(self.cache)) for lo, hi in t.slices()] for t in self.tiles]
+            self._nms[key] = [
+                [
+                    TileNms(t.nms_boxes[lo:hi], t.scores[lo:hi], t.labels[lo:hi], iou, agnostic, _device(self.cache))
+                    for lo, hi in t.slices()
+                ]
+                for t in self.tiles
+            ]
         return self._nms[key]
 
     def prepare(self, iou: float, agnostic: bool) -> None:
@@ -118,7 +123,7 @@ class Replayer:
         single-input items, so that trials at this IoU only search (the bench times them apart)."""
         iou_key = (round(iou, 6), agnostic)
         for i, nms in enumerate(self.tile_nms(iou, agnostic)):
-            for key, keep in (nms[0].groups() if len(nms) == 1 else []):
+            for key, keep in nms[0].groups() if len(nms) == 1 else []:
                 self._prefix_of((i, iou_key, key), i, [keep])
             for t in nms if len(nms) > 1 else []:
                 t.groups()
@@ -152,7 +157,7 @@ class Replayer:
             neg, cum_tp, cum_counted = self._prefix_of((i, iou_key, groups), i, [s for _, s, _ in picks])
             n = int(neg.searchsorted(neg_t))
             return int(cum_tp[n]), int(cum_counted[n])
-        parts = [lo + s[:min(n, k)] for (lo, _), (_, s, n) in zip(self.tiles[i].slices(), picks)]
+        parts = [lo + s[: min(n, k)] for (lo, _), (_, s, n) in zip(self.tiles[i].slices(), picks)]
         kept = finish(self.tiles[i], np.concatenate(parts), self.radius)
         cum_tp, cum_counted = self._flags(i, kept)
         return int(cum_tp[-1]), int(cum_counted[-1])
@@ -179,8 +184,9 @@ def curve(cache: Cache, pp: PostProcess, method: str, radius: float, thresholds=
         c = [replayer.counts(p) for p in at]
     else:
         c = [sum(score(cache, p, method, radius).counts(), Counts(0, 0, 0)) for p in at]
-    table = pd.DataFrame({"threshold": thresholds, "tp": [x.tp for x in c], "fp": [x.fp for x in c],
-                          "fn": [x.fn for x in c]})
+    table = pd.DataFrame(
+        {"threshold": thresholds, "tp": [x.tp for x in c], "fp": [x.fp for x in c], "fn": [x.fn for x in c]}
+    )
     table["detection_rate"] = [x.detection_rate for x in c]
     table["fdr"] = [x.false_discovery_rate for x in c]
     table["precision"] = [x.precision for x in c]
@@ -190,8 +196,13 @@ def curve(cache: Cache, pp: PostProcess, method: str, radius: float, thresholds=
 
 def per_image(cache: Cache, scored: Scored) -> pd.DataFrame:
     """Counts summed over each image's items (patches or whole images), one row per image, with its case."""
-    df = pd.DataFrame([{"image": str(cache.items_name[i]), "tp": c.tp, "fp": c.fp, "fn": c.fn}
-                       for i, c in enumerate(scored.counts())], columns=["image", "tp", "fp", "fn"])
+    df = pd.DataFrame(
+        [
+            {"image": str(cache.items_name[i]), "tp": c.tp, "fp": c.fp, "fn": c.fn}
+            for i, c in enumerate(scored.counts())
+        ],
+        columns=["image", "tp", "fp", "fn"],
+    )
     df = df.groupby("image", sort=True, as_index=False).sum()
     df.insert(1, "case", [case_of(n) for n in df.image])
     counts = [Counts(r.tp, r.fp, r.fn) for r in df.itertuples()]
@@ -235,8 +246,16 @@ def bootstrap(images: pd.DataFrame, seed: int = 0, n_resamples: int = 2000) -> d
         def statistic(tp, fp, fn_, axis=-1, fn=fn):
             return fn(tp.sum(axis=axis), fp.sum(axis=axis), fn_.sum(axis=axis))
 
-        res = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=n_resamples,
-                              confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed))
+        res = stats.bootstrap(
+            data,
+            statistic,
+            paired=True,
+            vectorized=True,
+            n_resamples=n_resamples,
+            confidence_level=0.95,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        )
         out[name] = (float(res.confidence_interval.low), float(res.confidence_interval.high))
     return out
 
@@ -280,12 +299,25 @@ def box_ap(cache: Cache, kept: list[np.ndarray]) -> tuple[float, float]:
         _, gt_labels, gt_boxes = cache.ground_truth(i)
         densest = max(densest, len(gt_boxes), len(kept[i]))
         for b, lab in zip(gt_boxes, gt_labels):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(lab), "iscrowd": 0,
-                                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                                "area": float((b[2] - b[0]) * (b[3] - b[1]))})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": int(lab),
+                    "iscrowd": 0,
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                    "area": float((b[2] - b[0]) * (b[3] - b[1])),
+                }
+            )
         for b, s, lab in zip(cache.det_boxes[kept[i]], cache.det_scores[kept[i]], cache.det_labels[kept[i]]):
-            results.append({"image_id": i, "category_id": int(lab), "score": float(s),
-                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": int(lab),
+                    "score": float(s),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                }
+            )
     if not annotations:
         return float("nan"), float("nan")
     if not results:
@@ -307,8 +339,10 @@ def _mean_valid(p: np.ndarray) -> float:
 
 # --- false positives at an equal detection rate (compare, second look) ------------------------
 
-def threshold_counts(cache: Cache, pp: PostProcess, matching: str, radius: float,
-                     thresholds: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+
+def threshold_counts(
+    cache: Cache, pp: PostProcess, matching: str, radius: float, thresholds: np.ndarray | None = None
+) -> tuple[list[str], np.ndarray]:
     """Per image: tp, fp, fn at every score threshold, (images, T, 3). Kept detections at a higher
     threshold are a prefix of those at 0, so one scoring serves every threshold."""
     thresholds = SWEEP if thresholds is None else thresholds

@@ -53,13 +53,19 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> FasterRCNN:
         trainable_layers=cfg.trainable_backbone_layers if pretrained_backbone else 5,
     )
     if pretrained and cfg.weights == "imagenet":
-        weights = get_model_weights(cfg.backbone).DEFAULT if cfg.backbone != "resnet50" else ResNet50_Weights.IMAGENET1K_V1
+        weights = (
+            get_model_weights(cfg.backbone).DEFAULT if cfg.backbone != "resnet50" else ResNet50_Weights.IMAGENET1K_V1
+        )
         state = _fetch(weights, f"ImageNet {cfg.backbone}")
         missing, _ = backbone.body.load_state_dict(state, strict=False)
         if missing:
-            raise WeightsError(f"the ImageNet {cfg.backbone} file lacks {missing[:3]}; delete it from TORCH_HOME and fetch it again")
+            raise WeightsError(
+                f"the ImageNet {cfg.backbone} file lacks {missing[:3]}; delete it from TORCH_HOME and fetch it again"
+            )
     pooled = cfg.roi_output_size
-    box_roi_pool = MultiScaleRoIAlign(list(cfg.roi_featmap_names), output_size=pooled, sampling_ratio=cfg.roi_sampling_ratio)
+    box_roi_pool = MultiScaleRoIAlign(
+        list(cfg.roi_featmap_names), output_size=pooled, sampling_ratio=cfg.roi_sampling_ratio
+    )
     model = FasterRCNN(
         backbone,
         num_classes=None,

@@ -54,9 +54,12 @@ class PostProcess:
 
     def as_overrides(self) -> list[str]:
         """The same settings as config overrides, for a model version that carries them."""
-        return [f"model.box_score_thresh={self.score_thresh}", f"model.box_nms_thresh={self.nms_thresh}",
-                f"model.box_detections_per_img={self.detections_per_img}",
-                f"model.box_nms_class_agnostic={str(self.class_agnostic).lower()}"]
+        return [
+            f"model.box_score_thresh={self.score_thresh}",
+            f"model.box_nms_thresh={self.nms_thresh}",
+            f"model.box_detections_per_img={self.detections_per_img}",
+            f"model.box_nms_class_agnostic={str(self.class_agnostic).lower()}",
+        ]
 
 
 @contextlib.contextmanager
@@ -101,8 +104,9 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float, 
     return _batched_nms_coordinate_trick(b, s, lab, iou).numpy()
 
 
-def replay_tile(nms_boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, pp: PostProcess,
-                device_type: str = "cpu") -> np.ndarray:
+def replay_tile(
+    nms_boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, pp: PostProcess, device_type: str = "cpu"
+) -> np.ndarray:
     """Indices of one model input's raw detections that the model keeps with `pp`, best first.
 
     nms_boxes: (D, 4) float32 x1y1x2y2 in the model's resized pixels (what NMS saw);
@@ -118,8 +122,15 @@ class TileNms:
 
     EMPTY = ("empty",)
 
-    def __init__(self, nms_boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float,
-                 agnostic: bool, device_type: str = "cpu"):
+    def __init__(
+        self,
+        nms_boxes: np.ndarray,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        iou: float,
+        agnostic: bool,
+        device_type: str = "cpu",
+    ):
         self.boxes, self.scores, self.labels, self.iou = nms_boxes, scores, labels, iou
         self.neg_scores = -scores  # ascending, for searchsorted
         self.agnostic, self.limit = agnostic, vanilla_above(device_type)
@@ -229,6 +240,8 @@ def finish(tiles: Tiles, kept: np.ndarray, radius: float) -> np.ndarray:
 def keep(tiles: Tiles, pp: PostProcess, radius: float, device_type: str = "cpu") -> np.ndarray:
     """Indices of an item's raw detections that the deployed detector keeps with `pp`, best first:
     the model's own post-processing per tile, then ownership and the merge across tile cuts."""
-    parts = [lo + replay_tile(tiles.nms_boxes[lo:hi], tiles.scores[lo:hi], tiles.labels[lo:hi], pp, device_type)
-             for lo, hi in tiles.slices()]
+    parts = [
+        lo + replay_tile(tiles.nms_boxes[lo:hi], tiles.scores[lo:hi], tiles.labels[lo:hi], pp, device_type)
+        for lo, hi in tiles.slices()
+    ]
     return finish(tiles, np.concatenate(parts) if parts else np.zeros(0, np.int64), radius)

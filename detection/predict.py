@@ -52,7 +52,11 @@ def decode_image(data: str | bytes) -> np.ndarray:
     if raw[:8] == b"\x89PNG\r\n\x1a\n":
         from torchvision.io import ImageReadMode, decode_png
 
-        return decode_png(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        return (
+            decode_png(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            .permute(1, 2, 0)
+            .numpy()
+        )
     try:
         return tifffile.imread(io.BytesIO(raw))
     except Exception as e:
@@ -68,8 +72,13 @@ def _as_array(value, i: int) -> np.ndarray:
         raise InputError(f"image {i}: not a rectangular array ({e})") from None
     # JSON carries pixels as plain integers: accept nested lists of integers within 0..255. An array
     # keeps its dtype, so a 16-bit image is refused however dark it is.
-    if not isinstance(value, np.ndarray) and img.dtype.kind in "iu" and img.size and img.min() >= 0 \
-            and img.max() <= 255:
+    if (
+        not isinstance(value, np.ndarray)
+        and img.dtype.kind in "iu"
+        and img.size
+        and img.min() >= 0
+        and img.max() <= 255
+    ):
         img = img.astype(np.uint8)
     return img
 
@@ -77,25 +86,32 @@ def _as_array(value, i: int) -> np.ndarray:
 def as_images(model_input) -> list[np.ndarray]:
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
-            raise InputError(f"input needs an 'image' column (RGB uint8 arrays or base64 TIFF/PNG), "
-                             f"got columns {list(model_input.columns)}")
+            raise InputError(
+                f"input needs an 'image' column (RGB uint8 arrays or base64 TIFF/PNG), "
+                f"got columns {list(model_input.columns)}"
+            )
         images = [_as_array(v, i) for i, v in enumerate(model_input["image"])]
     elif isinstance(model_input, np.ndarray):
         images = [model_input] if model_input.ndim == 3 else list(model_input)
     else:
-        raise InputError(f"unsupported input type {type(model_input).__name__}; send a DataFrame with an "
-                         f"'image' column")
+        raise InputError(
+            f"unsupported input type {type(model_input).__name__}; send a DataFrame with an 'image' column"
+        )
     if not images:
         raise InputError("no images in the request")
     for i, img in enumerate(images):
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
             raise InputError(f"image {i}: expected RGB uint8 pixels (H, W, 3), got {img.dtype} {img.shape}")
         if min(img.shape[:2]) < MIN_SIDE:
-            raise InputError(f"image {i}: {img.shape[1]}x{img.shape[0]} px is smaller than one anchor "
-                             f"({MIN_SIDE} px a side); send the whole field")
+            raise InputError(
+                f"image {i}: {img.shape[1]}x{img.shape[0]} px is smaller than one anchor "
+                f"({MIN_SIDE} px a side); send the whole field"
+            )
         if img.shape[0] * img.shape[1] > MAX_PIXELS:
-            raise InputError(f"image {i}: {img.shape[1]}x{img.shape[0]} px is more than {MAX_PIXELS / 1e6:.0f} "
-                             f"megapixels; split the slide into fields first")
+            raise InputError(
+                f"image {i}: {img.shape[1]}x{img.shape[0]} px is more than {MAX_PIXELS / 1e6:.0f} "
+                f"megapixels; split the slide into fields first"
+            )
     return images
 
 
@@ -103,11 +119,18 @@ def encode_png(image: np.ndarray) -> str:
     """An RGB uint8 image as base64 PNG, the compact way to send it to the server."""
     from torchvision.io import encode_png as _encode
 
-    return base64.b64encode(_encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()).decode()
+    return base64.b64encode(
+        _encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()
+    ).decode()
 
 
-def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Config,
-           rt: Runtime | None = None, second_look: torch.nn.Module | None = None) -> pd.DataFrame:
+def detect(
+    model: torch.nn.Module,
+    images: list[np.ndarray],
+    cfg: config_mod.Config,
+    rt: Runtime | None = None,
+    second_look: torch.nn.Module | None = None,
+) -> pd.DataFrame:
     """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
     outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
     input), then ownership and the merge across tile cuts; with `eval.tta_views`, the same on each
@@ -130,19 +153,28 @@ def detect(model: torch.nn.Module, images: list[np.ndarray], cfg: config_mod.Con
         else:
             boxes, scores, labels = views[0]
         if second_look is not None:  # the classifier's score fused with the detector's, re-thresholded
-            scores = fused_score(scores, probabilities(second_look, img, boxes, cfg.second_look.crop, rt),
-                                 cfg.second_look.weight)
+            scores = fused_score(
+                scores, probabilities(second_look, img, boxes, cfg.second_look.crop, rt), cfg.second_look.weight
+            )
             order = np.argsort(-scores, kind="stable")
             order = order[scores[order] > np.float32(cfg.second_look.thresh)]
             boxes, scores, labels = boxes[order], scores[order], labels[order]
-        rows.append(pd.DataFrame({
-            "image": i,
-            "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-            "score": scores,
-            "label": labels,
-            "class": [cfg.data.classes[k - 1] for k in labels],
-            "cx": (boxes[:, 0] + boxes[:, 2]) / 2, "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
-        }))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "image": i,
+                    "x1": boxes[:, 0],
+                    "y1": boxes[:, 1],
+                    "x2": boxes[:, 2],
+                    "y2": boxes[:, 3],
+                    "score": scores,
+                    "label": labels,
+                    "class": [cfg.data.classes[k - 1] for k in labels],
+                    "cx": (boxes[:, 0] + boxes[:, 2]) / 2,
+                    "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)[COLUMNS]
 
 
@@ -154,13 +186,19 @@ def to_geojson(table: pd.DataFrame, source: str) -> dict:
     """Detections (a `detect` table: cx, cy, score, class) as a GeoJSON FeatureCollection that QuPath
     imports (File > Import objects): one Point detection per cell, in image pixels (x right, y down),
     classified, with the score as a measurement."""
-    features = [{
-        "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": [float(row.cx), float(row.cy)]},
-        "properties": {"objectType": "detection",
-                       "classification": {"name": row["class"], "color": QUPATH_COLOURS.get(row["class"], [128] * 3)},
-                       "measurements": {"score": float(row.score)}, "source": source},
-    } for _, row in table.iterrows()]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [float(row.cx), float(row.cy)]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": row["class"], "color": QUPATH_COLOURS.get(row["class"], [128] * 3)},
+                "measurements": {"score": float(row.score)},
+                "source": source,
+            },
+        }
+        for _, row in table.iterrows()
+    ]
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -176,8 +214,10 @@ def load_second_look(cfg: config_mod.Config, weights_path: str | Path | None) ->
     if cfg.second_look.weight == 0:
         return None
     if weights_path is None:
-        raise ValueError(f"the config sets second_look.weight={cfg.second_look.weight} but the model holds no "
-                         f"second_look weights; register it with `python -m detection second-look`")
+        raise ValueError(
+            f"the config sets second_look.weight={cfg.second_look.weight} but the model holds no "
+            f"second_look weights; register it with `python -m detection second-look`"
+        )
     net = build_classifier()
     net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return net.eval()
@@ -200,18 +240,25 @@ class Detector(mlflow.pyfunc.PythonModel):
             images = as_images(model_input)
         except InputError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        return detect(self.model, images, self.config, getattr(self, "runtime", None), getattr(self, "second_look", None))
+        return detect(
+            self.model, images, self.config, getattr(self, "runtime", None), getattr(self, "second_look", None)
+        )
 
 
 def signature() -> ModelSignature:
     """Any number of images of any size, each an array or a base64 file, in an `image` column."""
-    outputs = [ColSpec(DataType.long, "image")] + [ColSpec(DataType.float, c) for c in ("x1", "y1", "x2", "y2", "score")]
-    outputs += [ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class"),
-                ColSpec(DataType.float, "cx"), ColSpec(DataType.float, "cy")]
+    outputs = [ColSpec(DataType.long, "image")] + [
+        ColSpec(DataType.float, c) for c in ("x1", "y1", "x2", "y2", "score")
+    ]
+    outputs += [
+        ColSpec(DataType.long, "label"),
+        ColSpec(DataType.string, "class"),
+        ColSpec(DataType.float, "cx"),
+        ColSpec(DataType.float, "cy"),
+    ]
     return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image")]), outputs=Schema(outputs))
 
 
 def input_example() -> pd.DataFrame:
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     return pd.DataFrame({"image": [encode_png(image)]})
-

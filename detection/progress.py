@@ -17,8 +17,13 @@ class Bar:
         self.rich = self.console.is_terminal
         if self.rich:
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
                 console=self.console,
             )
             self.task = self.progress.add_task(description, total=total, info="")
@@ -45,5 +50,8 @@ class Bar:
         elif self.done % self.every == 0 or self.done == self.total:
             elapsed = time.monotonic() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            print(f"{self.description} {self.done}/{self.total} elapsed {elapsed:.0f}s eta {eta:.0f}s {self.fields}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{self.description} {self.done}/{self.total} elapsed {elapsed:.0f}s eta {eta:.0f}s {self.fields}",
+                file=sys.stderr,
+                flush=True,
+            )

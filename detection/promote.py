@@ -45,8 +45,9 @@ class PromoteRequest:
     def check(self) -> None:
         split, _, name = self.metric.partition("/")
         if split not in ("test", "val") or name not in COMPARED + ("tp", "fp", "fn"):
-            raise PromotionError(f"metric={self.metric!r} must be test/ or val/ followed by one of "
-                                 f"{', '.join(COMPARED)}")
+            raise PromotionError(
+                f"metric={self.metric!r} must be test/ or val/ followed by one of {', '.join(COMPARED)}"
+            )
         if self.min_delta < 0:
             raise PromotionError(f"min_delta={self.min_delta} must be >= 0")
 
@@ -73,13 +74,19 @@ def beats(metric: str, candidate: float, champion: float, min_delta: float) -> b
     return candidate - champion > min_delta
 
 
-def side_by_side(req: PromoteRequest, cand: tuple[tracking.ModelRef, Evaluation],
-                 champ: tuple[tracking.ModelRef, Evaluation] | None) -> pd.DataFrame:
+def side_by_side(
+    req: PromoteRequest, cand: tuple[tracking.ModelRef, Evaluation], champ: tuple[tracking.ModelRef, Evaluation] | None
+) -> pd.DataFrame:
     rows = []
     for name in COMPARED:
         key = f"{req.split}/{name}"
-        rows.append({"metric": key, f"candidate v{cand[0].version}": cand[1].metrics.get(key),
-                     **({f"champion v{champ[0].version}": champ[1].metrics.get(key)} if champ else {})})
+        rows.append(
+            {
+                "metric": key,
+                f"candidate v{cand[0].version}": cand[1].metrics.get(key),
+                **({f"champion v{champ[0].version}": champ[1].metrics.get(key)} if champ else {}),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -115,14 +122,18 @@ def decide(req: PromoteRequest, cand_eval: Evaluation, champ, champ_eval: Evalua
         raise PromotionError(
             f"the evaluations of {req.candidate} (run {cand_eval.run_id}) and the champion {champ.pinned} "
             f"(run {champ_eval.run_id}) used different images; their {req.split} splits differ, so "
-            f"{req.metric} is not comparable")
+            f"{req.metric} is not comparable"
+        )
     if req.metric not in cand_eval.metrics or (champ_eval and req.metric not in champ_eval.metrics):
         raise PromotionError(f"{req.metric} is missing from an evaluation; pick another metric")
     value = cand_eval.metrics[req.metric]
     old = champ_eval.metrics[req.metric] if champ_eval else None
     promoted = champ is None or beats(req.metric, value, old, req.min_delta)
-    reason = ("first champion" if champ is None else
-              f"{req.metric} {value:.4f} vs champion v{champ.version} {old:.4f} (min_delta {req.min_delta})")
+    reason = (
+        "first champion"
+        if champ is None
+        else f"{req.metric} {value:.4f} vs champion v{champ.version} {old:.4f} (min_delta {req.min_delta})"
+    )
     return ("promoted" if promoted else "kept champion"), reason, value, old
 
 
@@ -130,23 +141,48 @@ def record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old
     """The decision as a run (table and figure) and as tags on both versions."""
     table = side_by_side(req, (cand, cand_eval), (champ, champ_eval) if champ else None)
     with tracking.run(EXPERIMENT, name=f"promote v{cand.version}") as tr:
-        tr.set_tags({"promotion": "true", "decision": decision, "reason": reason, "candidate_version": cand.version,
-                     "champion_version": champ.version if champ else "", "metric": req.metric})
-        tr.log_params({"promote.candidate": cand.pinned, "promote.metric": req.metric,
-                       "promote.min_delta": req.min_delta, "promote.protocol": req.protocol,
-                       "promote.matching": req.matching, "promote.data_dir": str(req.data_dir)})
+        tr.set_tags(
+            {
+                "promotion": "true",
+                "decision": decision,
+                "reason": reason,
+                "candidate_version": cand.version,
+                "champion_version": champ.version if champ else "",
+                "metric": req.metric,
+            }
+        )
+        tr.log_params(
+            {
+                "promote.candidate": cand.pinned,
+                "promote.metric": req.metric,
+                "promote.min_delta": req.min_delta,
+                "promote.protocol": req.protocol,
+                "promote.matching": req.matching,
+                "promote.data_dir": str(req.data_dir),
+            }
+        )
         tr.log_table(table, "side_by_side.json")
         fig = figures.side_by_side(table, req.metric, decision)
         tr.log_figure(fig, "side_by_side.png")
         figures.close(fig)
-        tags = {"decision": decision, "metric": req.metric, "candidate_value": value,
-                "champion_value": "" if old is None else old, "candidate_eval_run": cand_eval.run_id,
-                "champion_eval_run": champ_eval.run_id if champ_eval else "", "promotion_run": tr.run_id}
+        tags = {
+            "decision": decision,
+            "metric": req.metric,
+            "candidate_value": value,
+            "champion_value": "" if old is None else old,
+            "candidate_eval_run": cand_eval.run_id,
+            "champion_eval_run": champ_eval.run_id if champ_eval else "",
+            "promotion_run": tr.run_id,
+        }
         tracking.tag_version(cand.name, cand.version, "promotion.", tags)
         if champ:
             # The champion's own promotion.* tags keep saying how it became champion.
-            tracking.tag_version(champ.name, champ.version, "promotion.challenge.",
-                                 {"by_version": cand.version, "decision": decision, "promotion_run": tr.run_id})
+            tracking.tag_version(
+                champ.name,
+                champ.version,
+                "promotion.challenge.",
+                {"by_version": cand.version, "decision": decision, "promotion_run": tr.run_id},
+            )
         return tr.run_id
 
 
@@ -160,16 +196,29 @@ def rollback(req: PromoteRequest) -> dict:
 def _rollback(name: str) -> dict:
     champ, prev = tracking.alias_version(name, CHAMPION), tracking.alias_version(name, PREVIOUS)
     if champ is None or prev is None:
-        raise PromotionError(f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "
-                             f"found champion={champ and champ.version}, previous={prev and prev.version}")
+        raise PromotionError(
+            f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "
+            f"found champion={champ and champ.version}, previous={prev and prev.version}"
+        )
     with tracking.run(EXPERIMENT, name=f"rollback to v{champ.version}") as tr:
-        tr.set_tags({"promotion": "true", "decision": "rolled back", "candidate_version": prev.version,
-                     "champion_version": champ.version})
+        tr.set_tags(
+            {
+                "promotion": "true",
+                "decision": "rolled back",
+                "candidate_version": prev.version,
+                "champion_version": champ.version,
+            }
+        )
         tracking.set_alias(name, CHAMPION, prev.version)
         tracking.set_alias(name, PREVIOUS, champ.version)
         for ref in (champ, prev):
-            tracking.tag_version(name, ref.version, "promotion.", {"decision": "rolled back", "promotion_run": tr.run_id})
+            tracking.tag_version(
+                name, ref.version, "promotion.", {"decision": "rolled back", "promotion_run": tr.run_id}
+            )
         run_id = tr.run_id
-    return {"decision": "rolled back", "reason": f"champion v{champ.version} -> v{prev.version}", "run_id": run_id,
-            "champion": prev.version}
-
+    return {
+        "decision": "rolled back",
+        "reason": f"champion v{champ.version} -> v{prev.version}",
+        "run_id": run_id,
+        "champion": prev.version,
+    }

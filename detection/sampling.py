@@ -55,7 +55,7 @@ def to_float(image: torch.Tensor) -> torch.Tensor:
 
 def crop(sample: Sample, image: np.ndarray, cfg: DataConfig, x0: int, y0: int, flip: bool) -> Patch:
     h, w = min(cfg.patch_size[0], image.shape[0]), min(cfg.patch_size[1], image.shape[1])
-    pixels = image[y0:y0 + h, x0:x0 + w]
+    pixels = image[y0 : y0 + h, x0 : x0 + w]
     points, labels = targets(sample, cfg.classes)
     inside = (points[:, 0] >= x0) & (points[:, 0] < x0 + w) & (points[:, 1] >= y0) & (points[:, 1] < y0 + h)
     points, labels = points[inside] - np.array([x0, y0]), labels[inside]
@@ -66,8 +66,9 @@ def crop(sample: Sample, image: np.ndarray, cfg: DataConfig, x0: int, y0: int, f
     return Patch(sample.name, (x0, y0), pixels, points.astype(np.float32), boxes, labels)
 
 
-def random_patch(sample: Sample, image: np.ndarray, cfg: DataConfig, rng: np.random.Generator,
-                 allow_flip: bool) -> Patch:
+def random_patch(
+    sample: Sample, image: np.ndarray, cfg: DataConfig, rng: np.random.Generator, allow_flip: bool
+) -> Patch:
     h, w = image.shape[:2]
     y0 = int(rng.integers(0, max(1, h - cfg.patch_size[0] + 1)))
     x0 = int(rng.integers(0, max(1, w - cfg.patch_size[1] + 1)))

@@ -67,8 +67,10 @@ def crops(image: np.ndarray, boxes: np.ndarray, size: int) -> torch.Tensor:
     centres = torch.from_numpy((boxes[:, :2] + boxes[:, 2:]) / 2)
     rois = torch.cat([torch.zeros(len(boxes), 1), centres - size / 2, centres + size / 2], 1)
     img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    out = [roi_align(img, rois[k:k + BATCH], output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
-           for k in range(0, len(rois), BATCH)]
+    out = [
+        roi_align(img, rois[k : k + BATCH], output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        for k in range(0, len(rois), BATCH)
+    ]
     return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -85,7 +87,7 @@ def probabilities(net: torch.nn.Module, image: np.ndarray, boxes: np.ndarray, si
     out = []
     with torch.inference_mode(), torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype is not None):
         for k in range(0, len(patches), BATCH):
-            x = _normalise(patches[k:k + BATCH].to(rt.device))
+            x = _normalise(patches[k : k + BATCH].to(rt.device))
             out.append(torch.sigmoid(net(x).float()[:, 0]).cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
@@ -95,6 +97,7 @@ def fused_score(scores: np.ndarray, probs: np.ndarray, weight: float) -> np.ndar
 
 
 # --- on caches (evaluate, and choosing the weight) ----------------------------------------------
+
 
 def above(cache: Cache, thresh: float) -> Cache:
     """A kept cache reduced to detections scoring above `thresh`."""
@@ -112,12 +115,14 @@ def kept(cache: Cache, pp: PostProcess, radius: float) -> Cache:
     post-processed as the deployed detector does it, a kept one (fused flips) thresholded."""
     if cache.meta.get("kept"):
         return above(cache, pp.score_thresh)
-    return kept_cache(cache, [kept_in_view(cache, i, "none", pp, radius) for i in range(len(cache))],
-                      {"postprocess": pp.__dict__})
+    return kept_cache(
+        cache, [kept_in_view(cache, i, "none", pp, radius) for i in range(len(cache))], {"postprocess": pp.__dict__}
+    )
 
 
-def item_probabilities(net: torch.nn.Module, cache: Cache, images: list[np.ndarray], size: int,
-                       rt: Runtime) -> list[np.ndarray]:
+def item_probabilities(
+    net: torch.nn.Module, cache: Cache, images: list[np.ndarray], size: int, rt: Runtime
+) -> list[np.ndarray]:
     """The classifier's probabilities of each item's kept detections, item by item."""
     out = []
     with Bar(len(cache), f"second look ({rt.device})", every=max(1, len(cache) // 10)) as bar:
@@ -133,19 +138,22 @@ def rescored(cache: Cache, probs: list[np.ndarray], weight: float) -> Cache:
     parts = []
     for i in range(len(cache)):
         lo, hi = cache.det_range(i)
-        parts.append((cache.det_boxes[lo:hi], fused_score(cache.det_scores[lo:hi], probs[i], weight),
-                      cache.det_labels[lo:hi]))
+        parts.append(
+            (cache.det_boxes[lo:hi], fused_score(cache.det_scores[lo:hi], probs[i], weight), cache.det_labels[lo:hi])
+        )
     return kept_cache(cache, parts, {"second_look_weight": weight})
 
 
-def apply(cache: Cache, images: list[np.ndarray], net: torch.nn.Module, cfg: Config,
-          rt: Runtime) -> tuple[Cache, PostProcess]:
+def apply(
+    cache: Cache, images: list[np.ndarray], net: torch.nn.Module, cfg: Config, rt: Runtime
+) -> tuple[Cache, PostProcess]:
     """The version's second look over a kept cache: the rescored cache and what judges it."""
     probs = item_probabilities(net, cache, images, cfg.second_look.crop, rt)
     return rescored(cache, probs, cfg.second_look.weight), fused_postprocess(cfg.second_look.thresh)
 
 
 # --- training -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Examples:
@@ -167,14 +175,19 @@ def examples(cache: Cache, images: list[np.ndarray], radius: float, size: int, l
     from .metrics import score
 
     scored = score(cache, fused_postprocess(0.0), "greedy", radius)
-    rows = [(i, k, bool(t)) for i, (kept, tp, counted) in enumerate(zip(scored.kept, scored.tp, scored.counted))
-            for k, t in zip(kept[counted], tp[counted])]
+    rows = [
+        (i, k, bool(t))
+        for i, (kept, tp, counted) in enumerate(zip(scored.kept, scored.tp, scored.counted))
+        for k, t in zip(kept[counted], tp[counted])
+    ]
     pos, neg = [r for r in rows if r[2]], [r for r in rows if not r[2]]
     n_pos = min(len(pos), max(limit - len(neg), limit // 2))
     n_neg = min(len(neg), limit - n_pos)
     rng = np.random.default_rng(seed)
     picked = [pos[j] for j in rng.permutation(len(pos))[:n_pos]] + [neg[j] for j in rng.permutation(len(neg))[:n_neg]]
-    all_crops = [crops(images[i], cache.det_boxes[[k for j, k, _ in picked if j == i]], size) for i in range(len(cache))]
+    all_crops = [
+        crops(images[i], cache.det_boxes[[k for j, k, _ in picked if j == i]], size) for i in range(len(cache))
+    ]
     labels = [torch.tensor([float(t) for j, _, t in picked if j == i]) for i in range(len(cache))]
     return Examples(torch.cat(all_crops), torch.cat(labels).float())
 
@@ -195,12 +208,15 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.flip(x, dims=(3,)) if k >= 4 else x
 
 
-def fit(train: Examples, val: Examples, sl: SecondLookConfig, seed: int, rt: Runtime,
-        on_epoch=lambda epoch, values: None) -> torch.nn.Module:
+def fit(
+    train: Examples, val: Examples, sl: SecondLookConfig, seed: int, rt: Runtime, on_epoch=lambda epoch, values: None
+) -> torch.nn.Module:
     """Train the classifier; the epoch with the best val AUC is kept."""
     if train.positives == 0 or train.positives == len(train):
-        raise SecondLookError(f"the detector's {len(train)} kept detections on the training split are all "
-                              f"{'false' if train.positives == 0 else 'true'} positives: nothing to tell apart")
+        raise SecondLookError(
+            f"the detector's {len(train)} kept detections on the training split are all "
+            f"{'false' if train.positives == 0 else 'true'} positives: nothing to tell apart"
+        )
     torch.manual_seed(seed)
     net = build_classifier().to(rt.device)
     opt = torch.optim.AdamW(net.parameters(), lr=sl.lr, weight_decay=1e-4)
@@ -215,7 +231,7 @@ def fit(train: Examples, val: Examples, sl: SecondLookConfig, seed: int, rt: Run
             order = torch.randperm(len(train), generator=gen)
             total = 0.0
             for k in range(steps):
-                idx = order[k * sl.batch_size:(k + 1) * sl.batch_size]
+                idx = order[k * sl.batch_size : (k + 1) * sl.batch_size]
                 x = _dihedral(_normalise(train.crops[idx].to(rt.device)), int(torch.randint(8, (1,), generator=gen)))
                 loss = loss_fn(net(x)[:, 0], train.labels[idx].to(rt.device))
                 opt.zero_grad(set_to_none=True)
@@ -236,7 +252,7 @@ def _predict(net: torch.nn.Module, batch: torch.Tensor, rt: Runtime) -> np.ndarr
     out = []
     with torch.inference_mode():
         for k in range(0, len(batch), BATCH):
-            out.append(torch.sigmoid(net(_normalise(batch[k:k + BATCH].to(rt.device)))[:, 0]).cpu())
+            out.append(torch.sigmoid(net(_normalise(batch[k : k + BATCH].to(rt.device)))[:, 0]).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -262,8 +278,10 @@ def choose(cache: Cache, probs: list[np.ndarray], radius: float, weights=WEIGHTS
     alone = counts(0.0)
     target = float(rates(alone)[0][0])  # every kept detection: the version's own operating point
     if not np.isfinite(target) or target <= 0:
-        raise SecondLookError("the version finds no cell on the val split, so there is no detection rate to keep; "
-                              "train the detector longer or lower its score threshold")
+        raise SecondLookError(
+            "the version finds no cell on the val split, so there is no detection rate to keep; "
+            "train the detector longer or lower its score threshold"
+        )
     rows, curves, by_weight = [], {}, {0.0: alone}
     for w in weights:
         c = counts(float(w))
@@ -280,6 +298,7 @@ def choose(cache: Cache, probs: list[np.ndarray], radius: float, weights=WEIGHTS
 
 
 # --- the command --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SecondLookRequest:
@@ -338,24 +357,41 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
         samples, hashes = select(ev, split)  # names the missing images
         changed = renamed(ev, split, hashes)
         if changed:
-            raise SecondLookError(f"{len(changed)} {part} image(s) in {req.data_dir} are not the images {ref.uri}'s "
-                                  f"training run recorded under those names: {', '.join(changed[:8])}; restore "
-                                  f"the original files")
+            raise SecondLookError(
+                f"{len(changed)} {part} image(s) in {req.data_dir} are not the images {ref.uri}'s "
+                f"training run recorded under those names: {', '.join(changed[:8])}; restore "
+                f"the original files"
+            )
         parts[part] = samples
     model = rt.place(detector.model)
     with tracking.run(cfg.tracking.experiment, parent=ref.run_id, name=f"second look of v{ref.version}") as tr:
-        tr.set_tags({"second_look_of": ref.version, "model_uri": ref.pinned, "model_name": ref.name,
-                     "second_look": "true"} | {f"inference.{k}": v for k, v in rt.describe().items()})
-        tr.log_params({f"second_look.{k}": v for k, v in cfg.to_dict()["second_look"].items()
-                       if k not in ("weight", "thresh")} | {"second_look.source": ref.pinned})
+        tr.set_tags(
+            {"second_look_of": ref.version, "model_uri": ref.pinned, "model_name": ref.name, "second_look": "true"}
+            | {f"inference.{k}": v for k, v in rt.describe().items()}
+        )
+        tr.log_params(
+            {f"second_look.{k}": v for k, v in cfg.to_dict()["second_look"].items() if k not in ("weight", "thresh")}
+            | {"second_look.source": ref.pinned}
+        )
         found = {p: detections(cfg, model, s, p, rt) for p, s in parts.items()}
         radius, size = cfg.eval.match_radius, cfg.second_look.crop
-        ex = {p: examples(c, [it.image for it in items], radius, size, cfg.second_look.max_examples, cfg.train.seed)
-              for p, (items, c) in found.items()}
-        tr.log_metrics({f"second_look/{p}_examples": len(e) for p, e in ex.items()}
-                       | {f"second_look/{p}_true_positives": e.positives for p, e in ex.items()}, step=0)
-        net = fit(ex["train"], ex["val"], cfg.second_look, cfg.train.seed, rt,
-                  lambda epoch, values: tr.log_metrics(values, step=epoch))
+        ex = {
+            p: examples(c, [it.image for it in items], radius, size, cfg.second_look.max_examples, cfg.train.seed)
+            for p, (items, c) in found.items()
+        }
+        tr.log_metrics(
+            {f"second_look/{p}_examples": len(e) for p, e in ex.items()}
+            | {f"second_look/{p}_true_positives": e.positives for p, e in ex.items()},
+            step=0,
+        )
+        net = fit(
+            ex["train"],
+            ex["val"],
+            cfg.second_look,
+            cfg.train.seed,
+            rt,
+            lambda epoch, values: tr.log_metrics(values, step=epoch),
+        )
         val_items, val_cache = found["val"]
         probs = item_probabilities(net.to(rt.device), val_cache, [it.image for it in val_items], size, rt)
         fixed = req.fixed_weight
@@ -365,35 +401,60 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
         tuned = replace(tuned, name=f"{cfg.name}+second-look")
         tr.log_text(split.to_json(), "split.json")  # the new version's run: it can be judged on the same split
         uri = log_detector(tuned, detector.model.cpu(), net.cpu())
-        version = tracking.register(uri, ref.name, req.alias or cfg.tracking.alias,
-                                    {"second_look_of": ref.version, "config": tuned.name,
-                                     "second_look_weight": choice.weight, "second_look_thresh": choice.thresh},
-                                    describe(ref.version, tuned.second_look, ex["train"], choice, tr.run_id))
-        tr.set_tags({"registered_model": ref.name, "registered_version": version,
-                     "precision": PRECISION_NAMES[rt.dtype]})
-        summary = {"weight": choice.weight, "thresh": choice.thresh, "val_detection_rate": choice.detection_rate,
-                   "val_fdr_alone": choice.fdr_alone, "val_fdr": choice.fdr,
-                   "train_examples": len(ex["train"]), "train_true_positives": ex["train"].positives}
+        version = tracking.register(
+            uri,
+            ref.name,
+            req.alias or cfg.tracking.alias,
+            {
+                "second_look_of": ref.version,
+                "config": tuned.name,
+                "second_look_weight": choice.weight,
+                "second_look_thresh": choice.thresh,
+            },
+            describe(ref.version, tuned.second_look, ex["train"], choice, tr.run_id),
+        )
+        tr.set_tags(
+            {"registered_model": ref.name, "registered_version": version, "precision": PRECISION_NAMES[rt.dtype]}
+        )
+        summary = {
+            "weight": choice.weight,
+            "thresh": choice.thresh,
+            "val_detection_rate": choice.detection_rate,
+            "val_fdr_alone": choice.fdr_alone,
+            "val_fdr": choice.fdr,
+            "train_examples": len(ex["train"]),
+            "train_true_positives": ex["train"].positives,
+        }
         return tr.run_id, version, summary
 
 
 def describe(source: int, sl: SecondLookConfig, train: Examples, choice: Choice, run_id: str) -> str:
     """The registry's description of a version with a second look."""
-    return (f"Version {source} plus a learned second look: ResNet-18 on {sl.crop} px crops around each detection, "
-            f"trained on {len(train)} crops ({train.positives} true positives) of the training split in run "
-            f"{run_id}. Fused score (1 - w) x detector + w x classifier with w = {sl.weight:g}, kept above "
-            f"{sl.thresh:g}. On val at detection rate {choice.detection_rate:.3f}: FDR {choice.fdr_alone:.3f} "
-            f"alone, {choice.fdr:.3f} with the second look.")
+    return (
+        f"Version {source} plus a learned second look: ResNet-18 on {sl.crop} px crops around each detection, "
+        f"trained on {len(train)} crops ({train.positives} true positives) of the training split in run "
+        f"{run_id}. Fused score (1 - w) x detector + w x classifier with w = {sl.weight:g}, kept above "
+        f"{sl.thresh:g}. On val at detection rate {choice.detection_rate:.3f}: FDR {choice.fdr_alone:.3f} "
+        f"alone, {choice.fdr:.3f} with the second look."
+    )
 
 
 def _log_choice(tr, choice: Choice) -> None:
     from . import figures
 
-    tr.log_metrics({"second_look/weight": choice.weight, "second_look/thresh": choice.thresh,
-                    "val/detection_rate": choice.detection_rate, "val/fdr_alone": choice.fdr_alone,
-                    "val/fdr": choice.fdr}, step=0)
+    tr.log_metrics(
+        {
+            "second_look/weight": choice.weight,
+            "second_look/thresh": choice.thresh,
+            "val/detection_rate": choice.detection_rate,
+            "val/fdr_alone": choice.fdr_alone,
+            "val/fdr": choice.fdr,
+        },
+        step=0,
+    )
     tr.log_table(choice.table, "second_look_weights.json")
-    fig = figures.dr_vs_fdr(choice.curves, [round(choice.detection_rate, 4)],
-                            f"val split: the second look at weight {choice.weight:g}")
+    fig = figures.dr_vs_fdr(
+        choice.curves, [round(choice.detection_rate, 4)], f"val split: the second look at weight {choice.weight:g}"
+    )
     tr.log_figure(fig, "figures/second_look_val.png")
     figures.close(fig)

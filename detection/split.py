@@ -37,9 +37,16 @@ class Split:
         return getattr(self, split)
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "seed": self.seed, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test), "sha256": dict(sorted(self.sha256.items())), "hash_kind": self.hash_kind,
-                "thumbnails": dict(sorted(self.thumbnails.items()))}
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "train": list(self.train),
+            "val": list(self.val),
+            "test": list(self.test),
+            "sha256": dict(sorted(self.sha256.items())),
+            "hash_kind": self.hash_kind,
+            "thumbnails": dict(sorted(self.thumbnails.items())),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -52,8 +59,16 @@ class Split:
 
     @classmethod
     def from_dict(cls, d: dict) -> Split:
-        return cls(d["mode"], d["seed"], tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), dict(d["sha256"]),
-                   d.get("hash_kind", "file"), dict(d.get("thumbnails", {})))
+        return cls(
+            d["mode"],
+            d["seed"],
+            tuple(d["train"]),
+            tuple(d["val"]),
+            tuple(d["test"]),
+            dict(d["sha256"]),
+            d.get("hash_kind", "file"),
+            dict(d.get("thumbnails", {})),
+        )
 
 
 def _target(n: int, fraction: float) -> int:
@@ -103,12 +118,16 @@ def split_by_image(names: list[str], cfg: SplitConfig) -> dict[str, list[str]]:
     n_val = _target(len(order), cfg.val_fraction)
     if n_test + n_val >= len(order):
         raise SplitError(f"{len(order)} images leave none for training with {n_val} val and {n_test} test")
-    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-            "train": sorted(order[n_test + n_val:])}
+    return {
+        "test": sorted(order[:n_test]),
+        "val": sorted(order[n_test : n_test + n_val]),
+        "train": sorted(order[n_test + n_val :]),
+    }
 
 
-def make_split(samples: list[Sample], cfg: SplitConfig, sha256: dict[str, str],
-               thumbnails: dict[str, str] | None = None) -> Split:
+def make_split(
+    samples: list[Sample], cfg: SplitConfig, sha256: dict[str, str], thumbnails: dict[str, str] | None = None
+) -> Split:
     if cfg.mode == "case":
         by_case: dict[str, list[str]] = {}
         for s in samples:

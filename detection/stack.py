@@ -72,9 +72,12 @@ class Stack:
 
     def client_env(self) -> dict[str, str]:
         """What a client process needs: the server, its login and the study database."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_TRACKING_USERNAME": ADMIN,
-                "MLFLOW_TRACKING_PASSWORD": self.password_file.read_text().strip(),
-                "BRECAHAD_OPTUNA_STORAGE": self.database("optuna")}
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": self.password_file.read_text().strip(),
+            "BRECAHAD_OPTUNA_STORAGE": self.database("optuna"),
+        }
 
     # --- state ------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -109,8 +112,15 @@ def _group_alive(pgid: int) -> bool:
 def _spawn(stack: Stack, service: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a service in its own session, so that `down` stops it and every child by one signal."""
     with open(stack.log(service), "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=os.environ | (env or {}), start_new_session=True, cwd=stack.dir)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=os.environ | (env or {}),
+            start_new_session=True,
+            cwd=stack.dir,
+        )
     stack.pids[service] = proc.pid
     stack.save()
     return proc
@@ -133,13 +143,16 @@ def _wait(stack: Stack, service: str, proc: subprocess.Popen, ready, timeout: fl
 
 # --- the services ----------------------------------------------------------------------------------
 
+
 def _as_postgres(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run it as the `postgres` user."""
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
 def _pg_binary(name: str) -> str:
-    found = shutil.which(name) or next((str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    found = shutil.which(name) or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None
+    )
     if not found:
         raise StackError(f"PostgreSQL's {name} is not installed: apt-get install -y postgresql")
     return found
@@ -152,16 +165,24 @@ def _start_postgres(stack: Stack) -> None:
         shutil.chown(data, "postgres", "postgres")
         data.chmod(0o700)
         if subprocess.run(_as_postgres(["test", "-w", str(data)])).returncode:
-            raise StackError(f"the postgres user cannot reach {data}; choose a stack folder whose parents it may "
-                             f"enter (e.g. under /tmp or the repository), with --dir")
+            raise StackError(
+                f"the postgres user cannot reach {data}; choose a stack folder whose parents it may "
+                f"enter (e.g. under /tmp or the repository), with --dir"
+            )
     if not (data / "PG_VERSION").exists():
-        out = subprocess.run(_as_postgres([_pg_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            _as_postgres([_pg_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             raise StackError(f"initdb {data} failed: {out.stderr.strip()[-1000:]}")
     port = stack.ports.setdefault("postgres", free_port())
-    proc = _spawn(stack, "postgres", _as_postgres([_pg_binary("postgres"), "-D", str(data), "-k", str(data),
-                                            "-h", "127.0.0.1", "-p", str(port)]))
+    proc = _spawn(
+        stack,
+        "postgres",
+        _as_postgres([_pg_binary("postgres"), "-D", str(data), "-k", str(data), "-h", "127.0.0.1", "-p", str(port)]),
+    )
     import psycopg2
 
     def ready() -> bool:
@@ -186,8 +207,13 @@ def _start_s3(stack: Stack) -> None:
     _wait(stack, "s3", proc, lambda: urllib.request.urlopen(stack.s3_endpoint, timeout=2).status == 200, 60)
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    )
     if BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
         s3.create_bucket(Bucket=BUCKET)
 
@@ -199,18 +225,44 @@ def _start_mlflow(stack: Stack) -> None:
             secret.touch(mode=0o600)
             secret.write_text(secrets.token_urlsafe(18))
     ini = stack.dir / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = {stack.database('mlflow_auth')}\nadmin_username = {ADMIN}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", stack.database("mlflow"), "--artifacts-destination", f"s3://{BUCKET}/artifacts",
-               "--app-name", "basic-auth", "--workers", "2"]
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {stack.database('mlflow_auth')}\nadmin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        stack.database("mlflow"),
+        "--artifacts-destination",
+        f"s3://{BUCKET}/artifacts",
+        "--app-name",
+        "basic-auth",
+        "--workers",
+        "2",
+    ]
     # The first start creates the admin from MLFLOW_AUTH_ADMIN_PASSWORD: in the environment, not argv.
-    env = S3_KEYS | {"MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                     "MLFLOW_AUTH_ADMIN_PASSWORD": stack.password_file.read_text().strip(),
-                     "MLFLOW_FLASK_SERVER_SECRET_KEY": (stack.dir / "flask-secret").read_text().strip()}
+    env = S3_KEYS | {
+        "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": stack.password_file.read_text().strip(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": (stack.dir / "flask-secret").read_text().strip(),
+    }
     proc = _spawn(stack, "mlflow", command, env)
-    _wait(stack, "mlflow", proc, lambda: urllib.request.urlopen(stack.tracking_uri + "/health", timeout=2).status == 200, 240)
+    _wait(
+        stack,
+        "mlflow",
+        proc,
+        lambda: urllib.request.urlopen(stack.tracking_uri + "/health", timeout=2).status == 200,
+        240,
+    )
 
 
 STARTERS = {"postgres": _start_postgres, "s3": _start_s3, "mlflow": _start_mlflow}
@@ -274,7 +326,9 @@ def status(folder: Path = DEFAULT_DIR) -> list[str]:
 
 
 def exports(stack: Stack) -> list[str]:
-    return [f"export MLFLOW_TRACKING_URI={stack.tracking_uri}",
-            f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
-            f'export MLFLOW_TRACKING_PASSWORD="$(cat {stack.password_file})"',
-            f"export BRECAHAD_OPTUNA_STORAGE={stack.database('optuna')}"]
+    return [
+        f"export MLFLOW_TRACKING_URI={stack.tracking_uri}",
+        f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
+        f'export MLFLOW_TRACKING_PASSWORD="$(cat {stack.password_file})"',
+        f"export BRECAHAD_OPTUNA_STORAGE={stack.database('optuna')}",
+    ]

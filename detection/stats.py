@@ -27,12 +27,12 @@ def channel_stats(samples: list[Sample], on_image=lambda: None) -> ChannelStats:
     for s in samples:
         px = s.read_image().reshape(-1, 3).astype(np.float64) / 255.0
         total += px.sum(0)
-        sq += (px ** 2).sum(0)
+        sq += (px**2).sum(0)
         n += len(px)
         means.append(px.mean(0))
         on_image()
     mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(sq / n - mean**2, 0.0))
     spread = np.var(np.array(means), axis=0)
 
     def r(v):

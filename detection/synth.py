@@ -28,30 +28,37 @@ def _stroma(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     fibres = ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma=(1.0, 6.0))
     patches = ndimage.gaussian_filter(rng.standard_normal((h // 8, w // 8)), sigma=4)
     patches = ndimage.zoom(patches, 8, order=1)[:h, :w]
-    shade = 1.0 + 0.9 * fibres[..., None] * np.array([0.03, 0.06, 0.04]) + 2.0 * patches[..., None] * np.array([0.02, 0.05, 0.03])
+    shade = (
+        1.0
+        + 0.9 * fibres[..., None] * np.array([0.03, 0.06, 0.04])
+        + 2.0 * patches[..., None] * np.array([0.02, 0.05, 0.03])
+    )
     return np.clip(STROMA * shade, 0, 1)
 
 
 def _blob(rng: np.random.Generator, radius_x: float, radius_y: float, roughness: float) -> np.ndarray:
     """A soft-edged, rotated, irregular ellipse mask in a square window."""
     r = int(np.ceil(max(radius_x, radius_y) * (1 + roughness))) + 2
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1].astype(np.float64)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1].astype(np.float64)
     angle = rng.uniform(0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
     theta = np.arctan2(v, u)
-    wobble = 1 + roughness * sum(rng.uniform(-1, 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)) / 3
+    wobble = (
+        1 + roughness * sum(rng.uniform(-1, 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)) / 3
+    )
     dist = np.sqrt((u / radius_x) ** 2 + (v / radius_y) ** 2) / wobble
     return np.clip((1.0 - dist) * 4.0, 0.0, 1.0)
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, cx: float, cy: float,
-           texture: np.ndarray | None = None) -> None:
+def _paint(
+    img: np.ndarray, mask: np.ndarray, colour: np.ndarray, cx: float, cy: float, texture: np.ndarray | None = None
+) -> None:
     """Blend `colour` into `img` under `mask` centred at (cx, cy); `texture` (img-sized) mottles it."""
     r = mask.shape[0] // 2
     x, y = int(round(cx)), int(round(cy))
     y0, y1, x0, x1 = max(0, y - r), min(img.shape[0], y + r + 1), max(0, x - r), min(img.shape[1], x + r + 1)
-    m = mask[y0 - (y - r):y1 - (y - r), x0 - (x - r):x1 - (x - r)]
+    m = mask[y0 - (y - r) : y1 - (y - r), x0 - (x - r) : x1 - (x - r)]
     region = img[y0:y1, x0:x1]
     paint = colour if texture is None else colour * (1 + texture[y0:y1, x0:x1])
     region[:] = region * (1 - m[..., None]) + paint * m[..., None]
@@ -67,15 +74,22 @@ def _place(rng, centres: list[np.ndarray], candidates: np.ndarray, min_dist: flo
     return kept
 
 
-def synth_image(rng: np.random.Generator, h: int = IMAGE_SHAPE[0], w: int = IMAGE_SHAPE[1]) -> tuple[np.ndarray, dict[str, list]]:
+def synth_image(
+    rng: np.random.Generator, h: int = IMAGE_SHAPE[0], w: int = IMAGE_SHAPE[1]
+) -> tuple[np.ndarray, dict[str, list]]:
     img = _stroma(rng, h, w)
-    lumen = [np.array([rng.uniform(100, w - 100), rng.uniform(100, h - 100), rng.uniform(40, 90)]) for _ in range(rng.integers(1, 4))]
+    lumen = [
+        np.array([rng.uniform(100, w - 100), rng.uniform(100, h - 100), rng.uniform(40, 90)])
+        for _ in range(rng.integers(1, 4))
+    ]
     for lx, ly, lr in lumen:
         _paint(img, _blob(rng, lr, lr * rng.uniform(0.6, 1.0), 0.25), LUMEN, lx, ly)
 
     nests = [np.array([rng.uniform(150, w - 150), rng.uniform(150, h - 150)]) for _ in range(rng.integers(2, 5))]
     candidates = np.concatenate([n + rng.normal(0, rng.uniform(90, 160), size=(80, 2)) for n in nests])
-    candidates = candidates[(candidates[:, 0] > 8) & (candidates[:, 0] < w - 8) & (candidates[:, 1] > 8) & (candidates[:, 1] < h - 8)]
+    candidates = candidates[
+        (candidates[:, 0] > 8) & (candidates[:, 0] < w - 8) & (candidates[:, 1] > 8) & (candidates[:, 1] < h - 8)
+    ]
     tumour = _place(rng, [], candidates, 30.0, lumen)
     scattered = rng.uniform([8, 8], [w - 8, h - 8], size=(int(rng.integers(40, 90)), 2))
     non_tumour = _place(rng, tumour, scattered, 22.0, lumen)
@@ -86,8 +100,12 @@ def synth_image(rng: np.random.Generator, h: int = IMAGE_SHAPE[0], w: int = IMAG
         _paint(img, _blob(rng, 24, 20, 0.3), CYTOPLASM, cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4))
     for cx, cy in tumour:
         rx = rng.uniform(11, 15)
-        _paint(img, _blob(rng, rx, rx * rng.uniform(0.75, 1.0), 0.15), TUMOUR * rng.uniform(0.9, 1.1), cx, cy, chromatin)
-        _paint(img, _blob(rng, rx * 0.2, rx * 0.2, 0.0), NON_TUMOUR * 0.8, cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3))
+        _paint(
+            img, _blob(rng, rx, rx * rng.uniform(0.75, 1.0), 0.15), TUMOUR * rng.uniform(0.9, 1.1), cx, cy, chromatin
+        )
+        _paint(
+            img, _blob(rng, rx * 0.2, rx * 0.2, 0.0), NON_TUMOUR * 0.8, cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3)
+        )
     for cx, cy in non_tumour:
         rx = rng.uniform(4, 7)
         _paint(img, _blob(rng, rx * rng.uniform(1.0, 2.2), rx, 0.1), NON_TUMOUR * rng.uniform(0.85, 1.1), cx, cy)
@@ -102,8 +120,7 @@ def synth_image(rng: np.random.Generator, h: int = IMAGE_SHAPE[0], w: int = IMAG
     return (img * 255).round().astype(np.uint8), labels
 
 
-def write_dataset(out_dir: str | Path, images: int, seed: int, per_case: int = 4,
-                  on_image=lambda: None) -> list[Path]:
+def write_dataset(out_dir: str | Path, images: int, seed: int, per_case: int = 4, on_image=lambda: None) -> list[Path]:
     """Write `images` synthetic images, `per_case` per case, as images/*.tif and groundTruth/*.json."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

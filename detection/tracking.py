@@ -56,22 +56,26 @@ def resolve_model(uri: str) -> ModelRef:
     """The registry entry behind a model URI, or an error naming what is missing and what exists."""
     if not uri.startswith("models:/"):
         raise TrackingError(f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
-    body = uri[len("models:/"):]
+    body = uri[len("models:/") :]
     name, sep, alias = body.partition("@")
     client = MlflowClient()
     try:
         client.get_registered_model(name if sep else body.rsplit("/", 1)[0])
     except MlflowException:
         known = ", ".join(m.name for m in client.search_registered_models()) or "none"
-        raise TrackingError(f"no registered model named {(name if sep else body.rsplit('/', 1)[0])!r} in "
-                            f"{tracking_uri()} (registered: {known})") from None
+        raise TrackingError(
+            f"no registered model named {(name if sep else body.rsplit('/', 1)[0])!r} in "
+            f"{tracking_uri()} (registered: {known})"
+        ) from None
     try:
         if sep:
             mv = client.get_model_version_by_alias(name, alias)
         else:
             name, _, version = body.rpartition("/")
             if not version.isdigit():
-                raise TrackingError(f"model {uri!r}: {version!r} is not a version number; use models:/{name}/N or @ALIAS")
+                raise TrackingError(
+                    f"model {uri!r}: {version!r} is not a version number; use models:/{name}/N or @ALIAS"
+                )
             mv = client.get_model_version(name, version)
     except MlflowException as e:
         raise TrackingError(f"model {uri!r} does not exist: {e.message}") from None
@@ -128,9 +132,14 @@ def check_reachable(timeout: float = 5.0) -> None:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             given = os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")
-            raise TrackingError(f"tracking server {uri} refused the login (HTTP {e.code}): " + (
-                "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if given else
-                "it needs one; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")) from None
+            raise TrackingError(
+                f"tracking server {uri} refused the login (HTTP {e.code}): "
+                + (
+                    "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                    if given
+                    else "it needs one; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                )
+            ) from None
         raise TrackingError(f"tracking server {uri} answered HTTP {e.code} to a search: {_reason(e)}") from None
     _check_artifact_store(uri)
 
@@ -142,12 +151,16 @@ def _check_artifact_store(uri: str, timeout: float = 60.0) -> None:
     except urllib.error.HTTPError as e:
         if e.code in (404, 503):  # the server does not proxy artifacts; clients write to the store directly
             return
-        raise TrackingError(f"tracking server {uri} cannot reach its artifact store (HTTP {e.code}: {_reason(e)}); "
-                            f"check the server's --artifacts-destination, MLFLOW_S3_ENDPOINT_URL and S3 "
-                            f"credentials") from None
+        raise TrackingError(
+            f"tracking server {uri} cannot reach its artifact store (HTTP {e.code}: {_reason(e)}); "
+            f"check the server's --artifacts-destination, MLFLOW_S3_ENDPOINT_URL and S3 "
+            f"credentials"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
-        raise TrackingError(f"tracking server {uri} did not list its artifact store within {timeout:.0f} s ({e}); "
-                            f"check the server's --artifacts-destination and MLFLOW_S3_ENDPOINT_URL") from None
+        raise TrackingError(
+            f"tracking server {uri} did not list its artifact store within {timeout:.0f} s ({e}); "
+            f"check the server's --artifacts-destination and MLFLOW_S3_ENDPOINT_URL"
+        ) from None
 
 
 def _get(uri: str, path: str, timeout: float) -> bytes:
@@ -282,7 +295,7 @@ def ensure_store() -> None:
     otherwise race to create them and corrupt the database."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         with FileLock(str(path) + ".lock", timeout=300):
             MlflowClient().search_experiments(max_results=1)
 
@@ -333,17 +346,26 @@ def use_experiment(name: str) -> str:
 
 
 @contextlib.contextmanager
-def run(experiment: str, resume: str | None = None, system_metrics: bool = False,
-        parent: str | None = None, name: str | None = None) -> Iterator[Tracker]:
+def run(
+    experiment: str,
+    resume: str | None = None,
+    system_metrics: bool = False,
+    parent: str | None = None,
+    name: str | None = None,
+) -> Iterator[Tracker]:
     """Attach to (or create, or reopen for resuming) the run and end it with the right status.
     With `parent`, a new nested run is made under that run, whatever `mlflow run` launched."""
     launched = launched_run_id()
     skip: dict[str, int] = {}
     if parent:
         with _detached_from_launched_run():
-            active = mlflow.start_run(experiment_id=get_run(parent).info.experiment_id, parent_run_id=parent,
-                                      nested=mlflow.active_run() is not None, run_name=name,
-                                      log_system_metrics=system_metrics)
+            active = mlflow.start_run(
+                experiment_id=get_run(parent).info.experiment_id,
+                parent_run_id=parent,
+                nested=mlflow.active_run() is not None,
+                run_name=name,
+                log_system_metrics=system_metrics,
+            )
     elif resume:
         get_run(resume)
         if launched and launched != resume:
@@ -409,20 +431,29 @@ def find_runs(filter_string: str) -> list:
     """Finished runs in any experiment matching an MLflow filter, newest first."""
     client = MlflowClient()
     ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, f"{filter_string} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    return client.search_runs(
+        ids, f"{filter_string} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"]
+    )
 
 
-def create_child_run(parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
-                     tags: dict[str, str]) -> str:
+def create_child_run(
+    parent: str, name: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str]
+) -> str:
     """A finished nested run under `parent`, written in one batch (the tune study's trials)."""
     from mlflow.entities import Metric, Param
 
     client = MlflowClient()
-    child = client.create_run(get_run(parent).info.experiment_id, run_name=name,
-                              tags={"mlflow.parentRunId": parent} | {TAG + k: str(v) for k, v in tags.items()})
+    child = client.create_run(
+        get_run(parent).info.experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent} | {TAG + k: str(v) for k, v in tags.items()},
+    )
     now = int(1000 * time.time())
-    client.log_batch(child.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_batch(
+        child.info.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+    )
     client.set_terminated(child.info.run_id, "FINISHED")
     return child.info.run_id
 
@@ -459,9 +490,10 @@ def versions_of_run(name: str | None, run_id: str) -> list[tuple[str, int]]:
 def end_child_runs(parent: str, name: str, status: str) -> list[str]:
     """End the RUNNING nested runs called `name` under `parent` (a dead worker's trial) with `status`."""
     client = MlflowClient()
-    runs = client.search_runs([get_run(parent).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}' "
-                              f"and attributes.status = 'RUNNING'")
+    runs = client.search_runs(
+        [get_run(parent).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}' and attributes.status = 'RUNNING'",
+    )
     for r in runs:
         client.set_tag(r.info.run_id, TAG + "error", "its worker died (no heartbeat); the trial was run again")
         client.set_terminated(r.info.run_id, status)
@@ -482,7 +514,7 @@ def registry_lock(name: str, timeout: float = 1800, lease: float = 900) -> Itera
     """
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        with FileLock(uri[len("sqlite:///"):] + f".{name}.promotion.lock", timeout=timeout):
+        with FileLock(uri[len("sqlite:///") :] + f".{name}.promotion.lock", timeout=timeout):
             yield
         return
     with lease_lock(name, timeout, lease):
@@ -503,16 +535,19 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
         current = holder()
         if current is None or current["expires"] < time.time():
             try:
-                client.set_registered_model_tag(name, LEASE_TAG,
-                                                json.dumps({"owner": owner, "expires": time.time() + lease}))
+                client.set_registered_model_tag(
+                    name, LEASE_TAG, json.dumps({"owner": owner, "expires": time.time() + lease})
+                )
             except MlflowException:
                 pass  # a concurrent writer's tag landed first; re-read below decides
             time.sleep(0.5)  # let a concurrent writer land, then see whose tag stayed
             if (holder() or {}).get("owner") == owner:
                 break
         if time.monotonic() > deadline:
-            raise TrackingError(f"the promotion lease on {name!r} is held by {current and current['owner']}; "
-                                f"waited {timeout:.0f} s. If that process died, the lease expires by itself")
+            raise TrackingError(
+                f"the promotion lease on {name!r} is held by {current and current['owner']}; "
+                f"waited {timeout:.0f} s. If that process died, the lease expires by itself"
+            )
         time.sleep(0.5 + random.random())
     try:
         yield
@@ -534,4 +569,3 @@ def register(model_uri: str, name: str, alias: str, tags: dict[str, Any], descri
         client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
-

@@ -59,7 +59,9 @@ def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepa
         now = hashes if recorded.hash_kind == "pixels" else {s.name: s.sha256() for s in samples}
         changed = [n for s in SPLITS for n in recorded.names(s) if now.get(n) != recorded.sha256.get(n)]
         if changed:
-            raise SplitError(f"{data_dir}: images of the recorded split are missing or changed: {', '.join(changed[:5])}")
+            raise SplitError(
+                f"{data_dir}: images of the recorded split are missing or changed: {', '.join(changed[:5])}"
+            )
     by_name = {s.name: s for s in samples}
     parts = {s: [by_name[n] for n in split.names(s)] for s in SPLITS}
     torch.manual_seed(cfg.train.seed)
@@ -71,8 +73,10 @@ def _index(prep: Prepared) -> pd.DataFrame:
     rows = []
     for split in SPLITS:
         for s in prep.samples[split]:
-            rows.append({"name": s.name, "case": s.case, "split": split, "sha256": prep.split.sha256[s.name]}
-                        | {f"n_{c}": len(s.points[c]) for c in prep.cfg.data.classes})
+            rows.append(
+                {"name": s.name, "case": s.case, "split": split, "sha256": prep.split.sha256[s.name]}
+                | {f"n_{c}": len(s.points[c]) for c in prep.cfg.data.classes}
+            )
     return pd.DataFrame(rows)
 
 
@@ -81,8 +85,14 @@ def log_setup(tr: tracking.Tracker, prep: Prepared) -> None:
     tr.log_params(cfg.flat())
     tr.log_text(config_mod.dump(cfg), "config.yaml")
     tr.log_text(prep.split.to_json(), "split.json")
-    tr.set_tags({"split_hash": prep.split.digest, "config": cfg.name, "data_digest": prep.digest,
-                 "parameters": parameter_count(prep.model)})
+    tr.set_tags(
+        {
+            "split_hash": prep.split.digest,
+            "config": cfg.name,
+            "data_digest": prep.digest,
+            "parameters": parameter_count(prep.model),
+        }
+    )
     index = _index(prep)
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         part = index[index.split == split].reset_index(drop=True)
@@ -101,8 +111,9 @@ def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def local_checkpoints(run_id: str) -> Path:
     """Where a run's latest checkpoint lives on this machine ($BRECAHAD_CHECKPOINTS, else the user cache)."""
-    root = os.environ.get("BRECAHAD_CHECKPOINTS") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                           "brecahad", "checkpoints")
+    root = os.environ.get("BRECAHAD_CHECKPOINTS") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "brecahad", "checkpoints"
+    )
     return Path(root) / run_id
 
 
@@ -162,13 +173,16 @@ class Checkpoints:
             self.tr.log_file(slot, CHECKPOINT_DIR)
         finally:
             slot.unlink()
-        self.tr.log_text(json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
-                         f"{CHECKPOINT_DIR}/latest.json")
+        self.tr.log_text(
+            json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
+            f"{CHECKPOINT_DIR}/latest.json",
+        )
 
 
 def _on_host(state):
     return torch.utils._pytree.tree_map(
-        lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, state)
+        lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, state
+    )
 
 
 def discard_local(run_id: str) -> None:
@@ -192,12 +206,18 @@ def latest_checkpoint(run_id: str, dst: Path) -> tuple[Path, str] | None:
     if local_epoch >= uploaded_epoch:
         return local / "latest.pt", f"local epoch {local_epoch + 1}"
     name = json.loads(uploaded.read_text())["file"]
-    return (tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{name}", dst),
-            f"uploaded epoch {uploaded_epoch + 1}")
+    return (
+        tracking.download_if_present(run_id, f"{CHECKPOINT_DIR}/{name}", dst),
+        f"uploaded epoch {uploaded_epoch + 1}",
+    )
 
 
-def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
-        on_epoch: Callable[[int, Validation], None] | None = None) -> torch.nn.Module:
+def fit(
+    tr: tracking.Tracker,
+    prep: Prepared,
+    resume_from: Path | None,
+    on_epoch: Callable[[int, Validation], None] | None = None,
+) -> torch.nn.Module:
     """Train for the remaining epochs; `on_epoch(epoch, validation)` may stop early by raising."""
     cfg, model = prep.cfg, prep.model
     device = pick_device(cfg.train.device)
@@ -222,9 +242,15 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
     # On a CPU a patch costs ~1 ms against seconds per step: worker processes would only take cores.
     auto = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
     workers = cfg.train.workers if cfg.train.workers >= 0 else auto
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, sampler=order,
-                                         collate_fn=collate, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.train.batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     val_set = validation_patches(prep.samples["val"], cfg.data, cfg.train.seed, cfg.data.val_patches)
     per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     checkpoints = Checkpoints(tr, cfg.train.checkpoint_every, cfg.train.epochs)
@@ -242,23 +268,46 @@ def fit(tr: tracking.Tracker, prep: Prepared, resume_from: Path | None,
 
             step = train_one_epoch(model, optimizer, loader, device, scaler, dtype, step, on_step)
             scheduler.step()
-            val = validate(model, val_set, device, dtype, cfg.eval.match_radius, cfg.model.num_classes,
-                           on_patch=lambda: bar.advance(phase="val"))
-            tr.log_metrics({"val/loss": val.loss, "val/detection_rate": val.counts.detection_rate,
-                            "val/fdr": val.counts.false_discovery_rate, "val/f1": val.counts.f1, "lr": lr}, epoch)
+            val = validate(
+                model,
+                val_set,
+                device,
+                dtype,
+                cfg.eval.match_radius,
+                cfg.model.num_classes,
+                on_patch=lambda: bar.advance(phase="val"),
+            )
+            tr.log_metrics(
+                {
+                    "val/loss": val.loss,
+                    "val/detection_rate": val.counts.detection_rate,
+                    "val/fdr": val.counts.false_discovery_rate,
+                    "val/f1": val.counts.f1,
+                    "lr": lr,
+                },
+                epoch,
+            )
             if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
                 log_figures(tr, val_set, val.detections, epoch, per_epoch)
-            checkpoints.save({"epoch": epoch, "step": step, "model": model.state_dict(),
-                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                              "scaler": scaler.state_dict()})
+            checkpoints.save(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                }
+            )
             if on_epoch:
                 on_epoch(epoch, val)
     return model
 
 
 def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch: int) -> None:
-    curve = figures.loss_curve(tracking.metric_history(tr.run_id, "train/loss"),
-                               tracking.metric_history(tr.run_id, "val/loss"), per_epoch)
+    curve = figures.loss_curve(
+        tracking.metric_history(tr.run_id, "train/loss"), tracking.metric_history(tr.run_id, "val/loss"), per_epoch
+    )
     tr.log_figure(curve, "loss_curve.png")
     figures.close(curve)
     for k, (patch, det) in enumerate(zip(val_set[:OVERLAYS_PER_EPOCH], detections)):
@@ -286,11 +335,13 @@ def describe(prep: Prepared, run_id: str) -> str:
     cfg, n = prep.cfg, {s: len(prep.samples[s]) for s in SPLITS}
     last = {k: tracking.metric_history(run_id, f"val/{k}") for k in ("detection_rate", "fdr")}
     figures_ = ", ".join(f"{k.replace('_', ' ')} {v[-1][1]:.3f}" for k, v in last.items() if v) or "none logged"
-    return (f"Faster R-CNN ({cfg.model.backbone} FPN, weights {cfg.model.weights}) trained with config "
-            f"`{cfg.name}` for {cfg.train.epochs} epochs on {n['train']} images of {prep.data_dir} "
-            f"(split mode {cfg.data.split.mode}, seed {cfg.data.split.seed}: {n['train']} train / {n['val']} val / "
-            f"{n['test']} test images, split hash {prep.split.digest[:12]}), training run {run_id}. "
-            f"Last validation: {figures_}. Test figures come from `evaluate` on the held-out images.")
+    return (
+        f"Faster R-CNN ({cfg.model.backbone} FPN, weights {cfg.model.weights}) trained with config "
+        f"`{cfg.name}` for {cfg.train.epochs} epochs on {n['train']} images of {prep.data_dir} "
+        f"(split mode {cfg.data.split.mode}, seed {cfg.data.split.seed}: {n['train']} train / {n['val']} val / "
+        f"{n['test']} test images, split hash {prep.split.digest[:12]}), training run {run_id}. "
+        f"Last validation: {figures_}. Test figures come from `evaluate` on the held-out images."
+    )
 
 
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
@@ -302,8 +353,13 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
         version = earlier[-1][1]
         tracking.set_alias(name, cfg.tracking.alias, version)
     else:
-        version = tracking.register(log_detector(cfg, model), name, cfg.tracking.alias,
-                                    {"split_hash": prep.split.digest, "config": cfg.name}, describe(prep, tr.run_id))
+        version = tracking.register(
+            log_detector(cfg, model),
+            name,
+            cfg.tracking.alias,
+            {"split_hash": prep.split.digest, "config": cfg.name},
+            describe(prep, tr.run_id),
+        )
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
     return version
 
@@ -315,8 +371,10 @@ def refuse_finished(run_id: str) -> None:
         return
     versions = tracking.versions_of_run(None, run_id)
     carried = "; it registered " + ", ".join(f"{n} version {v}" for n, v in versions) if versions else ""
-    raise tracking.TrackingError(f"run {run_id} already finished{carried}. Nothing to resume: start a new run "
-                                 f"(leave out --resume), or promote or evaluate that version")
+    raise tracking.TrackingError(
+        f"run {run_id} already finished{carried}. Nothing to resume: start a new run "
+        f"(leave out --resume), or promote or evaluate that version"
+    )
 
 
 def recorded_run(run_id: str) -> tuple[Config, Split]:
@@ -326,25 +384,30 @@ def recorded_run(run_id: str) -> tuple[Config, Split]:
         split_text = tracking.read_artifact_text(run_id, "split.json")
     except tracking.TrackingError as e:
         raise tracking.TrackingError(f"{e}; it cannot be resumed") from None
-    return (config_mod.from_dict(yaml.safe_load(config_text), f"run {run_id} config.yaml"),
-            Split.from_dict(yaml.safe_load(split_text)))
+    return (
+        config_mod.from_dict(yaml.safe_load(config_text), f"run {run_id} config.yaml"),
+        Split.from_dict(yaml.safe_load(split_text)),
+    )
 
 
 def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tuple[str, int]:
     """The whole job; returns the run id and the registered version. `cfg` is ignored on resume:
     a resumed run continues with the config and split it recorded."""
     if cfg is not None and cfg.second_look.weight > 0:
-        raise config_mod.ConfigError(f"second_look.weight={cfg.second_look.weight}: a second look is fitted to a trained "
-                                     f"detector's own detections; train with 0, then run `python -m detection "
-                                     f"second-look` on the registered version")
+        raise config_mod.ConfigError(
+            f"second_look.weight={cfg.second_look.weight}: a second look is fitted to a trained "
+            f"detector's own detections; train with 0, then run `python -m detection "
+            f"second-look` on the registered version"
+        )
     tracking.check_reachable()
     recorded = None
     if resume:
         refuse_finished(resume)
         cfg, recorded = recorded_run(resume)
     prep = prepare(cfg, data_dir, recorded)
-    with tracking.run(cfg.tracking.experiment, resume, cfg.tracking.system_metrics,
-                      name=None if resume else f"train {cfg.name}") as tr:
+    with tracking.run(
+        cfg.tracking.experiment, resume, cfg.tracking.system_metrics, name=None if resume else f"train {cfg.name}"
+    ) as tr:
         if not resume:
             log_setup(tr, prep)
         with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
@@ -358,8 +421,14 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
     return tr.run_id, version
 
 
-def train_nested(cfg: Config, data_dir: Path, split: Split, parent: str, name: str,
-                 on_epoch: Callable[[int, Validation], None] | None = None) -> tuple[str, str, torch.nn.Module]:
+def train_nested(
+    cfg: Config,
+    data_dir: Path,
+    split: Split,
+    parent: str,
+    name: str,
+    on_epoch: Callable[[int, Validation], None] | None = None,
+) -> tuple[str, str, torch.nn.Module]:
     """A nested run (a tuning trial, a cross-validation fold) that trains on a given split and logs
     its model unregistered. Returns the run id, the logged model's URI and the trained model."""
     prep = prepare(cfg, data_dir, split)

@@ -84,8 +84,12 @@ def fuse(views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], radius: float) 
         out_labels.append(labels[seed])
         out_votes.append(len(members))
     best = np.argsort(-np.asarray(out_scores), kind="stable")
-    return Fused(np.asarray(out_boxes, np.float32)[best], np.asarray(out_scores, np.float32)[best],
-                 np.asarray(out_labels, np.int64)[best], np.asarray(out_votes)[best])
+    return Fused(
+        np.asarray(out_boxes, np.float32)[best],
+        np.asarray(out_scores, np.float32)[best],
+        np.asarray(out_labels, np.int64)[best],
+        np.asarray(out_votes)[best],
+    )
 
 
 def kept_in_view(cache: Cache, i: int, view: str, pp: PostProcess, radius: float):
@@ -107,8 +111,11 @@ def fused_cache(caches: dict[str, Cache], pp: PostProcess, radius: float) -> Cac
     evaluation applies unchanged."""
     base = caches["none"]
     parts = [fuse([kept_in_view(c, i, v, pp, radius) for v, c in caches.items()], radius) for i in range(len(base))]
-    return kept_cache(base, [(f.boxes, f.scores, f.labels) for f in parts],
-                      {"tta_views": list(caches), "postprocess_per_view": pp.__dict__})
+    return kept_cache(
+        base,
+        [(f.boxes, f.scores, f.labels) for f in parts],
+        {"tta_views": list(caches), "postprocess_per_view": pp.__dict__},
+    )
 
 
 def kept_cache(base: Cache, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], meta: dict) -> Cache:
@@ -118,12 +125,21 @@ def kept_cache(base: Cache, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray
     order = [np.argsort(-np.asarray(s), kind="stable") for _, s, _ in parts]
     counts = [len(s) for _, s, _ in parts]
     det_tile = np.concatenate([np.full(c, i, np.int32) for i, c in enumerate(counts)]) if n else np.zeros(0, np.int32)
-    boxes = np.concatenate([np.asarray(b, np.float32).reshape(-1, 4)[o] for (b, _, _), o in zip(parts, order)]) \
-        if n else np.zeros((0, 4), np.float32)
-    scores = np.concatenate([np.asarray(s, np.float32)[o] for (_, s, _), o in zip(parts, order)]) \
-        if n else np.zeros(0, np.float32)
-    labels = np.concatenate([np.asarray(lab, np.int64)[o] for (_, _, lab), o in zip(parts, order)]) \
-        if n else np.zeros(0, np.int64)
+    boxes = (
+        np.concatenate([np.asarray(b, np.float32).reshape(-1, 4)[o] for (b, _, _), o in zip(parts, order)])
+        if n
+        else np.zeros((0, 4), np.float32)
+    )
+    scores = (
+        np.concatenate([np.asarray(s, np.float32)[o] for (_, s, _), o in zip(parts, order)])
+        if n
+        else np.zeros(0, np.float32)
+    )
+    labels = (
+        np.concatenate([np.asarray(lab, np.int64)[o] for (_, _, lab), o in zip(parts, order)])
+        if n
+        else np.zeros(0, np.int64)
+    )
     inf = np.inf
     return replace(
         base,

@@ -33,8 +33,18 @@ from optuna.trial import TrialState
 
 from . import figures, tracking
 from .config import TUNE_RANGES, TUNE_STORAGE, Config
-from .evaluate import (PROTOCOLS, Request, cached_evaluation, evaluate, judge, load_view_caches, log_report,
-                       operating_metrics, recorded_split, select)
+from .evaluate import (
+    PROTOCOLS,
+    Request,
+    cached_evaluation,
+    evaluate,
+    judge,
+    load_view_caches,
+    log_report,
+    operating_metrics,
+    recorded_split,
+    select,
+)
 from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer, score
@@ -99,8 +109,15 @@ class TuneRequest:
             if low > high:
                 raise TuneError(f"range {name}={low}:{high} has low > high; write it as {high}:{low}")
         space = self.space()
-        for name in ("score_thresh", "nms_thresh", "tta_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh",
-                     "box_bg_iou_thresh"):
+        for name in (
+            "score_thresh",
+            "nms_thresh",
+            "tta_thresh",
+            "rpn_fg_iou_thresh",
+            "rpn_bg_iou_thresh",
+            "box_fg_iou_thresh",
+            "box_bg_iou_thresh",
+        ):
             low, high = space[name]
             if not 0 <= low <= high <= 1:
                 raise TuneError(f"range {name}={low}:{high} must lie within [0, 1]")
@@ -127,10 +144,11 @@ def parse_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
 
 # --- storage ----------------------------------------------------------------------------------
 
+
 def _lock_path(storage: str) -> str | None:
     """Our own lock beside a local storage (not Optuna's `<journal>.lock`, which it takes itself)."""
     if storage.startswith("sqlite:///"):
-        return storage[len("sqlite:///"):] + ".brecahad.lock"
+        return storage[len("sqlite:///") :] + ".brecahad.lock"
     if "://" not in storage:
         return storage + ".brecahad.lock"
     return None
@@ -192,12 +210,16 @@ def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
         return _rdb_storage(url, heartbeat)
     except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
         module = e.name or getattr(e.__cause__, "name", None) or url.split(":", 1)[0]
-        raise TuneError(f"Optuna storage {redact(url)!r} needs the database driver {module!r}, which is not "
-                        f"installed: pip install {DRIVERS.get(module, module)}") from None
+        raise TuneError(
+            f"Optuna storage {redact(url)!r} needs the database driver {module!r}, which is not "
+            f"installed: pip install {DRIVERS.get(module, module)}"
+        ) from None
     except sqlalchemy.exc.OperationalError as e:
         cause = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-        raise TuneError(f"Optuna storage {redact(url)!r} cannot be reached: {cause}. Check the host, port, "
-                        f"database and credentials (PGPASSWORD), or use a journal file path") from None
+        raise TuneError(
+            f"Optuna storage {redact(url)!r} cannot be reached: {cause}. Check the host, port, "
+            f"database and credentials (PGPASSWORD), or use a journal file path"
+        ) from None
     except Exception as e:
         raise TuneError(f"Optuna storage {redact(url)!r} cannot be opened: {type(e).__name__}: {e}") from None
 
@@ -209,8 +231,12 @@ def _rdb_storage(url: str, heartbeat: float):
         try:
             with storage_lock(url, "brecahad-optuna-schema"):
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, round(heartbeat)),
-                    grace_period=max(2, round(3 * heartbeat)), heartbeat_stale_trial_callback=retry)
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=max(1, round(heartbeat)),
+                    grace_period=max(2, round(3 * heartbeat)),
+                    heartbeat_stale_trial_callback=retry,
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt + 1 == SCHEMA_ATTEMPTS:
                 raise
@@ -219,12 +245,15 @@ def _rdb_storage(url: str, heartbeat: float):
 
 # --- workers that die -------------------------------------------------------------------------
 
+
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a dead worker's trial to run again with the same parameters (at most MAX_RETRIES times)."""
     retries = trial.user_attrs.get("retries", 0)
     if retries < MAX_RETRIES:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number),
-                                                      "retries": retries + 1})
+        study.enqueue_trial(
+            trial.params,
+            user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1},
+        )
 
 
 def _last_beat(trial: optuna.trial.FrozenTrial) -> float:
@@ -277,8 +306,10 @@ def fail_stale(s: Study) -> list[str]:
     lines = []
     for t in dead:
         tracking.end_child_runs(s.parent, f"trial {t.number}", "KILLED")
-        lines.append(f"failed trial {t.number}: no heartbeat for more than {s.req.stale_after:g} s, so its worker "
-                     f"died; it is queued to run again")
+        lines.append(
+            f"failed trial {t.number}: no heartbeat for more than {s.req.stale_after:g} s, so its worker "
+            f"died; it is queued to run again"
+        )
     return lines
 
 
@@ -297,6 +328,7 @@ def settle(s: Study) -> list[str]:
 
 
 # --- objectives -------------------------------------------------------------------------------
+
 
 def objective_values(objective: str, counts: Counts, max_fdr: float) -> float | tuple[float, float]:
     if objective == "f1":
@@ -325,8 +357,9 @@ def suggest_postprocess(trial: optuna.Trial, space: dict, multiclass: bool) -> P
         score_thresh=trial.suggest_float("score_thresh", *space["score_thresh"]),
         # NMS runs once per IoU value, so the IoU is searched as a step on its grid.
         nms_thresh=float(grid[trial.suggest_int("nms_step", 0, len(grid) - 1)]),
-        detections_per_img=trial.suggest_int("detections_per_img", int(space["detections_per_img"][0]),
-                                             int(space["detections_per_img"][1]), log=True),
+        detections_per_img=trial.suggest_int(
+            "detections_per_img", int(space["detections_per_img"][0]), int(space["detections_per_img"][1]), log=True
+        ),
         # With one foreground class, per-class and class-agnostic NMS are the same thing.
         class_agnostic=trial.suggest_categorical("class_agnostic", [False, True]) if multiclass else False,
     )
@@ -348,6 +381,7 @@ def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
 
 # --- the study --------------------------------------------------------------------------------
 
+
 @dataclass
 class Study:
     req: TuneRequest
@@ -361,23 +395,44 @@ class Study:
 def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, model) -> Study:
     """Create or resume the study and its parent run, one worker at a time."""
     with _study_lock(req):
-        study = optuna.create_study(study_name=req.study, storage=storage, load_if_exists=True,
-                                    directions=directions(req.objective),
-                                    sampler=optuna.samplers.TPESampler(seed=req.seed),
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+        study = optuna.create_study(
+            study_name=req.study,
+            storage=storage,
+            load_if_exists=True,
+            directions=directions(req.objective),
+            sampler=optuna.samplers.TPESampler(seed=req.seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+        )
         attrs = study.user_attrs
-        mine = {"model_uri": ref.uri, "model_name": ref.name, "model_version": ref.version, "kind": req.kind,
-                "objective": req.objective, "max_fdr": req.max_fdr, "protocol": req.protocol}
+        mine = {
+            "model_uri": ref.uri,
+            "model_name": ref.name,
+            "model_version": ref.version,
+            "kind": req.kind,
+            "objective": req.objective,
+            "max_fdr": req.max_fdr,
+            "protocol": req.protocol,
+        }
         for k, v in mine.items():
             if k in attrs and attrs[k] != v and k != "model_uri":
-                raise TuneError(f"study {req.study!r} was made with {k}={attrs[k]!r}, not {v!r}; "
-                                f"choose another study name")
+                raise TuneError(
+                    f"study {req.study!r} was made with {k}={attrs[k]!r}, not {v!r}; choose another study name"
+                )
         parent = attrs.get("mlflow_run_id")
         if parent is None:
-            parent = tracking.create_run(cfg.tracking.experiment, f"tune {req.study}", {
-                "study": req.study, "study_storage": redact(req.storage or TUNE_STORAGE), "study_kind": req.kind,
-                "objective": req.objective, "model_uri": ref.uri, "model_name": ref.name,
-                "model_version": ref.version})
+            parent = tracking.create_run(
+                cfg.tracking.experiment,
+                f"tune {req.study}",
+                {
+                    "study": req.study,
+                    "study_storage": redact(req.storage or TUNE_STORAGE),
+                    "study_kind": req.kind,
+                    "objective": req.objective,
+                    "model_uri": ref.uri,
+                    "model_name": ref.name,
+                    "model_version": ref.version,
+                },
+            )
             study.set_user_attr("mlflow_run_id", parent)
             for k, v in mine.items():
                 study.set_user_attr(k, v)
@@ -386,9 +441,11 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             try:
                 tracking.get_run(parent)
             except tracking.TrackingError:
-                raise TuneError(f"study {req.study!r} in {redact(req.storage or TUNE_STORAGE)} belongs to MLflow run "
-                                f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
-                                f"another study name or storage") from None
+                raise TuneError(
+                    f"study {req.study!r} in {redact(req.storage or TUNE_STORAGE)} belongs to MLflow run "
+                    f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
+                    f"another study name or storage"
+                ) from None
             tracking.set_run_status(parent, "RUNNING")
             if tracking.launched_run_id() != parent:
                 tracking.tag_launched_run("study_parent", parent)
@@ -399,9 +456,13 @@ def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extr
     attrs = operating_metrics(counts)
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
-    tracking.create_child_run(s.parent, f"trial {trial.number}", params | {"trial": trial.number},
-                              {f"val/{k}": v for k, v in attrs.items()},
-                              {"study": s.req.study, "trial": trial.number} | (extra_tags or {}))
+    tracking.create_child_run(
+        s.parent,
+        f"trial {trial.number}",
+        params | {"trial": trial.number},
+        {f"val/{k}": v for k, v in attrs.items()},
+        {"study": s.req.study, "trial": trial.number} | (extra_tags or {}),
+    )
 
 
 class FusedReplay:
@@ -460,8 +521,10 @@ def training_objective(s: Study, data_dir: Path):
         p = {"train.lr": trial.suggest_float("lr", *space["lr"], log=True)}
         for name in ("rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh"):
             p[f"model.{name}"] = trial.suggest_float(name, *space[name])
-        if p["model.rpn_bg_iou_thresh"] > p["model.rpn_fg_iou_thresh"] or \
-                p["model.box_bg_iou_thresh"] > p["model.box_fg_iou_thresh"]:
+        if (
+            p["model.rpn_bg_iou_thresh"] > p["model.rpn_fg_iou_thresh"]
+            or p["model.box_bg_iou_thresh"] > p["model.box_fg_iou_thresh"]
+        ):
             raise optuna.TrialPruned("a background IoU threshold above its foreground one")
         cfg = base.replace(*(f"{k}={v}" for k, v in p.items()))
         last: dict[str, Counts] = {}
@@ -485,8 +548,12 @@ def training_objective(s: Study, data_dir: Path):
 
 def _optimize(s: Study, objective, n_trials: int) -> None:
     with Bar(n_trials, f"study {s.req.study}", every=max(1, n_trials // 10)) as bar:
-        s.study.optimize(_beating(objective, s.req.heartbeat), n_trials=n_trials, catch=(),
-                         callbacks=[lambda study, trial: bar.advance(trial=trial.number)])
+        s.study.optimize(
+            _beating(objective, s.req.heartbeat),
+            n_trials=n_trials,
+            catch=(),
+            callbacks=[lambda study, trial: bar.advance(trial=trial.number)],
+        )
 
 
 def run(s: Study, objective) -> list[str]:
@@ -503,6 +570,7 @@ def run(s: Study, objective) -> list[str]:
 
 # --- when the study ends ----------------------------------------------------------------------
 
+
 def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> dict | None:
     """Once no trial runs: test metrics of the chosen point, figures, and a registered version."""
     with _study_lock(s.req):
@@ -514,8 +582,13 @@ def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> d
         if attrs.get("registered_trial") == choose(s.study).number:
             # The choice did not change since the last registration: no second, identical version.
             tracking.set_run_status(s.parent, "FINISHED")
-            return {"trial": attrs["registered_trial"], "params": attrs["registered_params"],
-                    "version": attrs["registered_version"], "test": attrs["registered_test"], "unchanged": True}
+            return {
+                "trial": attrs["registered_trial"],
+                "params": attrs["registered_params"],
+                "version": attrs["registered_version"],
+                "test": attrs["registered_test"],
+                "unchanged": True,
+            }
         result = _finalize(s, data_dir, test_views)
         for k in ("trial", "params", "version", "test"):
             s.study.set_user_attr(f"registered_{k}", result[k])
@@ -530,8 +603,11 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
             pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
             chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
             radius = s.config.eval.match_radius
-            test_cache, test_pp = (test_views["none"], pp) if tta_thresh is None else \
-                FusedReplay(test_views, radius).judged(pp, tta_thresh)
+            test_cache, test_pp = (
+                (test_views["none"], pp)
+                if tta_thresh is None
+                else FusedReplay(test_views, radius).judged(pp, tta_thresh)
+            )
             report = judge(test_cache, test_pp, "greedy", radius)
             log_report(tr, "test", report, test_cache, [], test_pp)
             overrides = pp.as_overrides() + ([f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else [])
@@ -545,43 +621,74 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
         else:
             model_uri = chosen.user_attrs["model_uri"]
             test_metrics, chosen_params = None, chosen.params
-        version = tracking.register(model_uri, s.ref.name, "challenger", {
-            "study": s.req.study, "trial": chosen.number, "study_kind": s.req.kind, "objective": s.req.objective,
-            "source_version": s.ref.version, "tune_run_id": s.parent})
+        version = tracking.register(
+            model_uri,
+            s.ref.name,
+            "challenger",
+            {
+                "study": s.req.study,
+                "trial": chosen.number,
+                "study_kind": s.req.kind,
+                "objective": s.req.objective,
+                "source_version": s.ref.version,
+                "tune_run_id": s.parent,
+            },
+        )
         if test_metrics is None:
-            _, test_metrics = evaluate(Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol),
-                                       parent=s.parent)
+            _, test_metrics = evaluate(
+                Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol), parent=s.parent
+            )
         tracking.describe_version(s.ref.name, version, describe(s, chosen, chosen_params, test_metrics))
         tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
         tr.log_params({f"chosen.{k}": v for k, v in chosen_params.items()})
-    return {"trial": chosen.number, "params": chosen_params, "version": version,
-            "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")}}
+    return {
+        "trial": chosen.number,
+        "params": chosen_params,
+        "version": version,
+        "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")},
+    }
 
 
 def describe(s: Study, chosen: optuna.trial.FrozenTrial, params: dict, test: dict) -> str:
     """The registry's description of a tuned version: source, study, chosen settings, test figures."""
     what = "post-processing" if s.req.kind == "postprocess" else "training"
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    return (f"Version {s.ref.version} with its {what} tuned by Optuna study `{s.req.study}` (objective "
-            f"{s.req.objective}, {s.req.protocol} images of the val split): trial {chosen.number}, {settings}. "
-            f"Test at registration: detection rate {test['detection_rate']:.3f}, FDR {test['fdr']:.3f}, "
-            f"F1 {test['f1']:.3f}. Study run {s.parent}.")
+    return (
+        f"Version {s.ref.version} with its {what} tuned by Optuna study `{s.req.study}` (objective "
+        f"{s.req.objective}, {s.req.protocol} images of the val split): trial {chosen.number}, {settings}. "
+        f"Test at registration: detection rate {test['detection_rate']:.3f}, FDR {test['fdr']:.3f}, "
+        f"F1 {test['f1']:.3f}. Study run {s.parent}."
+    )
 
 
 def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
     from optuna.visualization import matplotlib as ovm
 
-    rows = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
-             **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
-             "values": json.dumps(t.values)} for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    rows = [
+        {
+            "trial": t.number,
+            **t.params,
+            **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
+            **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
+            "values": json.dumps(t.values),
+        }
+        for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    ]
     tr.log_table(pd.DataFrame(rows), "study_trials.json")
     # Optuna's plots switch matplotlib to its own style globally; rc_context puts it back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if len(s.study.directions) > 1:
-            front = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
-                  "detection_rate": t.values[0], "fdr": t.values[1]}
-                     for t in s.study.best_trials]
+            front = [
+                {
+                    "trial": t.number,
+                    **t.params,
+                    **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
+                    "detection_rate": t.values[0],
+                    "fdr": t.values[1],
+                }
+                for t in s.study.best_trials
+            ]
             tr.log_table(pd.DataFrame(front), "pareto_front.json")
             ax = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])
         else:
@@ -604,9 +711,11 @@ def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
     if req.kind == "training":
         cfg.replace(*req.train_overrides)
     elif cfg.second_look.weight > 0:
-        raise TuneError(f"{ref.pinned} carries a second look (second_look.weight={cfg.second_look.weight}), which "
-                        f"was fitted to the detections of its source version's post-processing; tune that source "
-                        f"version (second_look_of tag), then run `second-look` on the tuned version")
+        raise TuneError(
+            f"{ref.pinned} carries a second look (second_look.weight={cfg.second_look.weight}), which "
+            f"was fitted to the detections of its source version's post-processing; tune that source "
+            f"version (second_look_of tag), then run `second-look` on the tuned version"
+        )
 
 
 def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
@@ -630,8 +739,11 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
             val_run, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), s.parent)
             test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
         flips = [v for v in cfg.eval.tta_views if v != "none"]
-        fused = FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), cfg.eval.match_radius) \
-            if cfg.eval.tta_views else None
+        fused = (
+            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), cfg.eval.match_radius)
+            if cfg.eval.tta_views
+            else None
+        )
         test_views = {"none": test_cache} | load_view_caches(test_run, flips)
         lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", cfg.eval.match_radius), fused))
     else:

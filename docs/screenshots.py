@@ -28,10 +28,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("BRECAHAD_CHROMIUM", "/usr/bin/chromium")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"]
-TINY = ("data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 train.figure_every=1 "
-        "train.epochs=1")
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TINY = (
+    "data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 train.figure_every=1 "
+    "train.epochs=1"
+)
 MODEL = "brecahad-faster-rcnn"
 STUDY = "demo-thresholds"
 
@@ -57,17 +65,34 @@ def build_store(store: Path, trials: int = 40) -> None:
     cli(store, "train", "--config", "experiments/smoke.yaml", "--data-dir", "data", "-o", TINY)
     cli(store, "train", "--config", "experiments/smoke-stain.yaml", "--data-dir", "data", "-o", TINY)
     cli(store, "evaluate", "--model", f"models:/{MODEL}/1", "--data-dir", "data")
-    cli(store, "tune", "--model", f"models:/{MODEL}/1", "--data-dir", "data", "--study", STUDY,
-        "--n-trials", str(trials), "--storage", str(store / "optuna-journal.log"))
+    cli(
+        store,
+        "tune",
+        "--model",
+        f"models:/{MODEL}/1",
+        "--data-dir",
+        "data",
+        "--study",
+        STUDY,
+        "--n-trials",
+        str(trials),
+        "--storage",
+        str(store / "optuna-journal.log"),
+    )
     cli(store, "promote", "--candidate", f"models:/{MODEL}@challenger", "--data-dir", "data")
 
 
 @contextlib.contextmanager
 def serving(command: list[str], ready: str, cwd: Path, timeout: float = 120):
     """A server in its own process group, stopped with its workers afterwards."""
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=dict(os.environ) | {
-                                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -100,8 +125,10 @@ def browser():
 def tidy(page) -> None:
     """The UI's model-training sidebar instead of the GenAI one, and no assistant panel: what this
     project's users look at (both are UI preferences, remembered by the browser)."""
-    for action in (lambda: page.get_by_text("Model training", exact=True).first.click(timeout=3000),
-                   lambda: page.locator("[aria-label*='lose' i]").last.click(timeout=3000)):
+    for action in (
+        lambda: page.get_by_text("Model training", exact=True).first.click(timeout=3000),
+        lambda: page.locator("[aria-label*='lose' i]").last.click(timeout=3000),
+    ):
         with contextlib.suppress(Exception):
             action()
 
@@ -138,19 +165,42 @@ def take(store: Path, out: Path) -> dict[str, float]:
     exp = found["experiment"]
     ui, dash = free_port(), free_port()
     seconds = {}
-    mlflow_ui = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
-                 f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(ui)]
-    dashboard = [str(Path(sys.executable).parent / "optuna-dashboard"), str(store / "optuna-journal.log"),
-                 "--host", "127.0.0.1", "--port", str(dash)]
+    mlflow_ui = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ui),
+    ]
+    dashboard = [
+        str(Path(sys.executable).parent / "optuna-dashboard"),
+        str(store / "optuna-journal.log"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(dash),
+    ]
     base = f"http://127.0.0.1:{ui}"
-    with serving(mlflow_ui, f"{base}/health", store), serving(dashboard, f"http://127.0.0.1:{dash}/", store), \
-            browser() as page:
+    with (
+        serving(mlflow_ui, f"{base}/health", store),
+        serving(dashboard, f"http://127.0.0.1:{dash}/", store),
+        browser() as page,
+    ):
         pages = [
             ("runs", f"{base}/#/experiments/{exp}/runs", "train smoke"),
-            ("compare", f"{base}/#/compare-runs?runs={json.dumps(found['train'])}&experiments={json.dumps([exp])}",
-             "Parameters"),
-            ("study", f"{base}/#/compare-runs?runs={json.dumps(found['trials'])}&experiments={json.dumps([exp])}",
-             "pp.score_thresh"),
+            (
+                "compare",
+                f"{base}/#/compare-runs?runs={json.dumps(found['train'])}&experiments={json.dumps([exp])}",
+                "Parameters",
+            ),
+            (
+                "study",
+                f"{base}/#/compare-runs?runs={json.dumps(found['trials'])}&experiments={json.dumps([exp])}",
+                "pp.score_thresh",
+            ),
             ("versions", f"{base}/#/models/{MODEL}", "champion"),
             ("dashboard", f"http://127.0.0.1:{dash}/dashboard/studies/0", STUDY),
         ]
@@ -160,8 +210,9 @@ def take(store: Path, out: Path) -> dict[str, float]:
                 shot(page, url, wait_for, out / f"{name}.png")
             except Exception as e:
                 page.screenshot(path=str(out / f"{name}-failed.png"))
-                raise RuntimeError(f"{name}: {url} never showed {wait_for!r} ({type(e).__name__}); see "
-                                   f"{out / (name + '-failed.png')}") from None
+                raise RuntimeError(
+                    f"{name}: {url} never showed {wait_for!r} ({type(e).__name__}); see {out / (name + '-failed.png')}"
+                ) from None
             seconds[name] = round(time.monotonic() - start, 1)
     return seconds
 
@@ -178,8 +229,15 @@ def main() -> None:
         build_store(args.store.resolve())
     built = time.monotonic() - start
     seconds = take(args.store.resolve(), args.out)
-    print(json.dumps({"store_seconds": round(built, 1), "screenshots": seconds,
-                      "total_seconds": round(time.monotonic() - start, 1)}))
+    print(
+        json.dumps(
+            {
+                "store_seconds": round(built, 1),
+                "screenshots": seconds,
+                "total_seconds": round(time.monotonic() - start, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

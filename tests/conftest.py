@@ -15,8 +15,7 @@ SAMPLE = SHARED / "brecahad-sample"
 GROUND_TRUTH = SHARED / "brecahad-groundtruth"
 
 # Tiny training settings: a real smoke model, sized so one epoch takes seconds on 2 cores.
-TINY = ("data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 "
-        "train.figure_every=1")
+TINY = "data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 train.figure_every=1"
 
 
 def need_shared(path: Path) -> Path:
@@ -43,6 +42,7 @@ def copy_of(tmp_path):
         for p in dst.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
         return dst
+
     return make
 
 
@@ -63,8 +63,14 @@ def store(tmp_path, monkeypatch) -> Path:
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "detection", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "detection", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +78,17 @@ def trained(tmp_path_factory, synth_dir) -> dict:
     """One tiny smoke model trained on the synthetic data and registered in its own sqlite store."""
     workdir = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    result = run_cli("train", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(synth_dir),
-                     "-o", f"{TINY} train.epochs=1", cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
+    result = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "experiments" / "smoke.yaml"),
+        "--data-dir",
+        str(synth_dir),
+        "-o",
+        f"{TINY} train.epochs=1",
+        cwd=workdir,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger"}
 
@@ -106,8 +121,9 @@ def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240)
     import urllib.request
 
     env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

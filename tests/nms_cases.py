@@ -29,7 +29,8 @@ def postprocess(case: Case, score_thresh: float, nms_thresh: float, k: int):
     n, c = case.class_logits.shape
     with torch.no_grad():
         b, s, lab = heads(score_thresh, nms_thresh, k).postprocess_detections(
-            case.class_logits, torch.zeros(n, 4 * c), [case.proposals], [case.image_shape])
+            case.class_logits, torch.zeros(n, 4 * c), [case.proposals], [case.image_shape]
+        )
     return b[0].numpy(), s[0].numpy(), lab[0].numpy()
 
 
@@ -51,8 +52,11 @@ def generate(n_cases: int, seed: int = 0) -> list[Case]:
     cases = []
     for i in range(n_cases):
         kind = ("small", "large", "multiclass")[0 if i % 10 < 8 else (1 if i % 10 == 8 else 2)]
-        n = {"small": int(rng.integers(3, 80)), "large": int(rng.integers(1005, 1300)),
-             "multiclass": int(rng.integers(520, 700))}[kind]
+        n = {
+            "small": int(rng.integers(3, 80)),
+            "large": int(rng.integers(1005, 1300)),
+            "multiclass": int(rng.integers(520, 700)),
+        }[kind]
         classes = 3 if kind == "multiclass" else 2
         size = float(rng.choice([200.0, 680.0, 1360.0]))
         proposals = torch.from_numpy(_boxes(rng, n, size))

@@ -18,15 +18,31 @@ def test_the_runs_table_lists_named_runs_and_the_model_page_shows_the_champion(s
     if not Path(screenshots.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {screenshots.CHROMIUM}: apt-get install -y chromium (.ci/run installs it)")
     pytest.importorskip("playwright", reason="pip install -e '.[docs]' brings Playwright")
-    result = run_cli("train", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(synth_dir),
-                     "-o", f"{TINY} train.epochs=1", cwd=store)
+    result = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "experiments" / "smoke.yaml"),
+        "--data-dir",
+        str(synth_dir),
+        "-o",
+        f"{TINY} train.epochs=1",
+        cwd=store,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     client.set_registered_model_alias("brecahad-faster-rcnn", "champion", "1")
     experiment = client.get_experiment_by_name("brecahad").experiment_id
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     base = f"http://127.0.0.1:{port}"
     with serving(command, f"{base}/health", store), screenshots.browser() as page:
         runs = screenshots.shot(page, f"{base}/#/experiments/{experiment}/runs", "train smoke", store / "runs.png")

@@ -32,8 +32,16 @@ def test_fdr_is_read_at_the_highest_threshold_that_reaches_the_rate():
 
 def test_intervals_resample_cases_and_contain_the_estimate():
     rng = np.random.default_rng(0)
-    units = np.stack([_counts(np.linspace(30, 5, 50).round() + rng.integers(0, 3, 50),
-                              np.linspace(40, 0, 50).round(), np.linspace(0, 25, 50).round()) for _ in range(6)])
+    units = np.stack(
+        [
+            _counts(
+                np.linspace(30, 5, 50).round() + rng.integers(0, 3, 50),
+                np.linspace(40, 0, 50).round(),
+                np.linspace(0, 25, 50).round(),
+            )
+            for _ in range(6)
+        ]
+    )
     value = fdr_at(units.sum(0), 0.9)
     low, high = intervals(units, 0.9, seed=0, n=500)
     assert low <= value <= high and high - low < 0.5
@@ -44,8 +52,10 @@ def test_intervals_resample_cases_and_contain_the_estimate():
 def test_the_highest_common_detection_rate_is_reached_by_every_version():
     from detection.compare import highest_common
 
-    curves = {"a": pd.DataFrame({"detection_rate": [0.5, 0.76346, np.nan]}),
-              "b": pd.DataFrame({"detection_rate": [0.95, 0.8]})}
+    curves = {
+        "a": pd.DataFrame({"detection_rate": [0.5, 0.76346, np.nan]}),
+        "b": pd.DataFrame({"detection_rate": [0.95, 0.8]}),
+    }
     assert highest_common(curves) == 0.7634
     counts = np.array([[[76346, 10, 100000 - 76346]]], float)
     assert np.isfinite(fdr_at(counts, highest_common(curves))).all()
@@ -65,9 +75,16 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     # Under a name of its own: the shared store's tests count the trained model's versions.
     tta = tracking.register(uri, "brecahad-tta", "tta", {"case": "tta"})
 
-    result = run_cli("compare", "--models", f"models:/brecahad-faster-rcnn/{plain.version} "
-                     f"models:/brecahad-tta/{tta}", "--data-dir", str(synth_dir), "--targets", "0.5 0.9",
-                     cwd=in_store["workdir"])
+    result = run_cli(
+        "compare",
+        "--models",
+        f"models:/brecahad-faster-rcnn/{plain.version} models:/brecahad-tta/{tta}",
+        "--data-dir",
+        str(synth_dir),
+        "--targets",
+        "0.5 0.9",
+        cwd=in_store["workdir"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split("run ")[-1].split(":")[0]
     run = client.get_run(run_id)

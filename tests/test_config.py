@@ -55,9 +55,13 @@ def test_smoke_inherits_paper_and_stays_small():
 def test_paper_norm_keeps_the_paper_but_its_statistics():
     paper, norm = config.load(EXPERIMENTS / "paper.yaml"), config.load(EXPERIMENTS / "paper-norm.yaml")
     assert norm.model.image_std[0] > 30 * paper.model.image_std[0]
-    assert norm.replace("model.image_mean=" + str(list(paper.model.image_mean)).replace(" ", ""),
-                        "model.image_std=" + str(list(paper.model.image_std)).replace(" ", "")).to_dict() \
+    assert (
+        norm.replace(
+            "model.image_mean=" + str(list(paper.model.image_mean)).replace(" ", ""),
+            "model.image_std=" + str(list(paper.model.image_std)).replace(" ", ""),
+        ).to_dict()
         == paper.replace("name=paper-norm").to_dict()
+    )
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -66,17 +70,20 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.flat()["data.split.mode"] == "case"
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.epoch=1", ["unknown key train.epoch", "epochs"]),
-    ("train.epochs=many", ["train.epochs must be int", "'many'"]),
-    ("train.epochs=0", ["train.epochs=0 must be > 0"]),
-    ("model.num_classes=3", ["model.num_classes=3", "len(data.classes)+1 = 2"]),
-    ("data.classes=[tumour]", ["'tumour' is not a BreCaHAD class"]),
-    ("model.rpn_bg_iou_thresh=0.95", ["rpn_bg_iou_thresh=0.95 must be <= rpn_fg_iou_thresh=0.7"]),
-    ("model.box_nms_thresh=1.5", ["box_nms_thresh=1.5 must be in [0, 1]"]),
-    ("train.optimizer=lamb", ["train.optimizer='lamb'"]),
-    ("epochs", ["not of the form section.key=value"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.epoch=1", ["unknown key train.epoch", "epochs"]),
+        ("train.epochs=many", ["train.epochs must be int", "'many'"]),
+        ("train.epochs=0", ["train.epochs=0 must be > 0"]),
+        ("model.num_classes=3", ["model.num_classes=3", "len(data.classes)+1 = 2"]),
+        ("data.classes=[tumour]", ["'tumour' is not a BreCaHAD class"]),
+        ("model.rpn_bg_iou_thresh=0.95", ["rpn_bg_iou_thresh=0.95 must be <= rpn_fg_iou_thresh=0.7"]),
+        ("model.box_nms_thresh=1.5", ["box_nms_thresh=1.5 must be in [0, 1]"]),
+        ("train.optimizer=lamb", ["train.optimizer='lamb'"]),
+        ("epochs", ["not of the form section.key=value"]),
+    ],
+)
 def test_bad_values_are_named_with_the_fix(override, words):
     with pytest.raises(ConfigError) as e:
         config.load(EXPERIMENTS / "smoke.yaml", [override])

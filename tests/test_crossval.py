@@ -10,15 +10,27 @@ pytestmark = pytest.mark.slow
 
 
 def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
-    result = run_cli("cv", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(synth_dir),
-                     "-o", f"{TINY} train.epochs=1", "--cases", "Case_1,Case_2", cwd=store)
+    result = run_cli(
+        "cv",
+        "--config",
+        str(ROOT / "experiments" / "smoke.yaml"),
+        "--data-dir",
+        str(synth_dir),
+        "-o",
+        f"{TINY} train.epochs=1",
+        "--cases",
+        "Case_1,Case_2",
+        cwd=store,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [r for r in runs if r.data.tags.get("detection.cv") == "case"]
     folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and sorted(r.info.run_name for r in folds) == ["cv fold Case_1",
-                                                                                           "cv fold Case_2"]
+    assert parent.info.status == "FINISHED" and sorted(r.info.run_name for r in folds) == [
+        "cv fold Case_1",
+        "cv fold Case_2",
+    ]
     assert all(r.info.status == "FINISHED" and "test/f1" in r.data.metrics for r in folds)
     held_out = [s for s in load_dataset(synth_dir) if s.case in ("Case_1", "Case_2")]
     m = parent.data.metrics
@@ -29,8 +41,16 @@ def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
 
 
 def test_cv_refuses_an_unknown_case_before_training(store, synth_dir):
-    result = run_cli("cv", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(synth_dir),
-                     "--cases", "Case_99", cwd=store)
+    result = run_cli(
+        "cv",
+        "--config",
+        str(ROOT / "experiments" / "smoke.yaml"),
+        "--data-dir",
+        str(synth_dir),
+        "--cases",
+        "Case_99",
+        cwd=store,
+    )
     assert result.returncode == 2 and "Case_99" in result.stderr and "Case_1" in result.stderr
     client = MlflowClient()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

@@ -77,6 +77,7 @@ def test_synthetic_data_is_valid_and_annotated(synth_dir):
 
 # --- bad input: each problem names its file -----------------------------------------------------
 
+
 def _break(root, kind):
     image, label = root / "images" / "Case_1-01.tif", root / "groundTruth" / "Case_1-01.json"
     if kind == "truncated":
@@ -112,7 +113,9 @@ def _break(root, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "shape", "dtype", "channels", "json", "key", "range", "no-label", "no-image"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "shape", "dtype", "channels", "json", "key", "range", "no-label", "no-image"]
+)
 def test_bad_input_is_named(kind, synth_dir, copy_of):
     root = copy_of(synth_dir)
     path, words = _break(root, kind)
@@ -162,23 +165,35 @@ def test_predict_refuses_unusable_images_in_one_line(tmp_path):
 
     import pandas as pd
 
-    for image, words in ((np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
-                         (np.zeros((64, 64, 3), np.uint16), "expected RGB uint8"),
-                         (np.zeros((64, 64), np.uint8), "expected RGB uint8")):
+    for image, words in (
+        (np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
+        (np.zeros((64, 64, 3), np.uint16), "expected RGB uint8"),
+        (np.zeros((64, 64), np.uint8), "expected RGB uint8"),
+    ):
         with pytest.raises(InputError, match=words):
             as_images(pd.DataFrame({"image": [image]}))
     for name, pixels in (("grey.tif", np.zeros((64, 64), np.uint8)), ("deep.tif", np.zeros((64, 64, 3), np.uint16))):
         tifffile.imwrite(tmp_path / name, pixels)
-        result = run_cli("predict", str(tmp_path / name), "--model", "models:/none@champion", "--out",
-                         str(tmp_path / "out"), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+        result = run_cli(
+            "predict",
+            str(tmp_path / name),
+            "--model",
+            "models:/none@champion",
+            "--out",
+            str(tmp_path / "out"),
+            cwd=tmp_path,
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        )
         assert result.returncode == 2 and name in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stain_jitter_changes_colour_only_and_is_off_in_the_paper(synth_dir):
     from detection.sampling import TrainPatches, random_patch, stain_jitter
 
-    paper, stained = config.load(str(ROOT / "experiments" / "paper.yaml")), config.load(
-        str(ROOT / "experiments" / "smoke-stain.yaml"))
+    paper, stained = (
+        config.load(str(ROOT / "experiments" / "paper.yaml")),
+        config.load(str(ROOT / "experiments" / "smoke-stain.yaml")),
+    )
     assert paper.data.stain_jitter == 0.0 and stained.data.stain_jitter == 0.05
     samples = load_dataset(synth_dir)[:2]
     image = samples[0].read_image()
@@ -186,8 +201,10 @@ def test_stain_jitter_changes_colour_only_and_is_off_in_the_paper(synth_dir):
     assert np.abs(stain_jitter(image, 0.0, np.random.default_rng(0)).astype(int) - image).max() <= 1
 
     plain = TrainPatches(samples, paper.data, seed=4)[(2, 0)]
-    assert np.array_equal(plain.image, random_patch(samples[0], image, paper.data,
-                                                    np.random.default_rng([4, 2, 0]), paper.data.hflip).image)
+    assert np.array_equal(
+        plain.image,
+        random_patch(samples[0], image, paper.data, np.random.default_rng([4, 2, 0]), paper.data.hflip).image,
+    )
     jittered = TrainPatches(samples, stained.data, seed=4)
     a, b = jittered[(2, 0)], jittered[(2, 0)]
     assert np.array_equal(a.image, b.image)  # drawn from (seed, epoch, image): a resumed run sees the same

@@ -43,10 +43,24 @@ class Figshare:
 
             def do_GET(self):
                 if self.path == f"/v2/articles/{ARTICLE}":
-                    return self._send(200, json.dumps({"id": ARTICLE, "files": [{
-                        "id": 1, "name": "BreCaHAD.zip", "size": len(fake.payload),
-                        "computed_md5": hashlib.md5(fake.payload).hexdigest(), "supplied_md5": "",
-                        "download_url": f"{fake.url}/ndownloader/files/1"}]}).encode())
+                    return self._send(
+                        200,
+                        json.dumps(
+                            {
+                                "id": ARTICLE,
+                                "files": [
+                                    {
+                                        "id": 1,
+                                        "name": "BreCaHAD.zip",
+                                        "size": len(fake.payload),
+                                        "computed_md5": hashlib.md5(fake.payload).hexdigest(),
+                                        "supplied_md5": "",
+                                        "download_url": f"{fake.url}/ndownloader/files/1",
+                                    }
+                                ],
+                            }
+                        ).encode(),
+                    )
                 mode = fake.modes.pop(0) if fake.modes else "ok"
                 fake.ranges.append(self.headers.get("Range"))
                 body = fake.payload
@@ -57,7 +71,7 @@ class Figshare:
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 if mode == "cut":
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.write(body[start : start + (len(body) - start) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     return
@@ -93,7 +107,8 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(archive, tmp_path):
         assert download(out, fake.api) == []  # resumed, checked, unpacked and valid
         assert fake.ranges == [None, f"bytes={kept}-"]
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
-        s.image_path.name for s in load_dataset(SAMPLE)[:3])
+        s.image_path.name for s in load_dataset(SAMPLE)[:3]
+    )
     assert not (out / ".download").exists() and check_dataset(out) == []
 
 

@@ -30,8 +30,12 @@ def test_replay_equals_running_the_model(in_store, synth_dir):
     detector = _detector()
     model, cfg = detector.model, detector.config
     patches = validation_patches(load_dataset(synth_dir)[:2], cfg.data, seed=5, per_image=2)
-    settings = [PostProcess(0.05, 0.8, 200), PostProcess(0.0, 0.5, 100), PostProcess(0.3, 0.3, 20),
-                PostProcess(0.01, 0.95, 1000)]
+    settings = [
+        PostProcess(0.05, 0.8, 200),
+        PostProcess(0.0, 0.5, 100),
+        PostProcess(0.3, 0.3, 20),
+        PostProcess(0.01, 0.95, 1000),
+    ]
     compared = 0
     with torch.no_grad():
         for patch in patches:
@@ -52,26 +56,66 @@ def test_replay_equals_running_the_model(in_store, synth_dir):
 
 def _mlflow(*args, cwd, uri):
     env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
-    return subprocess.run([str(Path(sys.executable).parent / "mlflow"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir):
-    result = _mlflow("run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={synth_dir}",
-                     "-P", "protocol=whole", cwd=in_store["workdir"], uri=in_store["uri"])
+    result = _mlflow(
+        "run",
+        str(ROOT),
+        "-e",
+        "evaluate",
+        "--env-manager",
+        "local",
+        "-P",
+        f"data_dir={synth_dir}",
+        "-P",
+        "protocol=whole",
+        cwd=in_store["workdir"],
+        uri=in_store["uri"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                             "tags.`detection.evaluation` = 'true' and tags.`detection.protocol` = 'whole'")[0]
+    run = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`detection.evaluation` = 'true' and tags.`detection.protocol` = 'whole'",
+    )[0]
     assert run.info.status == "FINISHED"
     version = client.get_model_version_by_alias(MODEL, "challenger")
     tags = run.data.tags
     assert tags["detection.model_name"] == MODEL and tags["detection.model_version"] == str(version.version)
     assert tags["detection.training_run_id"] == version.run_id and tags["detection.split"] == "test"
     m = run.data.metrics
-    for k in ("detection_rate", "fdr", "precision", "f1", "tp", "fp", "fn", "ap", "box_ap50", "box_ap", "cells",
-              "cells_uncovered", "items", "n_cases", "n_images",
-              "detection_rate_ci_low", "detection_rate_ci_high", "fdr_ci_low", "fdr_ci_high", "f1_ci_low", "f1_ci_high"):
+    for k in (
+        "detection_rate",
+        "fdr",
+        "precision",
+        "f1",
+        "tp",
+        "fp",
+        "fn",
+        "ap",
+        "box_ap50",
+        "box_ap",
+        "cells",
+        "cells_uncovered",
+        "items",
+        "n_cases",
+        "n_images",
+        "detection_rate_ci_low",
+        "detection_rate_ci_high",
+        "fdr_ci_low",
+        "fdr_ci_high",
+        "f1_ci_low",
+        "f1_ci_high",
+    ):
         assert f"test/{k}" in m, k
     assert m["test/tp"] + m["test/fn"] > 50  # the two held-out synthetic images' tumour cells
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -96,15 +140,28 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
     # What the version reports on each image, as GeoJSON for QuPath.
     import geojson
 
-    shapes = [geojson.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{a.path}"))
-              for a in client.list_artifacts(run.info.run_id, "detections")]
+    shapes = [
+        geojson.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{a.path}"))
+        for a in client.list_artifacts(run.info.run_id, "detections")
+    ]
     assert len(shapes) == 2 and all(s.is_valid for s in shapes)
     assert sum(len(s["features"]) for s in shapes) == m["test/tp"] + m["test/fp"]
 
 
 def test_paper_protocol_draws_ten_patches_per_image(in_store, synth_dir):
-    result = run_cli("evaluate", "--data-dir", str(synth_dir), "--matching", "hungarian", "--protocol", "paper",
-                     "--device", "cpu", cwd=in_store["workdir"], env={"BRECAHAD_PRECISION": "bf16"})
+    result = run_cli(
+        "evaluate",
+        "--data-dir",
+        str(synth_dir),
+        "--matching",
+        "hungarian",
+        "--protocol",
+        "paper",
+        "--device",
+        "cpu",
+        cwd=in_store["workdir"],
+        env={"BRECAHAD_PRECISION": "bf16"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split()[1].rstrip(":")
     cache = load_cache(run_id)
@@ -113,7 +170,10 @@ def test_paper_protocol_draws_ten_patches_per_image(in_store, synth_dir):
     # Where inference ran is recorded: the option and the environment were honoured.
     assert run.data.tags["detection.inference.device"] == "cpu" and cache.meta["precision"] == "bf16"
     assert run.data.tags["detection.inference.precision"] == "bf16"
-    assert run.data.tags["detection.matching"] == "hungarian" and run.data.tags["detection.count_unit"] == "cell-patch pairs"
+    assert (
+        run.data.tags["detection.matching"] == "hungarian"
+        and run.data.tags["detection.count_unit"] == "cell-patch pairs"
+    )
     m = run.data.metrics
     # Cell-patch pairs: a cell in two patches counts twice, a cell in none not at all.
     assert m["test/items"] == 20 and m["test/cells"] >= m["test/cells_uncovered"] > 0
@@ -130,12 +190,15 @@ def test_an_absent_device_is_refused_before_any_run(in_store, synth_dir):
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
 
 
-@pytest.mark.parametrize("model, words", [
-    ("models:/no-such-model@challenger", "no registered model named 'no-such-model'"),
-    (f"models:/{MODEL}/99", "does not exist"),
-    (f"models:/{MODEL}@champion", "does not exist"),
-    ("runs:/abc/model", "not a registry URI"),
-])
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        ("models:/no-such-model@challenger", "no registered model named 'no-such-model'"),
+        (f"models:/{MODEL}/99", "does not exist"),
+        (f"models:/{MODEL}@champion", "does not exist"),
+        ("runs:/abc/model", "not a registry URI"),
+    ],
+)
 def test_unknown_models_fail_cleanly(in_store, synth_dir, model, words):
     before = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
     result = run_cli("evaluate", "--model", model, "--data-dir", str(synth_dir), cwd=in_store["workdir"])
@@ -159,8 +222,9 @@ def test_missing_test_images_and_leakage_are_refused(in_store, synth_dir, copy_o
     assert leak.returncode == 2 and "are training images" in leak.stderr
     for name in split["train"]:
         assert name in leak.stderr
-    allowed = run_cli("evaluate", "--data-dir", str(synth_dir), "--split", "all", "--allow-overlap", "true",
-                      cwd=in_store["workdir"])
+    allowed = run_cli(
+        "evaluate", "--data-dir", str(synth_dir), "--split", "all", "--allow-overlap", "true", cwd=in_store["workdir"]
+    )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     run = client.get_run(allowed.stdout.split()[1].rstrip(":"))
     assert run.data.tags["detection.allow_overlap"] == "true" and "all/detection_rate" in run.data.metrics
@@ -180,8 +244,9 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
     result = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), cwd=in_store["workdir"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "recorded no split.json" in result.stderr and "split=all" in result.stderr
-    cohort = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), "--split", "all",
-                     cwd=in_store["workdir"])
+    cohort = run_cli(
+        "evaluate", "--model", uri, "--data-dir", str(synth_dir), "--split", "all", cwd=in_store["workdir"]
+    )
     assert cohort.returncode == 0, cohort.stderr[-2000:]  # a new cohort needs no recorded split
     client.delete_registered_model("orphan-model")
 
@@ -191,15 +256,26 @@ def test_mlflow_run_evaluate_on_the_real_sample(tmp_path):
 
     sample = need_shared(SAMPLE)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    trained = run_cli("train", "--config", str(ROOT / "experiments" / "smoke.yaml"), "--data-dir", str(sample),
-                      "-o", f"{TINY} train.epochs=1", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    trained = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "experiments" / "smoke.yaml"),
+        "--data-dir",
+        str(sample),
+        "-o",
+        f"{TINY} train.epochs=1",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    result = _mlflow("run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={sample}",
-                     cwd=tmp_path, uri=uri)
+    result = _mlflow(
+        "run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={sample}", cwd=tmp_path, uri=uri
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                "tags.`detection.evaluation` = 'true'")
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`detection.evaluation` = 'true'"
+    )
     assert run.info.status == "FINISHED" and run.data.tags["detection.protocol"] == "whole"
     # Every tumour point of the held-out images' JSON counted exactly once.
     from detection.data import read_points

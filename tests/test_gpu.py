@@ -77,8 +77,14 @@ def test_the_training_fast_path_steps_in_bf16_without_a_scaler():
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     rng = np.random.default_rng(0)
     pts = rng.uniform(20, 480, (30, 2)).astype(np.float32)
-    patch = Patch("p", (0, 0), rng.integers(0, 255, (512, 680, 3), dtype=np.uint8), pts,
-                  np.concatenate([pts - 16, pts + 16], 1), np.ones(30, np.int64))
+    patch = Patch(
+        "p",
+        (0, 0),
+        rng.integers(0, 255, (512, 680, 3), dtype=np.uint8),
+        pts,
+        np.concatenate([pts - 16, pts + 16], 1),
+        np.ones(30, np.int64),
+    )
     losses = []
     loader = torch.utils.data.DataLoader([patch] * 4, batch_size=2, collate_fn=collate, pin_memory=True)
     assert train_one_epoch(model, opt, loader, device, scaler, dtype, 0, lambda s, v: losses.append(v["loss"])) == 2

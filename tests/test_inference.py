@@ -103,10 +103,12 @@ def test_the_loader_draws_the_same_patches_with_any_worker_count(synth_dir):
     def epoch(workers, e):
         order = EpochOrder(len(data), seed=3)
         order.set_epoch(e)
-        loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=order, collate_fn=collate,
-                                             num_workers=workers, persistent_workers=workers > 0)
-        return [(img.sum().item(), t["boxes"].sum().item()) for images, targets in loader
-                for img, t in zip(images, targets)]
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=2, sampler=order, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0
+        )
+        return [
+            (img.sum().item(), t["boxes"].sum().item()) for images, targets in loader for img, t in zip(images, targets)
+        ]
 
     assert epoch(0, 1) == epoch(2, 1) != epoch(0, 2)
     first = epoch(0, 1)
@@ -116,7 +118,11 @@ def test_the_loader_draws_the_same_patches_with_any_worker_count(synth_dir):
 def test_device_script_says_no_cuda_and_exits_cleanly():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: bench/device.sh would run the full GPU benchmark")
-    result = subprocess.run(["bash", str(ROOT / "bench" / "device.sh")], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, PYTHON=str(ROOT / ".venv" / "bin" / "python"))
-                            if (ROOT / ".venv").exists() else None)
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHON=str(ROOT / ".venv" / "bin" / "python")) if (ROOT / ".venv").exists() else None,
+    )
     assert result.returncode == 0 and "no CUDA device" in result.stdout

@@ -33,12 +33,19 @@ def make_cache(items, size=200, origins=None, image_size=None, band=0.0):
         items_origin=np.array(origins or [(0, 0)] * n, np.int64).reshape(-1, 2),
         items_size=np.full((n, 2), size, np.int64),
         items_image_size=np.array([image_size or (size, size)] * n, np.int64).reshape(-1, 2),
-        tiles_item=np.arange(n, dtype=np.int32), tiles_origin=np.zeros((n, 2), np.int64),
+        tiles_item=np.arange(n, dtype=np.int32),
+        tiles_origin=np.zeros((n, 2), np.int64),
         tiles_core=np.tile([-np.inf, -np.inf, np.inf, np.inf], (n, 1)),
-        det_tile=np.array(det_tile, np.int32), det_boxes=boxes, det_nms_boxes=boxes.copy(),
-        det_scores=np.array(scores, np.float32), det_labels=np.ones(len(scores), np.int64),
-        gt_item=np.array(gt_item, np.int32), gt_points=np.array(points, np.float32).reshape(-1, 2),
-        gt_labels=np.ones(len(points), np.int64), meta={"box_size": 32, "border_band": band})
+        det_tile=np.array(det_tile, np.int32),
+        det_boxes=boxes,
+        det_nms_boxes=boxes.copy(),
+        det_scores=np.array(scores, np.float32),
+        det_labels=np.ones(len(scores), np.int64),
+        gt_item=np.array(gt_item, np.int32),
+        gt_points=np.array(points, np.float32).reshape(-1, 2),
+        gt_labels=np.ones(len(points), np.int64),
+        meta={"box_size": 32, "border_band": band},
+    )
 
 
 def metrics(items, pp=KEEP_ALL, matching="greedy"):
@@ -96,9 +103,11 @@ def test_empty_images_are_neutral():
 
 
 def test_operating_threshold_and_bootstrap_interval():
-    items = [([(50, 50, 0.9), (100, 100, 0.3)], [(50, 50), (100, 100)]),
-             ([(50, 50, 0.2)], [(50, 50)]),
-             ([(70, 70, 0.95), (10, 190, 0.6)], [(70, 70)])]
+    items = [
+        ([(50, 50, 0.9), (100, 100, 0.3)], [(50, 50), (100, 100)]),
+        ([(50, 50, 0.2)], [(50, 50)]),
+        ([(70, 70, 0.95), (10, 190, 0.6)], [(70, 70)]),
+    ]
     m = metrics(items, PostProcess(score_thresh=0.5, nms_thresh=1.0, detections_per_img=100))
     assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 2)
     assert m["detection_rate_ci_low"] <= m["detection_rate"] <= m["detection_rate_ci_high"]
@@ -139,13 +148,26 @@ def test_ap_equals_pycocotools_on_a_random_case():
         _, _, gt = cache.ground_truth(i)
         densest = max(densest, len(gt), len(kept[i]))
         for b in gt:
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                         "area": float((b[2] - b[0]) * (b[3] - b[1]))})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                    "area": float((b[2] - b[0]) * (b[3] - b[1])),
+                }
+            )
         lo, hi = cache.det_range(i)
         for b, s in zip(cache.det_boxes[lo:hi], cache.det_scores[lo:hi]):
-            results.append({"image_id": i, "category_id": 1, "score": float(s),
-                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": 1,
+                    "score": float(s),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                }
+            )
     gt = COCO()
     gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1}]}
     gt.createIndex()
@@ -272,18 +294,21 @@ def test_top_k_applies_per_tile_of_a_whole_image():
 
 def test_cells_and_detections_in_the_band_along_inner_patch_edges_count_neither_way():
     # A 200 px patch at (100, 100) of a 1024 x 1360 image: all four edges are inside the image.
-    items = [([(8, 100, 0.9), (3, 60, 0.8), (100, 100, 0.7), (150, 150, 0.6)],
-              [(6, 100), (100, 100), (60, 190), (120, 50)])]
-    banded = judge(make_cache(items, origins=[(100, 100)], image_size=(1024, 1360), band=16.0),
-                   KEEP_ALL, "greedy", RADIUS).metrics
+    items = [
+        ([(8, 100, 0.9), (3, 60, 0.8), (100, 100, 0.7), (150, 150, 0.6)], [(6, 100), (100, 100), (60, 190), (120, 50)])
+    ]
+    banded = judge(
+        make_cache(items, origins=[(100, 100)], image_size=(1024, 1360), band=16.0), KEEP_ALL, "greedy", RADIUS
+    ).metrics
     # (8,100) matches the band cell (6,100): ignored; (3,60) is in the band: ignored; (60,190) is in the
     # bottom band: not a miss. Left: one TP (100,100), one FP (150,150), one FN (120,50).
     assert (banded["tp"], banded["fp"], banded["fn"]) == (1, 1, 1)
     plain = judge(make_cache(items, origins=[(100, 100)], image_size=(1024, 1360)), KEEP_ALL, "greedy", RADIUS).metrics
     assert (plain["tp"], plain["fp"], plain["fn"]) == (2, 2, 2)
     # At the image's own edges there is no band: the cell may not be cut off there.
-    edge = judge(make_cache(items, origins=[(0, 0)], image_size=(200, 200), band=16.0), KEEP_ALL, "greedy",
-                 RADIUS).metrics
+    edge = judge(
+        make_cache(items, origins=[(0, 0)], image_size=(200, 200), band=16.0), KEEP_ALL, "greedy", RADIUS
+    ).metrics
     assert (edge["tp"], edge["fp"], edge["fn"]) == (2, 2, 2)
 
 
@@ -299,8 +324,14 @@ def _brute_force_ap(items):
         for i, (_, c) in enumerate(items):
             mine = [(xy, s) for s, j, xy in dets[:n] if j == i]
             if mine and c:
-                tp += int((greedy_match(np.array([m[0] for m in mine]), np.array([m[1] for m in mine]),
-                                        np.array(c), RADIUS) >= 0).sum())
+                tp += int(
+                    (
+                        greedy_match(
+                            np.array([m[0] for m in mine]), np.array([m[1] for m in mine]), np.array(c), RADIUS
+                        )
+                        >= 0
+                    ).sum()
+                )
         points.append((tp / cells, tp / n))
     return np.mean([max([p for r, p in points if r >= t], default=0.0) for t in np.linspace(0, 1, 101)])
 
@@ -311,7 +342,9 @@ def test_point_ap_equals_a_brute_force_computation():
         items = []
         for _ in range(3):
             cells = rng.uniform(20, 180, size=(int(rng.integers(3, 15)), 2))
-            dets = [(x + rng.normal(0, 8), y + rng.normal(0, 8), rng.uniform()) for x, y in cells if rng.uniform() < 0.8]
+            dets = [
+                (x + rng.normal(0, 8), y + rng.normal(0, 8), rng.uniform()) for x, y in cells if rng.uniform() < 0.8
+            ]
             dets += [tuple(rng.uniform(20, 180, 2)) + (rng.uniform(),) for _ in range(int(rng.integers(0, 8)))]
             items.append((dets, [tuple(c) for c in cells]))
         ap = metrics(items)["ap"]
@@ -325,9 +358,15 @@ def test_intervals_resample_cases_not_images():
     import pandas as pd
 
     # Within each case one image is all found and one all missed: every case is at 0.5.
-    images = pd.DataFrame({"image": [f"Case_{c}-0{k}" for c in (1, 2, 3) for k in (1, 2)],
-                           "case": [f"Case_{c}" for c in (1, 2, 3) for _ in (1, 2)],
-                           "tp": [10, 0] * 3, "fp": [0] * 6, "fn": [0, 10] * 3})
+    images = pd.DataFrame(
+        {
+            "image": [f"Case_{c}-0{k}" for c in (1, 2, 3) for k in (1, 2)],
+            "case": [f"Case_{c}" for c in (1, 2, 3) for _ in (1, 2)],
+            "tp": [10, 0] * 3,
+            "fp": [0] * 6,
+            "fn": [0, 10] * 3,
+        }
+    )
     assert bootstrap_unit(images) == "case"
     assert bootstrap(images)["detection_rate"] == (0.5, 0.5)
     one_case = images.assign(case="Case_1")

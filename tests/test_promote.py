@@ -40,10 +40,11 @@ def versions(trained):
     name = "promo"
     made = {}
     for key, overrides, recorded in (
-            ("none", ["model.box_score_thresh=0.99"], split),
-            ("all", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
-            ("tie", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
-            ("other_split", ["model.box_score_thresh=0.0"], other)):
+        ("none", ["model.box_score_thresh=0.99"], split),
+        ("all", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+        ("tie", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+        ("other_split", ["model.box_score_thresh=0.0"], other),
+    ):
         mlflow.set_experiment("promo-versions")
         with mlflow.start_run(run_name=key):
             mlflow.log_text(json.dumps(recorded), "split.json")
@@ -59,8 +60,15 @@ def _aliases(name):
 
 
 def _promote(in_store, synth_dir, name, version, *extra):
-    return run_cli("promote", "--candidate", f"models:/{name}/{version}", "--data-dir", str(synth_dir),
-                   *extra, cwd=in_store["workdir"])
+    return run_cli(
+        "promote",
+        "--candidate",
+        f"models:/{name}/{version}",
+        "--data-dir",
+        str(synth_dir),
+        *extra,
+        cwd=in_store["workdir"],
+    )
 
 
 def test_promotion_gate_and_rollback(in_store, synth_dir, versions):
@@ -124,20 +132,36 @@ def _post(url, payload):
 
 def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth_dir, tmp_path):
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        SOURCE,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
         image = load_dataset(synth_dir)[0].read_image()
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
+        )
         served = pd.DataFrame(body["predictions"])
         local = mlflow.pyfunc.load_model(SOURCE).predict(pd.DataFrame({"image": [image]}))
         assert status == 200 and len(served) == len(local)
         assert served[["x1", "y1", "x2", "y2", "score"]].to_numpy() == pytest.approx(
-            local[["x1", "y1", "x2", "y2", "score"]].to_numpy(), abs=1e-4)
+            local[["x1", "y1", "x2", "y2", "score"]].to_numpy(), abs=1e-4
+        )
         with pytest.raises(urllib.error.HTTPError) as bad:
-            _post(f"http://127.0.0.1:{port}/invocations",
-                  {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}})
+            _post(
+                f"http://127.0.0.1:{port}/invocations",
+                {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}},
+            )
         assert bad.value.code == 400 and "neither PNG nor a readable TIFF" in bad.value.read().decode()
         with pytest.raises(urllib.error.HTTPError) as empty:
             _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
@@ -148,8 +172,9 @@ def test_predict_writes_geojson_that_qupath_and_the_geojson_package_read(in_stor
     import geojson
 
     path = synth_dir / "images" / "Case_1-01.tif"
-    result = run_cli("predict", str(path), "--model", SOURCE, "--out", str(tmp_path), "--format", "geojson",
-                     cwd=in_store["workdir"])
+    result = run_cli(
+        "predict", str(path), "--model", SOURCE, "--out", str(tmp_path), "--format", "geojson", cwd=in_store["workdir"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "Case_1-01.json").exists()
     doc = geojson.loads((tmp_path / "Case_1-01.geojson").read_text())
@@ -173,8 +198,15 @@ def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):
     local = mlflow.pyfunc.load_model(SOURCE).predict(pd.DataFrame({"image": [load_dataset(synth_dir)[0].read_image()]}))
     assert len(doc["detections"]) == len(local)
     assert (tmp_path / "Case_1-01.png").stat().st_size > 10_000
-    bad = run_cli("predict", str(synth_dir / "groundTruth" / "Case_1-01.json"), "--model", SOURCE,
-                  "--out", str(tmp_path), cwd=in_store["workdir"])
+    bad = run_cli(
+        "predict",
+        str(synth_dir / "groundTruth" / "Case_1-01.json"),
+        "--model",
+        SOURCE,
+        "--out",
+        str(tmp_path),
+        cwd=in_store["workdir"],
+    )
     assert bad.returncode == 2 and "Case_1-01.json" in bad.stderr
 
 
@@ -183,10 +215,31 @@ def _race(in_store, synth_dir, name, candidates):
     import subprocess
 
     env = dict(os.environ) | {"MLFLOW_TRACKING_URI": in_store["uri"]}
-    procs = [(v, subprocess.Popen([sys.executable, "-m", "detection", "promote", "--candidate", f"models:/{name}/{v}",
-                                   "--data-dir", str(synth_dir), "--metric", "test/detection_rate"],
-                                  cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)) for v in candidates]
+    procs = [
+        (
+            v,
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "detection",
+                    "promote",
+                    "--candidate",
+                    f"models:/{name}/{v}",
+                    "--data-dir",
+                    str(synth_dir),
+                    "--metric",
+                    "test/detection_rate",
+                ],
+                cwd=in_store["workdir"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for v in candidates
+    ]
     out = []
     for v, p in procs:
         stdout, stderr = p.communicate(timeout=900)
@@ -205,8 +258,12 @@ def test_promotions_started_together_crown_the_better_version(in_store, synth_di
         made.setdefault(key, []).append(int(client.create_model_version(name, source.source, source.run_id).version))
     worst, best, tie, worst2 = made["none"][0], made["all"][0], made["tie"][0], made["none"][1]
     for v in (worst, best, tie, worst2):  # evaluations first, so the race is over the aliases alone
-        assert run_cli("evaluate", "--model", f"models:/{name}/{v}", "--data-dir", str(synth_dir),
-                       cwd=in_store["workdir"]).returncode == 0
+        assert (
+            run_cli(
+                "evaluate", "--model", f"models:/{name}/{v}", "--data-dir", str(synth_dir), cwd=in_store["workdir"]
+            ).returncode
+            == 0
+        )
 
     # No champion yet: the worse and the better start together.
     outcome = dict(_race(in_store, synth_dir, name, [worst, best]))
@@ -264,8 +321,21 @@ def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_di
 
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "600")
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SOURCE, "--env-manager", "local",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        SOURCE,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
     url = f"http://127.0.0.1:{port}/invocations"
     image = load_dataset(synth_dir)[0].read_image()
     payload = {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}}
@@ -273,8 +343,10 @@ def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_di
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             statuses = [f.result()[0] for f in [pool.submit(_post, url, payload) for _ in range(4)]]
         assert statuses == [200] * 4
-        for bad, words in ((np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
-                           (np.full((64, 64, 3), 1000, np.uint16).tolist(), "expected RGB uint8")):
+        for bad, words in (
+            (np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
+            (np.full((64, 64, 3), 1000, np.uint16).tolist(), "expected RGB uint8"),
+        ):
             data = encode_png(bad) if isinstance(bad, np.ndarray) else bad
             with pytest.raises(urllib.error.HTTPError) as refused:
                 _post(url, {"dataframe_split": {"columns": ["image"], "data": [[data]]}})

@@ -33,19 +33,43 @@ def _load(study_name, storage):
 def _worker(in_store, synth_dir, storage, study, n_trials, *extra):
     env = dict(os.environ) | {"MLFLOW_TRACKING_URI": in_store["uri"]}
     source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
-    return subprocess.Popen([sys.executable, "-m", "detection", "tune", "--model", f"models:/{MODEL}/{source.version}",
-                             "--data-dir", str(synth_dir), "--study", study, "--n-trials", str(n_trials), "--storage",
-                             storage, "--heartbeat", "1", *extra],
-                            cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detection",
+            "tune",
+            "--model",
+            f"models:/{MODEL}/{source.version}",
+            "--data-dir",
+            str(synth_dir),
+            "--study",
+            study,
+            "--n-trials",
+            str(n_trials),
+            "--storage",
+            storage,
+            "--heartbeat",
+            "1",
+            *extra,
+        ],
+        cwd=in_store["workdir"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _training_run_started(study, numbers):
     """The running trial's nested training run exists (the worker is inside its epochs)."""
     client = MlflowClient()
     parent = study.user_attrs.get("mlflow_run_id")
-    return parent and client.search_runs([client.get_run(parent).info.experiment_id],
-                                         f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = "
-                                         f"'trial {numbers[0]}' and attributes.status = 'RUNNING'")
+    return parent and client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = "
+        f"'trial {numbers[0]}' and attributes.status = 'RUNNING'",
+    )
 
 
 def _kill_inside_a_trial(worker, storage, study_name, ready=lambda study, numbers: True, timeout=600):
@@ -72,15 +96,18 @@ def _kill_inside_a_trial(worker, storage, study_name, ready=lambda study, number
     raise AssertionError("the worker never showed a running trial")
 
 
-@pytest.mark.parametrize("storage_kind, kind", [("journal", "postprocess"), ("sqlite", "postprocess"),
-                                                ("journal", "training"), ("sqlite", "training")])
+@pytest.mark.parametrize(
+    "storage_kind, kind",
+    [("journal", "postprocess"), ("sqlite", "postprocess"), ("journal", "training"), ("sqlite", "training")],
+)
 def test_a_killed_worker_does_not_stall_its_study(in_store, synth_dir, tmp_path, storage_kind, kind):
     storage = _storage(storage_kind, tmp_path)
     study_name = f"crash-{storage_kind}-{kind}"
     extra = ["--kind", kind] + (["--train-overrides", "train.epochs=1"] if kind == "training" else [])
     first = _worker(in_store, synth_dir, storage, study_name, 10_000 if kind == "postprocess" else 50, *extra)
-    dead = _kill_inside_a_trial(first, storage, study_name, _training_run_started if kind == "training" else
-                                lambda study, numbers: True)
+    dead = _kill_inside_a_trial(
+        first, storage, study_name, _training_run_started if kind == "training" else lambda study, numbers: True
+    )
     killed_at = time.monotonic()
 
     second = _worker(in_store, synth_dir, storage, study_name, 2, *extra)
@@ -100,11 +127,16 @@ def test_a_killed_worker_does_not_stall_its_study(in_store, synth_dir, tmp_path,
     parent = client.get_run(study.user_attrs["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["detection.registered_version"]
     if kind == "training":  # the dead trial's nested training run is KILLED, not left RUNNING
-        (nested,) = [r for r in runs if r.info.run_name == f"trial {dead[0]}"
-                     and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        (nested,) = [
+            r
+            for r in runs
+            if r.info.run_name == f"trial {dead[0]}" and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        ]
         assert nested.info.status == "KILLED"
-    print(f"{storage_kind}/{kind}: the killed trial was failed and its retry done {time.monotonic() - killed_at:.1f} s "
-          f"after the kill")
+    print(
+        f"{storage_kind}/{kind}: the killed trial was failed and its retry done {time.monotonic() - killed_at:.1f} s "
+        f"after the kill"
+    )
 
 
 def _trained_version(client):
@@ -117,7 +149,9 @@ def test_resuming_a_finished_run_is_refused_with_its_version(in_store, synth_dir
     version = _trained_version(client)
     before = len(client.search_model_versions(f"name='{MODEL}'"))
     result = run_cli("train", "--data-dir", str(synth_dir), "--resume", version.run_id, cwd=in_store["workdir"])
-    assert result.returncode == 2 and "already finished" in result.stderr and f"version {version.version}" in result.stderr
+    assert (
+        result.returncode == 2 and "already finished" in result.stderr and f"version {version.version}" in result.stderr
+    )
     assert len(client.search_model_versions(f"name='{MODEL}'")) == before
 
 
@@ -140,9 +174,25 @@ def test_a_resume_after_a_kill_between_registration_and_alias_reuses_the_version
 def test_rerunning_a_study_whose_choice_is_unchanged_registers_nothing(in_store, synth_dir, tmp_path):
     storage = str(tmp_path / "journal.log")
     source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
-    args = ("tune", "--model", f"models:/{MODEL}/{source.version}", "--data-dir", str(synth_dir), "--study", "same",
-            "--storage", storage, "--seed", "0", "--range", "score_thresh=0.0:0.0", "--range",
-            "nms_thresh=0.5:0.5", "--range", "detections_per_img=100:100")
+    args = (
+        "tune",
+        "--model",
+        f"models:/{MODEL}/{source.version}",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "same",
+        "--storage",
+        storage,
+        "--seed",
+        "0",
+        "--range",
+        "score_thresh=0.0:0.0",
+        "--range",
+        "nms_thresh=0.5:0.5",
+        "--range",
+        "detections_per_img=100:100",
+    )
     first = run_cli(*args, "--n-trials", "2", cwd=in_store["workdir"])
     assert first.returncode == 0 and "registered version" in first.stdout, first.stderr[-3000:]
     versions = len(MlflowClient().search_model_versions(f"name='{MODEL}'"))
@@ -170,8 +220,19 @@ def test_refused_tune_requests_leave_nothing_behind(in_store, synth_dir, tmp_pat
     else:
         storage = "mysql://user@127.0.0.1:9/optuna"
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-    result = run_cli("tune", "--model", f"models:/{MODEL}/{source.version}", "--data-dir", str(data), "--study",
-                     "refused", "--storage", storage, *extra, cwd=in_store["workdir"])
+    result = run_cli(
+        "tune",
+        "--model",
+        f"models:/{MODEL}/{source.version}",
+        "--data-dir",
+        str(data),
+        "--study",
+        "refused",
+        "--storage",
+        storage,
+        *extra,
+        cwd=in_store["workdir"],
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()[-1]) > 20
     if problem == "missing driver":
@@ -199,8 +260,7 @@ def test_mlflow_run_from_another_directory(trained, synth_dir, tmp_path):
 
     refused = mlflow_run("data_dir=no/such/folder")  # MLflow itself used to refuse this and leave a RUNNING run
     assert refused.returncode != 0 and "no such folder" in refused.stderr
-    good = mlflow_run("config=experiments/smoke.yaml", f"data_dir={synth_dir}",
-                      f"overrides={TINY} train.epochs=1")
+    good = mlflow_run("config=experiments/smoke.yaml", f"data_dir={synth_dir}", f"overrides={TINY} train.epochs=1")
     assert good.returncode == 0, good.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

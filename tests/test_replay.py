@@ -20,8 +20,12 @@ def test_replay_equals_roi_heads_on_generated_near_threshold_cases():
             own = postprocess(case, t, u, k)
             kept = replay_tile(b, s, lab, PostProcess(t, u, k))
             survivors = TileNms(b, s, lab, u, False).survivors(t)[1][:k]
-            same = (np.array_equal(b[kept], own[0]) and np.array_equal(s[kept], own[1])
-                    and np.array_equal(lab[kept], own[2]) and np.array_equal(survivors, kept))
+            same = (
+                np.array_equal(b[kept], own[0])
+                and np.array_equal(s[kept], own[1])
+                and np.array_equal(lab[kept], own[2])
+                and np.array_equal(survivors, kept)
+            )
             if not same:
                 disagreements.append((n, case.kind, t, u, k, len(kept), len(own[1])))
             checked += 1
@@ -44,14 +48,23 @@ def _tiled_cache(rng, items: int, grid: int = 2, tile: float = 120.0) -> Cache:
         for gy in range(grid):
             for gx in range(grid):
                 x0, y0 = gx * step, gy * step
-                inside = cells[(cells[:, 0] >= x0) & (cells[:, 0] < x0 + tile) & (cells[:, 1] >= y0) & (cells[:, 1] < y0 + tile)]
+                inside = cells[
+                    (cells[:, 0] >= x0) & (cells[:, 0] < x0 + tile) & (cells[:, 1] >= y0) & (cells[:, 1] < y0 + tile)
+                ]
                 n = int(rng.integers(5, 120))
-                c = np.concatenate([inside[rng.integers(0, max(1, len(inside)), n // 2)] if len(inside) else
-                                    rng.uniform([x0, y0], [x0 + tile, y0 + tile], (n // 2, 2)),
-                                    rng.uniform([x0, y0], [x0 + tile, y0 + tile], (n - n // 2, 2))])
+                c = np.concatenate(
+                    [
+                        inside[rng.integers(0, max(1, len(inside)), n // 2)]
+                        if len(inside)
+                        else rng.uniform([x0, y0], [x0 + tile, y0 + tile], (n // 2, 2)),
+                        rng.uniform([x0, y0], [x0 + tile, y0 + tile], (n - n // 2, 2)),
+                    ]
+                )
                 c = c + rng.normal(0, 4, c.shape)
                 half = rng.uniform(8, 16, (n, 1))
-                b = np.clip(np.concatenate([c - half, c + half], 1), [x0, y0, x0, y0], [x0 + tile] * 2 + [y0 + tile] * 2)
+                b = np.clip(
+                    np.concatenate([c - half, c + half], 1), [x0, y0, x0, y0], [x0 + tile] * 2 + [y0 + tile] * 2
+                )
                 sc = np.sort(rng.uniform(size=n).astype(np.float32))[::-1]
                 d_tile += [len(t_item)] * n
                 boxes += b.tolist()
@@ -62,12 +75,24 @@ def _tiled_cache(rng, items: int, grid: int = 2, tile: float = 120.0) -> Cache:
     boxes = np.array(boxes, np.float32)
     tile_origin = np.array(t_origin, np.int64)
     d_tile = np.array(d_tile, np.int32)
-    return Cache(np.array(names), np.zeros((items, 2), np.int64), np.full((items, 2), int(size)),
-                 np.full((items, 2), int(size)), np.array(t_item, np.int32), tile_origin,
-                 np.array(t_core, np.float64), d_tile, boxes,
-                 boxes - np.tile(tile_origin[d_tile], 2).astype(np.float32), np.array(scores, np.float32),
-                 np.ones(len(scores), np.int64), np.array(g_item, np.int32), np.array(points, np.float32),
-                 np.ones(len(points), np.int64), {"box_size": 32, "border_band": 0.0})
+    return Cache(
+        np.array(names),
+        np.zeros((items, 2), np.int64),
+        np.full((items, 2), int(size)),
+        np.full((items, 2), int(size)),
+        np.array(t_item, np.int32),
+        tile_origin,
+        np.array(t_core, np.float64),
+        d_tile,
+        boxes,
+        boxes - np.tile(tile_origin[d_tile], 2).astype(np.float32),
+        np.array(scores, np.float32),
+        np.ones(len(scores), np.int64),
+        np.array(g_item, np.int32),
+        np.array(points, np.float32),
+        np.ones(len(points), np.int64),
+        {"box_size": 32, "border_band": 0.0},
+    )
 
 
 @pytest.mark.parametrize("grid", [1, 2])
@@ -76,7 +101,8 @@ def test_replayer_equals_scoring_each_setting_directly(grid):
     cache = _tiled_cache(rng, items=4, grid=grid)
     replayer = Replayer(cache, "greedy", 16.0)
     for _ in range(150):
-        pp = PostProcess(float(rng.uniform(0, 0.95)), float(rng.choice([0.3, 0.5, 0.8])),
-                         int(rng.choice([3, 10, 40, 1000])))
+        pp = PostProcess(
+            float(rng.uniform(0, 0.95)), float(rng.choice([0.3, 0.5, 0.8])), int(rng.choice([3, 10, 40, 1000]))
+        )
         direct = sum(score(cache, pp, "greedy", 16.0).counts(), Counts(0, 0, 0))
         assert replayer.counts(pp) == direct, pp

@@ -57,8 +57,16 @@ def test_a_training_config_cannot_switch_the_second_look_on(store, synth_dir):
 
 def test_second_look_overrides_are_only_second_look_keys(store, synth_dir):
     # Checked before the model is even looked up: this store has none.
-    result = run_cli("second-look", "--model", "models:/brecahad-faster-rcnn/1", "--data-dir", str(synth_dir),
-                     "-o", "train.epochs=3", cwd=store)
+    result = run_cli(
+        "second-look",
+        "--model",
+        "models:/brecahad-faster-rcnn/1",
+        "--data-dir",
+        str(synth_dir),
+        "-o",
+        "train.epochs=3",
+        cwd=store,
+    )
     assert result.returncode == 2 and "only second_look.* keys" in result.stderr, result.stderr[-2000:]
 
 
@@ -67,9 +75,18 @@ def test_the_second_look_is_a_nested_run_and_one_pyfunc_that_serves(in_store, sy
     # Version 1, the trained one: aliases move as other tests promote and tune in this store.
     first = MlflowClient().search_model_versions("name='brecahad-faster-rcnn'", order_by=["version_number ASC"])[0]
     source = tracking.resolve_model(f"models:/brecahad-faster-rcnn/{first.version}")
-    result = run_cli("second-look", "--model", source.pinned, "--data-dir", str(synth_dir), "--alias", ALIAS,
-                     "-o", "second_look.epochs=1 second_look.max_examples=200 second_look.weight=0.5",
-                     cwd=in_store["workdir"])
+    result = run_cli(
+        "second-look",
+        "--model",
+        source.pinned,
+        "--data-dir",
+        str(synth_dir),
+        "--alias",
+        ALIAS,
+        "-o",
+        "second_look.epochs=1 second_look.max_examples=200 second_look.weight=0.5",
+        cwd=in_store["workdir"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ref = tracking.resolve_model(f"models:/{source.name}@{ALIAS}")
     run = MlflowClient().get_run(ref.run_id)
@@ -100,11 +117,24 @@ def test_the_second_look_is_a_nested_run_and_one_pyfunc_that_serves(in_store, sy
     assert local["score"].to_numpy() == pytest.approx(reported.det_scores[lo:hi][above], abs=1e-5)
 
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", ref.pinned,
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        ref.pinned,
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
+        )
         assert status == 200 and len(body["predictions"]) == len(local)
         with pytest.raises(urllib.error.HTTPError) as bad:
             _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[7]]}})

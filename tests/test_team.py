@@ -86,8 +86,15 @@ def test_workers_starting_together_on_a_fresh_postgresql_database_all_succeed(st
     for attempt in range(4):  # the race is intermittent: it failed 2 of 3 tries before the lock
         url = _database(stack, f"race_{attempt}")
         at = time.time() + 8
-        workers = [subprocess.Popen([sys.executable, "-c", FIRST_USE, url, str(at)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", FIRST_USE, url, str(at)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
         for w in workers:
             _, err = w.communicate(timeout=120)
             assert w.returncode == 0, f"attempt {attempt}: {err[-2000:]}"
@@ -101,18 +108,47 @@ def _runs(client):
 def _s3_objects(stack):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, **{k.lower(): v for k, v in stack_mod.S3_KEYS.items()
-                                                              if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack_mod.BUCKET)
-            for o in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        **{k.lower(): v for k, v in stack_mod.S3_KEYS.items() if k != "AWS_DEFAULT_REGION"},
+        region_name="us-east-1",
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack_mod.BUCKET)
+        for o in page.get("Contents", [])
+    ]
     return s3, keys
 
 
 def _tune_worker(workdir, synth_dir, storage, n_trials):
-    return subprocess.Popen([sys.executable, "-m", "detection", "tune", "--model", f"models:/{MODEL}/1", "--data-dir",
-                             str(synth_dir), "--study", "team", "--n-trials", str(n_trials), "--storage", storage,
-                             "--heartbeat", "1"], cwd=workdir, env=dict(os.environ), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detection",
+            "tune",
+            "--model",
+            f"models:/{MODEL}/1",
+            "--data-dir",
+            str(synth_dir),
+            "--study",
+            "team",
+            "--n-trials",
+            str(n_trials),
+            "--storage",
+            storage,
+            "--heartbeat",
+            "1",
+        ],
+        cwd=workdir,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
@@ -159,8 +195,9 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     assert survivor.returncode == 0, err[-3000:]
     assert "registered version" in out
     study = optuna.load_study(study_name="team", storage=watch)
-    assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING,
-                                                       optuna.trial.TrialState.WAITING)]
+    assert not [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    ]
     tuned = client.get_model_version_by_alias(MODEL, "challenger")
     assert str(tuned.version) != "1" and study.user_attrs["mlflow_run_id"]
 
@@ -169,8 +206,19 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
 
     # The champion served straight from the registry, through the server's login.
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with serving(command, f"http://127.0.0.1:{port}/ping", team):
         from detection.data import load_dataset
         from tests.test_promote import _post
@@ -178,8 +226,10 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
         from detection.predict import encode_png
 
         image = load_dataset(synth_dir)[0].read_image()
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}})
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
+        )
         assert status == 200 and "predictions" in body
 
     # Artifacts are in the bucket, none on local disk.
@@ -190,10 +240,12 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     assert not list(team.rglob("mlruns")) and not list(team.rglob("*.db"))
     # No run is left RUNNING; one champion.
     runs = _runs(client)
-    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}, \
-        [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
-    champions = [(m.name, client.get_registered_model(m.name).aliases.get("champion"))
-                 for m in client.search_registered_models()]
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}, [
+        (r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"
+    ]
+    champions = [
+        (m.name, client.get_registered_model(m.name).aliases.get("champion")) for m in client.search_registered_models()
+    ]
     assert [c for c in champions if c[1]] == [(MODEL, champion.version)]
     # The password is nowhere: not in params, tags, artifacts or anything printed.
     for r in runs:
@@ -215,24 +267,56 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.client_env()["MLFLOW_TRACKING_PASSWORD"])
 
     dead_db = f"postgresql+psycopg2://postgres:secret-pw@127.0.0.1:{free_port()}/optuna"
-    unreachable = run_cli("tune", "--model", f"models:/{MODEL}@challenger", "--data-dir", str(synth_dir), "--study",
-                          "never", "--storage", dead_db, cwd=team)
+    unreachable = run_cli(
+        "tune",
+        "--model",
+        f"models:/{MODEL}@challenger",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "never",
+        "--storage",
+        dead_db,
+        cwd=team,
+    )
     last = unreachable.stderr.strip().splitlines()[-1]
     assert unreachable.returncode == 2 and "cannot be reached" in last and "Connection refused" in last
     assert "secret-pw" not in unreachable.stderr
 
     # A server whose S3 endpoint is wrong: found before any epoch, not after an epoch's work.
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", stack.database("mlflow"), "--artifacts-destination", "s3://mlflow/artifacts",
-               "--app-name", "basic-auth", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        stack.database("mlflow"),
+        "--artifacts-destination",
+        "s3://mlflow/artifacts",
+        "--app-name",
+        "basic-auth",
+        "--workers",
+        "1",
+    ]
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(stack.dir / "basic_auth.ini"))
     monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", (stack.dir / "flask-secret").read_text())
     for k, v in stack_mod.S3_KEYS.items():
         monkeypatch.setenv(k, v)
     with serving(command, f"http://127.0.0.1:{port}/health", team):
-        bad_s3 = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=team,
-                         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+        bad_s3 = run_cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--data-dir",
+            str(synth_dir),
+            cwd=team,
+            env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        )
     assert bad_s3.returncode == 2 and "cannot reach its artifact store" in bad_s3.stderr.strip().splitlines()[-1]
     assert len(_runs(client)) == before

@@ -39,12 +39,32 @@ def _steps(client, run_id, key):
 
 
 def _mlflow_run(store: Path, data_dir: Path, overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                              "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # sample within a short run
+    env = dict(os.environ) | {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }  # sample within a short run
     return subprocess.run(
-        [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "train", "--env-manager", "local",
-         "-P", f"config={SMOKE}", "-P", f"data_dir={data_dir}", "-P", f"overrides={overrides}"],
-        cwd=store, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "run",
+            str(ROOT),
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "-P",
+            f"config={SMOKE}",
+            "-P",
+            f"data_dir={data_dir}",
+            "-P",
+            f"overrides={overrides}",
+        ],
+        cwd=store,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
@@ -112,16 +132,25 @@ def test_invalid_data_fails_the_mlflow_run_and_creates_no_run_directly(store, sy
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=tmp_path,
-                     env={"MLFLOW_TRACKING_URI": uri})
+    result = run_cli(
+        "train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}
+    )
     assert result.returncode == 2 and f"tracking server {uri} is unreachable" in result.stderr
     assert time.monotonic() - start < 60
 
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_dir):
     # An absurd learning rate: the first step is finite, the second (epoch 2) is not.
-    result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o",
-                     f"{TINY} train.epochs=2 train.batch_size=2 train.lr=1e30", cwd=store)
+    result = run_cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--data-dir",
+        str(synth_dir),
+        "-o",
+        f"{TINY} train.epochs=2 train.batch_size=2 train.lr=1e30",
+        cwd=store,
+    )
     assert result.returncode == 1 and "loss is not finite at step 1" in result.stderr
     client = MlflowClient()
     (run,) = _runs(client)
@@ -136,9 +165,25 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_
 
 def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir):
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "detection", "train", "--config", SMOKE, "--data-dir",
-                             str(synth_dir), "-o", f"{TINY} train.epochs=3"], cwd=store, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detection",
+            "train",
+            "--config",
+            SMOKE,
+            "--data-dir",
+            str(synth_dir),
+            "-o",
+            f"{TINY} train.epochs=3",
+        ],
+        cwd=store,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     try:
         while not list(store.glob("mlruns/*/*/artifacts/checkpoints/latest.json")):
@@ -162,21 +207,41 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
     for key in ("val/loss", "val/detection_rate", "val/fdr", "lr"):
         assert _steps(client, run_id, key) == [0, 1, 2]
     lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
-    assert np.allclose(lrs, [1e-4, 0.95e-4, 0.95 ** 2 * 1e-4])  # the schedule carried over the restart
+    assert np.allclose(lrs, [1e-4, 0.95e-4, 0.95**2 * 1e-4])  # the schedule carried over the restart
     assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
 
 
 def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-               str(tmp_path / "served-artifacts"), "--workers", "1"]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "served-artifacts"),
+        "--workers",
+        "1",
+    ]
     with serving(command, f"{uri}/health", tmp_path, timeout=180):
         work = tmp_path / "client"
         work.mkdir()
-        result = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o", f"{TINY} train.epochs=1",
-                         cwd=work, env={"MLFLOW_TRACKING_URI": uri})
+        result = run_cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--data-dir",
+            str(synth_dir),
+            "-o",
+            f"{TINY} train.epochs=1",
+            cwd=work,
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(tracking_uri=uri)
         version = client.get_model_version_by_alias(MODEL, "challenger")
@@ -189,10 +254,25 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
 def test_a_kill_between_uploads_resumes_from_the_local_checkpoint(store, synth_dir, tmp_path, monkeypatch):
     local = tmp_path / "checkpoints"
     monkeypatch.setenv("BRECAHAD_CHECKPOINTS", str(local))
-    proc = subprocess.Popen([sys.executable, "-m", "detection", "train", "--config", SMOKE, "--data-dir",
-                             str(synth_dir), "-o", f"{TINY} train.epochs=3 train.checkpoint_every=2"], cwd=store,
-                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "detection",
+            "train",
+            "--config",
+            SMOKE,
+            "--data-dir",
+            str(synth_dir),
+            "-o",
+            f"{TINY} train.epochs=3 train.checkpoint_every=2",
+        ],
+        cwd=store,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     try:  # killed in epoch 2: epoch 1 is on local disk only, the first upload is due after epoch 2
         while not list(local.glob("*/latest.json")):

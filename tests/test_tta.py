@@ -32,14 +32,16 @@ def test_fusing_identical_views_gives_the_single_view():
 def test_a_detection_one_view_dreams_up_keeps_a_quarter_of_its_score():
     boxes, scores, labels = _view(np.random.default_rng(1), 10)
     extra = np.array([[700, 700, 732, 732]], np.float32)
-    lone = (np.concatenate([boxes, extra]), np.concatenate([scores, [0.8]]).astype(np.float32),
-            np.ones(11, np.int64))
+    lone = (np.concatenate([boxes, extra]), np.concatenate([scores, [0.8]]).astype(np.float32), np.ones(11, np.int64))
     fused = fuse([lone, (boxes, scores, labels), (boxes, scores, labels), (boxes, scores, labels)], radius=16)
     (k,) = np.flatnonzero(np.isclose(fused.boxes[:, 0], 700))
     assert fused.scores[k] == pytest.approx(0.2) and fused.votes[k] == 1
     # Two detections of one view are never fused with each other, however close.
-    twins = (np.array([[0, 0, 32, 32], [2, 0, 34, 32]], np.float32), np.array([0.9, 0.8], np.float32),
-             np.ones(2, np.int64))
+    twins = (
+        np.array([[0, 0, 32, 32], [2, 0, 34, 32]], np.float32),
+        np.array([0.9, 0.8], np.float32),
+        np.ones(2, np.int64),
+    )
     assert len(fuse([twins], radius=16).scores) == 2
 
 
@@ -52,11 +54,14 @@ def test_unflip_inverts_flip():
     assert np.array_equal(flip(image, "hv"), image[::-1, ::-1])
 
 
-@pytest.mark.parametrize("views, mirror", [
-    pytest.param(("none", "h", "v", "hv"), "h", marks=pytest.mark.slow),
-    pytest.param(("none", "h", "v", "hv"), "v", marks=pytest.mark.slow),
-    (("none", "h"), "h"),
-])
+@pytest.mark.parametrize(
+    "views, mirror",
+    [
+        pytest.param(("none", "h", "v", "hv"), "h", marks=pytest.mark.slow),
+        pytest.param(("none", "h", "v", "hv"), "v", marks=pytest.mark.slow),
+        (("none", "h"), "h"),
+    ],
+)
 def test_a_flipped_image_gives_the_mirrored_fused_detections(synth_dir, views, mirror):
     cfg = config.load(str(ROOT / "experiments" / "smoke.yaml"), ["data.patch_size=[320,420]"])
     cfg = replace(cfg, eval=replace(cfg.eval, tta_views=views, tta_thresh=0.05))

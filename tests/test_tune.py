@@ -47,8 +47,12 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
             for item in items:
                 image = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).float() / 255
                 out = model([image])[0]
-                tp = greedy_match(box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points,
-                                  cfg.eval.match_radius) >= 0
+                tp = (
+                    greedy_match(
+                        box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points, cfg.eval.match_radius
+                    )
+                    >= 0
+                )
                 total = total + Counts(int(tp.sum()), int(len(tp) - tp.sum()), len(item.points) - int(tp.sum()))
         assert replayer.counts(pp) == total
         assert total.tp + total.fp > 0
@@ -67,13 +71,24 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     before = {int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")}
     source = client.get_model_version_by_alias(MODEL, "challenger")
     journal = f"storage={tmp_path / 'journal.log'}"
-    result = _mlflow_tune(in_store["workdir"], in_store["uri"], f"data_dir={synth_dir}", "study=pp", "n_trials=40",
-                          f"model=models:/{MODEL}/{source.version}", journal)
+    result = _mlflow_tune(
+        in_store["workdir"],
+        in_store["uri"],
+        f"data_dir={synth_dir}",
+        "study=pp",
+        "n_trials=40",
+        f"model=models:/{MODEL}/{source.version}",
+        journal,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   "tags.`detection.study` = 'pp' and tags.`detection.study_kind` = 'postprocess'")
-    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                              "and tags.`detection.trial` != ''")
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`detection.study` = 'pp' and tags.`detection.study_kind` = 'postprocess'",
+    )
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
+    )
     assert len(trials) == 40 and all("val/f1" in t.data.metrics for t in trials)
     assert all(t.data.params["pp.score_thresh"] for t in trials)
     assert parent.info.status == "FINISHED"
@@ -91,20 +106,31 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     assert tuned.model.box_score_thresh == pytest.approx(float(parent.data.params["chosen.score_thresh"]))
     assert tuned.model.box_nms_thresh == pytest.approx(float(parent.data.params["chosen.nms_thresh"]))
 
-    again = _mlflow_tune(in_store["workdir"], in_store["uri"], f"data_dir={synth_dir}", "study=pp", "n_trials=5",
-                         f"model=models:/{MODEL}/{source.version}", journal)
+    again = _mlflow_tune(
+        in_store["workdir"],
+        in_store["uri"],
+        f"data_dir={synth_dir}",
+        "study=pp",
+        "n_trials=5",
+        f"model=models:/{MODEL}/{source.version}",
+        journal,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
-    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                              "and tags.`detection.trial` != ''")
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
+    )
     assert len(trials) == 45  # the rerun resumed the same study under the same parent run
 
     # Both runs replayed one inference pass per split of the source version (made by the first
     # study, or by an earlier evaluation of the same version and images).
-    evals = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               "tags.`detection.evaluation` = 'true' and "
-                               f"tags.`detection.model_version` = '{source.version}' and "
-                               "tags.`detection.protocol` = 'whole' and tags.`detection.model_name` = "
-                               f"'{MODEL}'")
+    evals = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`detection.evaluation` = 'true' and "
+        f"tags.`detection.model_version` = '{source.version}' and "
+        "tags.`detection.protocol` = 'whole' and tags.`detection.model_name` = "
+        f"'{MODEL}'",
+    )
     splits = [r.data.tags["detection.split"] for r in evals]
     assert splits.count("val") == 1 and "test" in splits
 
@@ -125,11 +151,36 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
     env = dict(os.environ) | {"MLFLOW_TRACKING_URI": in_store["uri"]}
-    workers = [subprocess.Popen([sys.executable, "-m", "detection", "tune", "--model", f"models:/{MODEL}/{source.version}",
-                                 "--data-dir", str(synth_dir), "--study", "shared", "--n-trials", "20", "--storage",
-                                 storage, "--seed", str(seed), "--objective", "pareto"],
-                                cwd=in_store["workdir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for seed in (1, 2, 3)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "detection",
+                "tune",
+                "--model",
+                f"models:/{MODEL}/{source.version}",
+                "--data-dir",
+                str(synth_dir),
+                "--study",
+                "shared",
+                "--n-trials",
+                "20",
+                "--storage",
+                storage,
+                "--seed",
+                str(seed),
+                "--objective",
+                "pareto",
+            ],
+            cwd=in_store["workdir"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2, 3)
+    ]
     outputs = [w.communicate(timeout=900) for w in workers]
     for w, (_out, err) in zip(workers, outputs):
         assert w.returncode == 0, err[-3000:]
@@ -143,20 +194,37 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
     assert sum("registered version" in out for out, _ in outputs) == 1  # one worker finished the study
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["mlflow_run_id"])
-    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                              "and tags.`detection.trial` != ''")
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
+    )
     assert len(trials) == 60
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "pareto_front.json" in files
 
 
 def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
-    result = run_cli("tune", "--data-dir", str(synth_dir), "--study", "iou", "--kind", "training", "--n-trials", "2",
-                     "--seed", "0", "--train-overrides", "train.epochs=1", cwd=in_store["workdir"])
+    result = run_cli(
+        "tune",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "iou",
+        "--kind",
+        "training",
+        "--n-trials",
+        "2",
+        "--seed",
+        "0",
+        "--train-overrides",
+        "train.epochs=1",
+        cwd=in_store["workdir"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
-    (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   "tags.`detection.study` = 'iou'")
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`detection.study` = 'iou'"
+    )
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     trained = [c for c in children if "model.rpn_fg_iou_thresh" in c.data.params]
     assert len(trained) == 2 and all("val/f1" in c.data.metrics for c in trained)
@@ -165,13 +233,16 @@ def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
     assert any(c.data.tags.get("detection.evaluation") == "true" and "test/f1" in c.data.metrics for c in children)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"ranges": {"score_thresh": (0.6, 0.2)}}, "low > high"),
-    ({"n_trials": 0}, "n_trials=0 must be > 0"),
-    ({"objective": "accuracy"}, "objective='accuracy'"),
-    ({"kind": "grid"}, "kind='grid'"),
-    ({"ranges": {"nms": (0.1, 0.2)}}, "range 'nms' is unknown"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"ranges": {"score_thresh": (0.6, 0.2)}}, "low > high"),
+        ({"n_trials": 0}, "n_trials=0 must be > 0"),
+        ({"objective": "accuracy"}, "objective='accuracy'"),
+        ({"kind": "grid"}, "kind='grid'"),
+        ({"ranges": {"nms": (0.1, 0.2)}}, "range 'nms' is unknown"),
+    ],
+)
 def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
     base = dict(model="models:/x@y", data_dir=tmp_path, study="s", n_trials=5)
     with pytest.raises(TuneError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -179,15 +250,26 @@ def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
 
 
 def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tmp_path):
-    bad = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--range", "score_thresh=0.9:0.1",
-                  cwd=in_store["workdir"])
+    bad = run_cli(
+        "tune", "--data-dir", str(synth_dir), "--study", "x", "--range", "score_thresh=0.9:0.1", cwd=in_store["workdir"]
+    )
     assert bad.returncode == 2 and "low > high" in bad.stderr
     (tmp_path / "a-file").write_text("not a folder")
-    dead = run_cli("tune", "--data-dir", str(synth_dir), "--study", "x", "--storage",
-                   f"sqlite:///{tmp_path}/a-file/optuna.db", cwd=in_store["workdir"])
+    dead = run_cli(
+        "tune",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "x",
+        "--storage",
+        f"sqlite:///{tmp_path}/a-file/optuna.db",
+        cwd=in_store["workdir"],
+    )
     assert dead.returncode == 2 and "cannot be opened" in dead.stderr
-    assert parse_ranges(["score_thresh=0.1:0.5 nms_thresh=0.3:0.6"]) == {"score_thresh": (0.1, 0.5),
-                                                                          "nms_thresh": (0.3, 0.6)}
+    assert parse_ranges(["score_thresh=0.1:0.5 nms_thresh=0.3:0.6"]) == {
+        "score_thresh": (0.1, 0.5),
+        "nms_thresh": (0.3, 0.6),
+    }
     with pytest.raises(TuneError, match="NAME=LOW:HIGH"):
         parse_ranges(["score_thresh=0.1"])
 
@@ -212,11 +294,27 @@ def test_a_postprocess_study_of_a_tta_version_searches_the_fused_threshold(in_st
     name = "brecahad-tta-tune"  # its own name: the shared store's tests count the trained model's versions
     tracking.register(uri, name, "tta", {})
     storage = tmp_path / "journal.log"
-    result = run_cli("tune", "--model", f"models:/{name}@tta", "--data-dir", str(synth_dir), "--study", "tta",
-                     "--n-trials", "8", "--storage", str(storage), "--seed", "3", cwd=in_store["workdir"])
+    result = run_cli(
+        "tune",
+        "--model",
+        f"models:/{name}@tta",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "tta",
+        "--n-trials",
+        "8",
+        "--storage",
+        str(storage),
+        "--seed",
+        "3",
+        cwd=in_store["workdir"],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="tta", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(storage))))
+    study = optuna.load_study(
+        study_name="tta",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage))),
+    )
     assert all("tta_thresh" in t.params for t in study.trials)
     chosen = study.best_trial
     tuned = tracking.resolve_model(f"models:/{name}@challenger")
