@@ -1,12 +1,12 @@
 # The two set-up commands of README.md:
 #   make demo   venv + install, synthetic demo data, a tracked smoke training run, registered model
-#   make test   venv + install, the test suite (make test-fast: without the slow tests)
+#   make test   venv + install, ruff check and format check, the test suite (make test-fast: without the slow tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= data/demo
 
-.PHONY: demo test test-fast install ui clean-demo
+.PHONY: demo test test-fast lint format install ui clean-demo
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,18 @@ demo: install $(DEMO)/images
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
 	@echo "then browse http://127.0.0.1:5000 (experiment 'brecahad' holds the run, 'Models' the registered version)."
 
-test: install
+# CI runs this: lint and format check first (a second), then the whole suite.
+test: install lint
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Fix what ruff can: import order, formatting.
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The developers' loop: everything but the tests that train, serve or race real processes.
 test-fast: install

@@ -106,8 +106,8 @@ def _add_evaluate(sub) -> None:
         help="judge a registered model on held-out images",
         description="Evaluate a registered model as one MLflow run: one raw inference pass (cached as "
         "predictions.npz), then detection rate, FDR, precision, F1 and counts at the model's operating "
-        "point with 95% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image table, the "
-        "paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
+        "point with 95% bootstrap intervals over cases (patients), point AP, COCO box AP and AP50, a per-image "
+        "table, the paper's Fig. 4 (TPR and FDR against the score threshold), the precision-recall curve and "
         "overlays. Metrics are named SPLIT/... (test/detection_rate).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
@@ -319,7 +319,8 @@ def _add_second_look(sub) -> None:
         "(figures/second_look_val.png, second_look_weights.json) and registered as a new version "
         "holding both networks, with the configured alias.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  python -m detection second-look --model models:/brecahad-faster-rcnn/3 --data-dir data/demo\n"
+        epilog="examples:\n"
+        "  python -m detection second-look --model models:/brecahad-faster-rcnn/3 --data-dir data/demo\n"
         "  python -m detection second-look --data-dir data/demo -o 'second_look.epochs=3 second_look.crop=96'\n",
     )
     _model_option(p, "challenger")
@@ -748,12 +749,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports, so --help answers at once
 
     from .data import DatasetError
+    from .download import DownloadError
     from .engine import NonFiniteLoss
     from .evaluate import EvaluationError
     from .model import WeightsError
     from .predict import InputError
     from .promote import PromotionError
-    from .download import DownloadError
     from .second_look import SecondLookError
     from .split import SplitError
     from .tracking import TrackingError

@@ -325,7 +325,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     need(
         m.num_classes == len(d.classes) + 1,
-        f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} (background + {list(d.classes)})",
+        f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} "
+        f"(background + {list(d.classes)})",
     )
     need(d.box_size > 0, f"data.box_size={d.box_size} must be > 0 pixels")
     need(all(p > 0 for p in d.patch_size), f"data.patch_size={list(d.patch_size)} must be positive (height, width)")

@@ -8,9 +8,8 @@ matplotlib.use("Agg")  # headless: figures go to MLflow, never to a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 
 def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], steps_per_epoch: int):

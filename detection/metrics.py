@@ -123,8 +123,8 @@ class Replayer:
         single-input items, so that trials at this IoU only search (the bench times them apart)."""
         iou_key = (round(iou, 6), agnostic)
         for i, nms in enumerate(self.tile_nms(iou, agnostic)):
-            for key, keep in nms[0].groups() if len(nms) == 1 else []:
-                self._prefix_of((i, iou_key, key), i, [keep])
+            for key, kept in nms[0].groups() if len(nms) == 1 else []:
+                self._prefix_of((i, iou_key, key), i, [kept])
             for t in nms if len(nms) > 1 else []:
                 t.groups()
 

@@ -67,7 +67,7 @@ def _paint(
 def _place(rng, centres: list[np.ndarray], candidates: np.ndarray, min_dist: float, lumen) -> list[np.ndarray]:
     kept = []
     for c in candidates:
-        if any(np.hypot(*(c - l[:2])) < l[2] + min_dist for l in lumen):
+        if any(np.hypot(*(c - hole[:2])) < hole[2] + min_dist for hole in lumen):
             continue
         if all(np.hypot(*(c - o)) >= min_dist for o in centres + kept):
             kept.append(c)

@@ -14,9 +14,9 @@ import os
 import random
 import socket
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -534,12 +534,11 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
     while True:
         current = holder()
         if current is None or current["expires"] < time.time():
-            try:
+            # A concurrent writer's tag may land first; the re-read below decides.
+            with contextlib.suppress(MlflowException):
                 client.set_registered_model_tag(
                     name, LEASE_TAG, json.dumps({"owner": owner, "expires": time.time() + lease})
                 )
-            except MlflowException:
-                pass  # a concurrent writer's tag landed first; re-read below decides
             time.sleep(0.5)  # let a concurrent writer land, then see whose tag stayed
             if (holder() or {}).get("owner") == owner:
                 break

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from detection import tracking
 from detection.compare import THRESHOLDS, intervals
-from detection.metrics import fdr_at
 from detection.data import load_dataset
+from detection.metrics import fdr_at
 from detection.train import log_detector
 from tests.conftest import run_cli
 
@@ -103,7 +103,7 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     logged = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert {"predictions.npz", "predictions_h.npz", "predictions_v.npz", "predictions_hv.npz"} <= logged
     # ... and its pyfunc returns, on a test image, what that evaluation counted.
-    from detection.compare import judged, CompareRequest
+    from detection.compare import CompareRequest, judged
 
     name = split["test"][0]
     image = [s for s in load_dataset(synth_dir) if s.name == name][0].read_image()

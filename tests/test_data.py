@@ -5,10 +5,9 @@ import pytest
 import tifffile
 
 from detection import config
-from detection.config import BRECAHAD_CLASSES
+from detection.config import BRECAHAD_CLASSES, DataConfig
 from detection.data import DatasetError, check_dataset, load_dataset, points_to_boxes, read_points
 from detection.sampling import crop, validation_patches
-from detection.config import DataConfig
 from tests.conftest import GROUND_TRUTH, ROOT, SAMPLE, need_shared, run_cli
 
 
@@ -161,9 +160,9 @@ def test_an_implausible_number_of_points_is_refused_before_training(synth_dir, c
 
 
 def test_predict_refuses_unusable_images_in_one_line(tmp_path):
-    from detection.predict import InputError, as_images
-
     import pandas as pd
+
+    from detection.predict import InputError, as_images
 
     for image, words in (
         (np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),

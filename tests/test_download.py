@@ -134,6 +134,5 @@ def test_offline_it_says_so_in_one_line_with_the_manual_steps(tmp_path):
 
 
 def test_an_answer_without_a_file_list_is_refused(tmp_path):
-    with Figshare(b"x", []) as fake:
-        with pytest.raises(DownloadError, match="lacks the file list|not JSON"):
-            download(tmp_path / "d", f"{fake.url}/ndownloader/files/1")
+    with Figshare(b"x", []) as fake, pytest.raises(DownloadError, match="lacks the file list|not JSON"):
+        download(tmp_path / "d", f"{fake.url}/ndownloader/files/1")

@@ -112,7 +112,7 @@ def test_the_loader_draws_the_same_patches_with_any_worker_count(synth_dir):
 
     assert epoch(0, 1) == epoch(2, 1) != epoch(0, 2)
     first = epoch(0, 1)
-    assert all(isinstance(v, float) or isinstance(v, int) for pair in first for v in pair)
+    assert all(isinstance(v, float | int) for pair in first for v in pair)
 
 
 def test_device_script_says_no_cuda_and_exits_cleanly():

@@ -353,9 +353,9 @@ def test_point_ap_equals_a_brute_force_computation():
 
 
 def test_intervals_resample_cases_not_images():
-    from detection.metrics import bootstrap, bootstrap_unit
-
     import pandas as pd
+
+    from detection.metrics import bootstrap, bootstrap_unit
 
     # Within each case one image is all found and one all missed: every case is at 0.5.
     images = pd.DataFrame(

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from detection.inference import Cache
-from detection.metrics import Replayer, score
 from detection.matching import Counts
+from detection.metrics import Replayer, score
 from detection.postprocess import PostProcess, TileNms, replay_tile
 from tests.nms_cases import generate, postprocess, raw
 

@@ -221,9 +221,8 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     ]
     with serving(command, f"http://127.0.0.1:{port}/ping", team):
         from detection.data import load_dataset
-        from tests.test_promote import _post
-
         from detection.predict import encode_png
+        from tests.test_promote import _post
 
         image = load_dataset(synth_dir)[0].read_image()
         status, body = _post(

@@ -17,9 +17,9 @@ from detection.data import load_dataset
 from detection.evaluate import Request, cached_evaluation, load_cache
 from detection.inference import paper_items
 from detection.matching import Counts, box_centres, greedy_match
+from detection.metrics import Replayer
 from detection.postprocess import PostProcess, apply, keep
 from detection.split import Split
-from detection.metrics import Replayer
 from detection.tune import TuneError, TuneRequest, parse_ranges
 from tests.conftest import ROOT, run_cli
 
@@ -244,7 +244,7 @@ def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
     ],
 )
 def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
-    base = dict(model="models:/x@y", data_dir=tmp_path, study="s", n_trials=5)
+    base = {"model": "models:/x@y", "data_dir": tmp_path, "study": "s", "n_trials": 5}
     with pytest.raises(TuneError, match=words.replace("(", r"\(").replace(")", r"\)")):
         TuneRequest(**(base | change)).check()
 
