@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from . import config as config_mod
+from .errors import DetectionError
 
 DESCRIPTION = """\
 Faster R-CNN detection of tumour cells in BreCaHAD H&E images, tracked with MLflow.
@@ -433,12 +434,8 @@ def cmd_train(args) -> int:
     overrides = [o for o in args.overrides if o.strip()]
     if args.resume and overrides:
         print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
-    try:
-        cfg = None if args.resume else config_mod.load(args.config, overrides)
-        run_id, version = train(cfg, args.data_dir, args.resume or None)
-    except Exception as e:
-        tracking.fail_launched_run(e, getattr(e, "problems", None))
-        raise
+    cfg = None if args.resume else config_mod.load(args.config, overrides)
+    run_id, version = train(cfg, args.data_dir, args.resume or None)
     uri = tracking.tracking_uri()
     where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     print(f"run {run_id} finished; registered version {version}. Look at it with: {where}")
@@ -446,16 +443,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from . import tracking
     from .crossval import leave_one_case_out
 
-    try:
-        cfg = config_mod.load(args.config, [o for o in args.overrides if o.strip()])
-        cases = [c for c in args.cases.replace(",", " ").split() if c]
-        run_id, metrics = leave_one_case_out(cfg, args.data_dir, cases or None)
-    except Exception as e:
-        tracking.fail_launched_run(e, getattr(e, "problems", None))
-        raise
+    cfg = config_mod.load(args.config, [o for o in args.overrides if o.strip()])
+    cases = [c for c in args.cases.replace(",", " ").split() if c]
+    run_id, metrics = leave_one_case_out(cfg, args.data_dir, cases or None)
     print(
         f"run {run_id}: {metrics['n_cases']} held-out cases, "
         + "  ".join(
@@ -467,22 +459,15 @@ def cmd_cv(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from . import tracking
     from .compare import CompareRequest, compare
     from .evaluate import EvaluationError
 
+    models = tuple(m for arg in args.models for m in arg.split())
     try:
-        models = tuple(m for arg in args.models for m in arg.split())
-        try:
-            targets = tuple(float(t) for t in args.targets.replace(",", " ").split())
-        except ValueError:
-            raise EvaluationError(
-                f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'"
-            ) from None
-        run_id, table = compare(CompareRequest(models, args.data_dir, args.split, args.protocol, targets=targets))
-    except Exception as e:
-        tracking.fail_launched_run(e)
-        raise
+        targets = tuple(float(t) for t in args.targets.replace(",", " ").split())
+    except ValueError:
+        raise EvaluationError(f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'") from None
+    run_id, table = compare(CompareRequest(models, args.data_dir, args.split, args.protocol, targets=targets))
     shown = ["version"] + [c for c in table.columns if c.startswith("fdr_at_dr_") and not c.endswith(("low", "high"))]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"run {run_id}: figures/dr_vs_fdr.png and comparison.json")
@@ -490,18 +475,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_second_look(args) -> int:
-    from . import tracking
     from .second_look import SecondLookRequest, second_look
 
-    try:
-        run_id, version, summary = second_look(
-            SecondLookRequest(
-                args.model, args.data_dir, tuple(o for o in args.overrides if o.strip()), args.device, args.alias
-            )
+    run_id, version, summary = second_look(
+        SecondLookRequest(
+            args.model, args.data_dir, tuple(o for o in args.overrides if o.strip()), args.device, args.alias
         )
-    except Exception as e:
-        tracking.fail_launched_run(e)
-        raise
+    )
     print(
         f"run {run_id}: weight {summary['weight']:g}, threshold {summary['thresh']:g}; on val at detection rate "
         f"{summary['val_detection_rate']:.4f} the FDR goes from {summary['val_fdr_alone']:.4f} to "
@@ -512,7 +492,6 @@ def cmd_second_look(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import tracking
     from .evaluate import Request, evaluate
 
     req = Request(
@@ -525,40 +504,31 @@ def cmd_evaluate(args) -> int:
         args.allow_overlap == "true",
         args.device,
     )
-    try:
-        run_id, metrics = evaluate(req)
-    except Exception as e:
-        tracking.fail_launched_run(e)
-        raise
+    run_id, metrics = evaluate(req)
     keys = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50")
     print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
     return 0
 
 
 def cmd_tune(args) -> int:
-    from . import tracking
     from .tune import TuneRequest, parse_ranges, tune
 
-    try:
-        req = TuneRequest(
-            args.model,
-            args.data_dir,
-            args.study,
-            args.n_trials,
-            args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None,
-            args.kind,
-            args.objective,
-            args.max_fdr,
-            args.protocol,
-            args.seed,
-            parse_ranges(args.range),
-            tuple(args.train_overrides.split()),
-            args.heartbeat,
-        )
-        parent, result, recovered = tune(req)
-    except Exception as e:
-        tracking.fail_launched_run(e)
-        raise
+    req = TuneRequest(
+        args.model,
+        args.data_dir,
+        args.study,
+        args.n_trials,
+        args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None,
+        args.kind,
+        args.objective,
+        args.max_fdr,
+        args.protocol,
+        args.seed,
+        parse_ranges(args.range),
+        tuple(args.train_overrides.split()),
+        args.heartbeat,
+    )
+    parent, result, recovered = tune(req)
     for line in recovered:
         print(line)
     print(f"study {args.study}: parent run {parent}")
@@ -581,24 +551,19 @@ def cmd_tune(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from . import tracking
     from .promote import PromoteRequest, promote
 
-    try:
-        result = promote(
-            PromoteRequest(
-                args.candidate,
-                args.data_dir,
-                args.metric,
-                args.min_delta,
-                args.rollback == "true",
-                args.protocol,
-                args.matching,
-            )
+    result = promote(
+        PromoteRequest(
+            args.candidate,
+            args.data_dir,
+            args.metric,
+            args.min_delta,
+            args.rollback == "true",
+            args.protocol,
+            args.matching,
         )
-    except Exception as e:
-        tracking.fail_launched_run(e)
-        raise
+    )
     print(
         f"{result['decision']}: {result['reason']}; champion is version {result['champion']} (run {result['run_id']})"
     )
@@ -748,38 +713,27 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports, so --help answers at once
 
-    from .data import DatasetError
-    from .download import DownloadError
-    from .engine import NonFiniteLoss
-    from .evaluate import EvaluationError
-    from .model import WeightsError
-    from .predict import InputError
-    from .promote import PromotionError
-    from .second_look import SecondLookError
-    from .split import SplitError
-    from .tracking import TrackingError
-    from .tune import TuneError
-
     try:
         return COMMANDS[args.command](args)
-    except (
-        config_mod.ConfigError,
-        DatasetError,
-        SplitError,
-        WeightsError,
-        TrackingError,
-        EvaluationError,
-        TuneError,
-        PromotionError,
-        InputError,
-        SecondLookError,
-        DownloadError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}; the run is FAILED and keeps its last good checkpoint", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        _fail_launched_run(e)
+        if not isinstance(e, DetectionError):
+            raise  # a bug: keep the traceback
+        print(f"error: {e}" + (f"; {e.advice}" if e.advice else ""), file=sys.stderr)
+        return e.exit_code
+
+
+def _fail_launched_run(error: Exception) -> None:
+    """Mark the run `mlflow run` launched for this command FAILED, with the error, unless the
+    command already ended it. A store that cannot be reached must not hide the first error."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    from . import tracking
+
+    try:
+        tracking.fail_launched_run(error, getattr(error, "problems", None))
+    except Exception as e:  # say so, then let the first error through
+        print(f"warning: could not mark the launched run FAILED: {e}", file=sys.stderr)

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .errors import DetectionError
+
 BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
@@ -39,7 +41,7 @@ TUNE_RANGES = {
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
+class ConfigError(DetectionError, ValueError):
     """A config file or override that cannot be used; the message names the key, value and fix."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import tifffile
 
 from .config import BRECAHAD_CLASSES
+from .errors import DetectionError
 
 IMAGE_SHAPE = (1024, 1360, 3)  # height, width, RGB
 # BreCaHAD's densest image has a few hundred annotated points; 20,000 in one image is not an
@@ -26,7 +27,7 @@ MAX_POINTS_PER_IMAGE = 20_000
 _NAME = re.compile(r"^(Case_\d+)-\d+$")
 
 
-class DatasetError(ValueError):
+class DatasetError(DetectionError, ValueError):
     """A dataset folder with problems; `problems` lists each one, naming its file."""
 
     def __init__(self, root: Path, problems: list[str]):

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DetectionError
 from .progress import Bar
 
 ARTICLE = 7379186
@@ -27,7 +28,7 @@ DOI = "https://doi.org/10.6084/m9.figshare.7379186"
 CHUNK = 1 << 20  # bytes per read, and per progress step
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DetectionError, RuntimeError):
     """A download that cannot go on; the message says why and what to do."""
 
 

@@ -12,13 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import DetectionError
 from .matching import Counts, box_centres, count_at, greedy_match
 from .sampling import Patch, collate, to_float
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(DetectionError, RuntimeError):
+    exit_code = 1  # the run itself failed, not its input
+    advice = "the run is FAILED and keeps its last good checkpoint"
+
     def __init__(self, step: int, losses: dict[str, float]):
         self.step, self.losses = step, losses
         parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())

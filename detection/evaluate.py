@@ -19,6 +19,7 @@ from . import figures, second_look, tracking
 from .config import Config
 from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
 from .engine import PRECISION_NAMES
+from .errors import DetectionError
 from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inference, whole_items
 from .matching import MATCHERS, Counts
 from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
@@ -41,7 +42,7 @@ CACHE_NAME = "predictions.npz"
 PIPELINE_CACHE_NAME = "predictions_reported.npz"  # fused and/or rescored: what the version reports
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DetectionError, ValueError):
     """Bad input to an evaluation, found before any run or registry entry is written."""
 
 

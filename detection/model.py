@@ -18,10 +18,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
 from .config import ModelConfig
+from .errors import DetectionError
 
 
-class WeightsError(RuntimeError):
-    pass
+class WeightsError(DetectionError, RuntimeError):
+    """Weights that cannot be fetched or do not fit the model; the message says where to get them."""
 
 
 def _fetch(weights, what: str) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType
 
 from . import config as config_mod
+from .errors import DetectionError
 from .inference import Runtime, detect_tiles
 from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
@@ -37,8 +38,8 @@ MIN_SIDE = 32  # px: the smallest FPN anchor; a smaller image holds no cell the 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: about 700 tiles, minutes on a CPU; split larger slides first
 
 
-class InputError(ValueError):
-    pass
+class InputError(DetectionError, ValueError):
+    """An image or request the model cannot read; the message names it."""
 
 
 def decode_image(data: str | bytes) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures, tracking
+from .errors import DetectionError
 from .evaluate import PROTOCOLS, Request, earlier_evaluation, evaluate
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -23,7 +24,7 @@ LOWER_IS_BETTER = ("fdr", "fp", "fn")
 COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50", "box_ap")
 
 
-class PromotionError(ValueError):
+class PromotionError(DetectionError, ValueError):
     """A promotion refused before any alias moved."""
 
 

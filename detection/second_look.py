@@ -29,6 +29,7 @@ from torchvision.ops import roi_align
 
 from . import config as config_mod
 from .config import Config, SecondLookConfig
+from .errors import DetectionError
 from .inference import Cache, Item, Runtime
 from .postprocess import PostProcess
 from .progress import Bar
@@ -45,7 +46,7 @@ WEIGHTS = np.round(np.linspace(0.0, 1.0, 21), 2)  # candidate fusion weights, 0 
 BATCH = 256  # crops per inference pass
 
 
-class SecondLookError(ValueError):
+class SecondLookError(DetectionError, ValueError):
     """A second look that cannot be trained or used; the message names the fix."""
 
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from .config import SplitConfig
 from .data import Sample
+from .errors import DetectionError
 
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
-    pass
+class SplitError(DetectionError, ValueError):
+    """A split that cannot be made or no longer matches the data; the message names the images."""
 
 
 @dataclass(frozen=True)

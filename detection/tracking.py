@@ -31,11 +31,13 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .errors import DetectionError
+
 TAG = "detection."
 
 
-class TrackingError(RuntimeError):
-    pass
+class TrackingError(DetectionError, RuntimeError):
+    """A store, server, run or model version that cannot be used; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

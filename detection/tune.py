@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 
 from . import figures, tracking
 from .config import TUNE_RANGES, TUNE_STORAGE, Config
+from .errors import DetectionError
 from .evaluate import (
     PROTOCOLS,
     Request,
@@ -60,7 +61,7 @@ OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
 
-class TuneError(ValueError):
+class TuneError(DetectionError, ValueError):
     """A study that cannot start; raised before any trial runs."""
 
 
