@@ -7,6 +7,7 @@ are parsed as YAML, so `train.epochs=1` and `data.patch_size=[256,340]` both wor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -18,6 +19,10 @@ import yaml
 
 from .errors import DetectionError
 
+# The config schema's version. A registered model keeps the config it was trained with; when a key
+# is renamed or moved, the version goes up and UPGRADES gains the step from the previous one, so
+# every model registered before still loads (detectron2 keeps its configs' VERSION the same way).
+CONFIG_VERSION = 1
 BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
@@ -168,6 +173,7 @@ class Config:
     second_look: SecondLookConfig = field(default_factory=SecondLookConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str = "default"
+    version: int = CONFIG_VERSION  # a file without it was written before versions: version 1
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -261,8 +267,49 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
     return from_dict(_merge(tree, parse_overrides(overrides)), source=str(path))
 
 
+# UPGRADES[v] turns a version-v config tree into a version v+1 one. Steps only rename and move keys
+# (rename_key); a value whose meaning changed needs a new key, or old models would change behaviour.
+UPGRADES: dict[int, typing.Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def rename_key(tree: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A copy of `tree` with the dotted key `old` (e.g. 'tracking.system_metrics') moved to `new`."""
+    tree = copy.deepcopy(tree)
+    *parents, leaf = old.split(".")
+    node = tree
+    for p in parents:
+        node = node.get(p)
+        if not isinstance(node, dict):
+            return tree
+    if leaf not in node:
+        return tree
+    value = node.pop(leaf)
+    *parents, leaf = new.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    return tree
+
+
+def upgrade(tree: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """A config tree of any earlier version as one of CONFIG_VERSION, step by step."""
+    tree = copy.deepcopy(tree)
+    version = tree.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise ConfigError(
+            f"{source}: version={version!r} is not a config version this release reads (1 to {CONFIG_VERSION}); "
+            f"a newer release of brecahad-detection wrote it: upgrade the package"
+        )
+    for v in range(version, CONFIG_VERSION):
+        tree = UPGRADES[v](tree)
+    tree["version"] = CONFIG_VERSION
+    return tree
+
+
 def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
-    cfg = _build(Config, tree, source, "")
+    """The typed, validated config of a tree of any version (a file, or a registered model's)."""
+    cfg = _build(Config, upgrade(tree, source), source, "")
     validate(cfg, source)
     return cfg
 

@@ -121,3 +121,64 @@ def test_local_weights_file(tmp_path):
     assert torch.equal(loaded.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
     with pytest.raises(WeightsError, match="no such file"):
         build_model(cfg.replace(f"model.weights={tmp_path / 'missing.pt'}").model)
+
+
+@pytest.fixture
+def saved_today() -> dict:
+    """What train logs as config.yaml with today's code: a version-1 config."""
+    import yaml
+
+    return yaml.safe_load(config.dump(config.load(EXPERIMENTS / "smoke.yaml", ["tracking.system_metrics=false"])))
+
+
+@pytest.fixture
+def renamed_release(saved_today, monkeypatch):
+    """A later release that renamed tracking.system_metrics to tracking.log_system_metrics: config
+    version 2, with the upgrade step from version 1."""
+    import dataclasses
+
+    fields = [
+        ("log_system_metrics" if f.name == "system_metrics" else f.name, f.type, dataclasses.field(default=f.default))
+        for f in dataclasses.fields(config.TrackingConfig)
+    ]
+    renamed = dataclasses.make_dataclass("TrackingConfig", fields, frozen=True)
+    renamed.__module__ = config.__name__  # its string annotations resolve in detection.config
+    monkeypatch.setattr(config, "TrackingConfig", renamed)
+    monkeypatch.setattr(config, "CONFIG_VERSION", 2)
+    monkeypatch.setattr(
+        config,
+        "UPGRADES",
+        {1: lambda t: config.rename_key(t, "tracking.system_metrics", "tracking.log_system_metrics")},
+    )
+
+
+@pytest.mark.parametrize("saved_as", ["version 1", "before versions"])
+def test_a_registered_version_1_config_loads_after_a_key_is_renamed(saved_as, saved_today, renamed_release):
+    saved = dict(saved_today)
+    assert saved.pop("version") == 1
+    if saved_as == "version 1":
+        saved["version"] = 1
+    cfg = config.from_dict(saved, "run 0123 config.yaml")  # as predict.load_weights reads a registered model
+    assert cfg.version == 2 and cfg.tracking.log_system_metrics is False
+    assert cfg.model == config.from_dict(saved_today | {"version": 1, "tracking": {}}).model
+    assert "system_metrics:" not in config.dump(cfg).replace("log_system_metrics:", "")
+
+
+def test_without_its_upgrade_step_a_renamed_key_would_not_load(saved_today, renamed_release, monkeypatch):
+    monkeypatch.setattr(config, "UPGRADES", {1: lambda t: t})
+    with pytest.raises(ConfigError, match="unknown key tracking.system_metrics"):
+        config.from_dict(saved_today)
+
+
+def test_a_config_from_a_newer_release_is_named():
+    saved = config.load(EXPERIMENTS / "smoke.yaml").to_dict() | {"version": 7}
+    with pytest.raises(ConfigError, match=r"run x: version=7 .* \(1 to 1\); a newer release .* upgrade the package"):
+        config.from_dict(saved, "run x")
+
+
+def test_rename_key_moves_a_value_between_sections_and_leaves_the_input_alone():
+    tree = {"eval": {"match_radius": 12.0, "tta_views": ["h"]}, "name": "x"}
+    moved = config.rename_key(tree, "eval.match_radius", "matching.radius")
+    assert moved == {"eval": {"tta_views": ["h"]}, "matching": {"radius": 12.0}, "name": "x"}
+    assert tree["eval"]["match_radius"] == 12.0
+    assert config.rename_key(tree, "eval.absent", "eval.other") == tree
