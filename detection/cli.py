@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import choices
 from . import config as config_mod
 from .errors import DetectionError
 
@@ -22,10 +23,15 @@ Typical use:
 """
 
 
+def _optional_int(text: str) -> int | None:
+    """An int, or None for '' (MLproject passes an unset parameter as an empty string)."""
+    return int(text) if text.strip() else None
+
+
 def _model_option(p, alias: str) -> None:
     p.add_argument(
         "--model",
-        default=f"models:/brecahad-faster-rcnn@{alias}",
+        default=choices.model_uri(alias),
         help="models:/NAME@ALIAS or models:/NAME/VERSION (default: %(default)s)",
     )
 
@@ -33,8 +39,8 @@ def _model_option(p, alias: str) -> None:
 def _protocol_option(p) -> None:
     p.add_argument(
         "--protocol",
-        default="whole",
-        choices=("whole", "paper"),
+        default=choices.PROTOCOLS[0],
+        choices=choices.PROTOCOLS,
         help="whole: every annotated cell of whole images counted once (tiled at the training scale); "
         "paper: 10 random patches per image as the paper did, counting cell-patch pairs, with a "
         "don't-care band of eval.border_band px along inner patch edges (default: %(default)s)",
@@ -44,8 +50,8 @@ def _protocol_option(p) -> None:
 def _matching_option(p) -> None:
     p.add_argument(
         "--matching",
-        default="greedy",
-        choices=("greedy", "hungarian", "iou"),
+        default=choices.MATCHERS[0],
+        choices=choices.MATCHERS,
         help="greedy: centre within eval.match_radius, one-to-one in score order; hungarian: the most "
         "pairs within the radius; iou: box IoU >= 0.5 (default: %(default)s)",
     )
@@ -65,7 +71,7 @@ def _device_option(p) -> None:
 def _config_options(p) -> None:
     p.add_argument(
         "--config",
-        default="experiments/smoke.yaml",
+        default=choices.CONFIG,
         help="experiments/*.yaml, looked up as given, then inside the project (default: %(default)s)",
     )
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
@@ -114,12 +120,12 @@ def _add_evaluate(sub) -> None:
         epilog="example:\n  python -m detection evaluate --model models:/brecahad-faster-rcnn@challenger "
         "--data-dir data/demo --protocol whole\n",
     )
-    _model_option(p, "challenger")
+    _model_option(p, choices.CHALLENGER)
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder with images/ and groundTruth/")
     p.add_argument(
         "--split",
-        default="test",
-        choices=("test", "val", "all"),
+        default=choices.SPLITS[0],
+        choices=choices.SPLITS,
         help="test/val: the held-out images recorded by the model's training run; all: every image "
         "of DATA_DIR, e.g. a new cohort (default: %(default)s)",
     )
@@ -128,8 +134,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
     p.add_argument(
         "--allow-overlap",
-        default="false",
-        choices=("true", "false"),
+        default=choices.BOOLEANS[0],
+        choices=choices.BOOLEANS,
         help="evaluate images whose content was in the training split (the run is tagged)",
     )
     _device_option(p)
@@ -154,42 +160,50 @@ def _add_tune(sub) -> None:
         "--train-overrides 'train.epochs=2'\n"
         "  optuna-dashboard optuna-journal.log      # watch the study\n",
     )
-    _model_option(p, "challenger")
+    _model_option(p, choices.CHALLENGER)
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
     p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
-    p.add_argument("--n-trials", type=int, default=100, help="trials this worker runs (default: %(default)s)")
+    p.add_argument(
+        "--n-trials", type=int, default=choices.TUNE_TRIALS, help="trials this worker runs (default: %(default)s)"
+    )
     p.add_argument(
         "--storage",
         default="",
         help=f"Optuna storage: a journal file path or an RDB URL such as sqlite:///optuna.db or "
         f"postgresql://... Keep passwords out of it (use PGPASSWORD or ~/.pgpass): MLflow logs "
-        f"the value as a param (default: $BRECAHAD_OPTUNA_STORAGE, else {config_mod.TUNE_STORAGE} "
+        f"the value as a param (default: $BRECAHAD_OPTUNA_STORAGE, else {choices.TUNE_STORAGE} "
         f"beside mlflow.db)",
     )
     p.add_argument(
         "--kind",
-        default="postprocess",
-        choices=("postprocess", "training"),
+        default=choices.TUNE_KINDS[0],
+        choices=choices.TUNE_KINDS,
         help="postprocess: replay cached predictions (CPU-cheap); training: train a model per trial "
         "(default: %(default)s)",
     )
     p.add_argument(
         "--objective",
-        default="f1",
-        choices=("f1", "recall_at_fdr", "pareto"),
+        default=choices.OBJECTIVES[0],
+        choices=choices.OBJECTIVES,
         help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
         "maximise detection rate and minimise FDR (default: %(default)s)",
     )
-    p.add_argument("--max-fdr", type=float, default=0.2, help="FDR bound of recall_at_fdr (default: %(default)s)")
+    p.add_argument(
+        "--max-fdr", type=float, default=choices.TUNE_MAX_FDR, help="FDR bound of recall_at_fdr (default: %(default)s)"
+    )
     _protocol_option(p)
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (give each worker its own)")
+    p.add_argument(
+        "--seed",
+        type=_optional_int,
+        default=None,
+        help="sampler seed; give each worker its own (default: none, a random one per worker)",
+    )
     p.add_argument(
         "--range",
         action="append",
         default=[],
         metavar="NAME=LOW:HIGH",
-        help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: "
-        + ", ".join(config_mod.TUNE_RANGES),
+        help="narrow a search range, e.g. score_thresh=0.01:0.5 (repeatable); names: " + ", ".join(choices.TUNE_RANGES),
     )
     p.add_argument(
         "--train-overrides",
@@ -200,7 +214,7 @@ def _add_tune(sub) -> None:
     p.add_argument(
         "--heartbeat",
         type=float,
-        default=30.0,
+        default=choices.TUNE_HEARTBEAT,
         metavar="SECONDS",
         help="seconds between a running trial's heartbeats; a trial silent for 3x this long belongs to "
         "a dead worker and is failed and run again (default: %(default)s)",
@@ -226,14 +240,14 @@ def _add_promote(sub) -> None:
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluation images")
     p.add_argument(
         "--metric",
-        default="test/f1",
+        default=choices.PROMOTE_METRIC,
         help="SPLIT/NAME deciding the promotion (default: %(default)s); fdr, fp and fn count lower as better",
     )
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
     p.add_argument(
         "--rollback",
-        default="false",
-        choices=("true", "false"),
+        default=choices.BOOLEANS[0],
+        choices=choices.BOOLEANS,
         help="swap the aliases champion and previous back instead",
     )
     _protocol_option(p)
@@ -249,12 +263,12 @@ def _add_predict(sub) -> None:
         "points) and an overlay PNG with the predictions in green.",
     )
     p.add_argument("images", nargs="+", type=Path, help="TIFF or PNG files (RGB)")
-    _model_option(p, "champion")
+    _model_option(p, choices.CHAMPION)
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: %(default)s)")
     p.add_argument(
         "--format",
-        default="json",
-        choices=("json", "geojson", "both"),
+        default=choices.PREDICT_FORMATS[0],
+        choices=choices.PREDICT_FORMATS,
         help="json: boxes, scores and centres; geojson: point detections with class and score in "
         "image pixels, for QuPath's File > Import objects (default: %(default)s)",
     )
@@ -300,10 +314,10 @@ def _add_compare(sub) -> None:
         help="models:/NAME/VERSION or @ALIAS, two or more (one string of several works too)",
     )
     p.add_argument("--data-dir", required=True, type=Path, help="BreCaHAD folder holding the evaluated images")
-    p.add_argument("--split", default="test", choices=("test", "val", "all"), help="(default: %(default)s)")
+    p.add_argument("--split", default=choices.SPLITS[0], choices=choices.SPLITS, help="(default: %(default)s)")
     _protocol_option(p)
     p.add_argument(
-        "--targets", default="0.90 0.95 0.99", help="detection rates to read the FDR at (default: %(default)s)"
+        "--targets", default=choices.COMPARE_TARGETS, help="detection rates to read the FDR at (default: %(default)s)"
     )
 
 
@@ -324,7 +338,7 @@ def _add_second_look(sub) -> None:
         "  python -m detection second-look --model models:/brecahad-faster-rcnn/3 --data-dir data/demo\n"
         "  python -m detection second-look --data-dir data/demo -o 'second_look.epochs=3 second_look.crop=96'\n",
     )
-    _model_option(p, "challenger")
+    _model_option(p, choices.CHALLENGER)
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the version was trained on")
     p.add_argument(
         "-o",
@@ -406,9 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m detection train --data-dir data/demo -o train.epochs=1\n"
         "  python -m detection stack down\n",
     )
-    p.add_argument(
-        "action", choices=("up", "status", "env", "down"), help="up | status | env (export lines for a shell) | down"
-    )
+    p.add_argument("action", choices=choices.STACK_ACTIONS, help="up | status | env (export lines for a shell) | down")
     p.add_argument("--dir", type=Path, default=Path(".stack"), help="the stack's folder (default: %(default)s)")
 
     p = sub.add_parser(
@@ -418,9 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "would make of DATA_DIR, and optionally write a config that uses them.",
     )
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
-    p.add_argument(
-        "--config", default="experiments/paper.yaml", help="config whose split to use (default: %(default)s)"
-    )
+    p.add_argument("--config", default=choices.STATS_CONFIG, help="config whose split to use (default: %(default)s)")
     p.add_argument(
         "--write", type=Path, metavar="YAML", help="write a config inheriting --config with these statistics"
     )

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from . import figures, tracking
+from .choices import MATCHERS, PREFIX_MATCHERS, PROTOCOLS
 from .evaluate import EvaluationError, Request, earlier_evaluation, evaluate, load_cache, load_pipeline_cache
 from .inference import Cache
-from .matching import PREFIX_MATCHERS
 from .metrics import SWEEP as THRESHOLDS
 from .metrics import case_of, fdr_at, rates, threshold_counts
 from .postprocess import PostProcess
@@ -33,8 +33,8 @@ class CompareRequest:
     models: tuple[str, ...]
     data_dir: Path
     split: str = "test"
-    protocol: str = "whole"
-    matching: str = "greedy"
+    protocol: str = PROTOCOLS[0]
+    matching: str = MATCHERS[0]
     targets: tuple[float, ...] = TARGETS
     seed: int = 0
     n_resamples: int = 2000

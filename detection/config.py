@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from . import choices
 from .errors import DetectionError
 
 # The config schema's version. A registered model keeps the config it was trained with; when a key
@@ -25,22 +26,6 @@ from .errors import DetectionError
 CONFIG_VERSION = 1
 BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
-
-
-# Tune study defaults (used by the CLI's help without importing the tune machinery).
-TTA_VIEWS = ("none", "h", "v", "hv")  # the image, left-right, top-bottom and both flips (detection/tta.py)
-TUNE_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
-TUNE_RANGES = {
-    "score_thresh": (0.0, 0.95),
-    "nms_thresh": (0.1, 0.9),
-    "detections_per_img": (10, 1000),
-    "tta_thresh": (0.0, 0.95),  # the fused score threshold, searched for versions with test-time flips
-    "lr": (1e-5, 1e-3),
-    "rpn_fg_iou_thresh": (0.5, 0.9),
-    "rpn_bg_iou_thresh": (0.1, 0.4),
-    "box_fg_iou_thresh": (0.5, 0.9),
-    "box_bg_iou_thresh": (0.1, 0.5),
-}
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +144,8 @@ class SecondLookConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "brecahad"  # used when not launched by `mlflow run`
-    registered_model: str = "brecahad-faster-rcnn"
-    alias: str = "challenger"
+    registered_model: str = choices.MODEL_NAME
+    alias: str = choices.CHALLENGER
     system_metrics: bool = True
 
 
@@ -444,7 +429,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.figure_every > 0, f"train.figure_every={t.figure_every} must be > 0")
     need(t.workers >= -1, f"train.workers={t.workers} must be >= 0, or -1 for one per core but one")
     e = cfg.eval
-    views = TTA_VIEWS
+    views = choices.TTA_VIEWS
     need(
         all(v in views for v in e.tta_views)
         and len(set(e.tta_views)) == len(e.tta_views)

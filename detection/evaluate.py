@@ -16,12 +16,13 @@ import pandas as pd
 import yaml
 
 from . import figures, second_look, tracking
+from .choices import MATCHERS, PROTOCOLS, SPLITS
 from .config import Config
 from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
 from .engine import PRECISION_NAMES
 from .errors import DetectionError
 from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inference, whole_items
-from .matching import MATCHERS, Counts
+from .matching import Counts
 from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
 from .postprocess import PostProcess
 from .predict import to_geojson
@@ -29,13 +30,11 @@ from .progress import Bar
 from .split import Split
 from .tta import flip, fused_cache, fused_postprocess
 
-PROTOCOLS = ("whole", "paper")  # the first is the default of evaluate, tune and promote
 COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
 # Mean absolute grey difference (0-255) of 16x16 thumbnails under which two images are one image,
 # flipped, rotated or re-compressed (noise of std 6 grey levels moves a thumbnail by 0.5). Distinct
 # fields of one case in the shared sample are >= 7.1 apart, synthetic demo images >= 2.6.
 THUMBNAIL_TOLERANCE = 1.5
-SPLIT_CHOICES = ("test", "val", "all")
 DATASET_CONTEXTS = {"test": "testing", "val": "validation", "all": "evaluation"}  # MLflow's input contexts
 MAX_OVERLAYS = 24
 CACHE_NAME = "predictions.npz"
@@ -50,16 +49,16 @@ class EvaluationError(DetectionError, ValueError):
 class Request:
     model: str
     data_dir: Path
-    split: str = "test"
+    split: str = SPLITS[0]
     protocol: str = PROTOCOLS[0]
-    matching: str = "greedy"
+    matching: str = MATCHERS[0]
     seed: int = 0
     allow_overlap: bool = False
     device: str = ""  # auto|cpu|cuda|cuda:N; empty: $BRECAHAD_DEVICE, else auto
 
     def check(self) -> None:
         for name, value, choices in (
-            ("split", self.split, SPLIT_CHOICES),
+            ("split", self.split, SPLITS),
             ("protocol", self.protocol, PROTOCOLS),
             ("matching", self.matching, MATCHERS),
         ):

@@ -17,9 +17,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from torchvision.ops import box_iou
 
-MATCHERS = ("greedy", "hungarian", "iou")
-# Matchers whose flags hold for every prefix of the score-ordered detections (one pass, all thresholds).
-PREFIX_MATCHERS = ("greedy", "iou")
+from .choices import MATCHERS, PREFIX_MATCHERS  # noqa: F401  (the matchers below, named once)
+
 IOU_MATCH = 0.5
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures, tracking
+from .choices import CHAMPION, MATCHERS, PREVIOUS, PROMOTE_METRIC, PROTOCOLS
 from .errors import DetectionError
-from .evaluate import PROTOCOLS, Request, earlier_evaluation, evaluate
+from .evaluate import Request, earlier_evaluation, evaluate
 
-CHAMPION, PREVIOUS = "champion", "previous"
 EXPERIMENT = "brecahad-promotions"
 LOWER_IS_BETTER = ("fdr", "fp", "fn")
 COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50", "box_ap")
@@ -32,11 +32,11 @@ class PromotionError(DetectionError, ValueError):
 class PromoteRequest:
     candidate: str
     data_dir: Path
-    metric: str = "test/f1"
+    metric: str = PROMOTE_METRIC
     min_delta: float = 0.0
     rollback: bool = False
     protocol: str = PROTOCOLS[0]
-    matching: str = "greedy"
+    matching: str = MATCHERS[0]
     seed: int = 0
 
     @property

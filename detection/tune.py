@@ -32,10 +32,10 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from . import figures, tracking
-from .config import TUNE_RANGES, TUNE_STORAGE, Config
+from .choices import OBJECTIVES, PROTOCOLS, TUNE_HEARTBEAT, TUNE_KINDS, TUNE_MAX_FDR, TUNE_RANGES, TUNE_STORAGE
+from .config import Config
 from .errors import DetectionError
 from .evaluate import (
-    PROTOCOLS,
     Request,
     cached_evaluation,
     evaluate,
@@ -53,11 +53,8 @@ from .postprocess import PostProcess
 from .progress import Bar
 from .tta import fused_cache, fused_postprocess
 
-KINDS = ("postprocess", "training")
-HEARTBEAT_S = 30.0  # seconds between a running trial's heartbeats
 HEARTBEAT_ATTR = "heartbeat"
 MAX_RETRIES = 2  # a trial whose worker died is run again at most this often
-OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
 
@@ -76,14 +73,14 @@ class TuneRequest:
     study: str
     n_trials: int
     storage: str | None = None
-    kind: str = "postprocess"
-    objective: str = "f1"
-    max_fdr: float = 0.2  # the FDR bound of recall_at_fdr
+    kind: str = TUNE_KINDS[0]
+    objective: str = OBJECTIVES[0]
+    max_fdr: float = TUNE_MAX_FDR  # the FDR bound of recall_at_fdr
     protocol: str = PROTOCOLS[0]  # tune on the protocol that is deployed: whole images
     seed: int | None = None
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
-    heartbeat: float = HEARTBEAT_S
+    heartbeat: float = TUNE_HEARTBEAT  # seconds between a running trial's heartbeats
 
     @property
     def stale_after(self) -> float:
@@ -94,8 +91,8 @@ class TuneRequest:
         return TUNE_RANGES | self.ranges
 
     def check(self) -> None:
-        if self.kind not in KINDS:
-            raise TuneError(f"kind={self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.kind not in TUNE_KINDS:
+            raise TuneError(f"kind={self.kind!r} must be one of {', '.join(TUNE_KINDS)}")
         if self.objective not in OBJECTIVES:
             raise TuneError(f"objective={self.objective!r} must be one of {', '.join(OBJECTIVES)}")
         if self.n_trials <= 0:
@@ -197,7 +194,7 @@ DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb
 SCHEMA_ATTEMPTS = 3  # workers creating a fresh database's tables together may collide
 
 
-def open_storage(url: str | None, heartbeat: float = HEARTBEAT_S):
+def open_storage(url: str | None, heartbeat: float = TUNE_HEARTBEAT):
     """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
     RDB storages record Optuna's own trial heartbeats and retry a trial whose worker died.
     Fails before any trial when the storage cannot be reached."""

@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import yaml
@@ -38,3 +39,68 @@ def test_every_command_explains_itself():
         for action in sub._actions:
             assert action.help, f"{name} {action.dest} has no help"
         assert sub.format_help().startswith("usage: python -m detection " + name)
+
+
+def _same(declared, default) -> bool:
+    """An MLproject default (a string) and an argparse default are the same value."""
+    declared, default = str(declared), "" if default is None else str(default)
+    try:
+        return float(declared) == float(default)
+    except ValueError:
+        return declared == default
+
+
+def test_mlproject_parameters_have_the_cli_defaults_and_choices():
+    from detection import choices
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    commands = build_parser()._subparsers._group_actions[0].choices
+    checked = 0
+    for name, entry in spec["entry_points"].items():
+        options = {a.dest: a for a in commands[name]._actions}
+        for param, declared in entry["parameters"].items():
+            action = options[param]  # every parameter is an option of the command
+            if "default" in declared and not action.required and action.default not in ([], None, ""):
+                assert _same(declared["default"], action.default), (name, param, declared, action.default)
+                checked += 1
+            if action.choices:
+                assert str(declared["default"]) in action.choices, (name, param)
+    assert checked >= 30
+    # The choices each command offers are choices.py's, not copies.
+    assert commands["evaluate"]._option_string_actions["--split"].choices is choices.SPLITS
+    assert commands["tune"]._option_string_actions["--objective"].choices is choices.OBJECTIVES
+
+
+def test_mlproject_comments_list_the_choices_of_choices_py():
+    from detection import choices
+
+    listed = {"protocol": choices.PROTOCOLS, "matching": choices.MATCHERS, "split": choices.SPLITS}
+    listed |= {"kind": choices.TUNE_KINDS, "objective": choices.OBJECTIVES}
+    found = 0
+    for line in (ROOT / "MLproject").read_text().splitlines():
+        param, _, comment = line.strip().partition(":")
+        if param in listed and "#" in line and "|" in line.split("#", 1)[1]:
+            named = [w.split()[0] for w in line.split("#", 1)[1].split("|")]
+            assert tuple(named) == listed[param], line
+            found += 1
+    assert found >= 7
+
+
+def test_request_defaults_are_the_cli_defaults():
+    from detection.compare import CompareRequest
+    from detection.evaluate import Request
+    from detection.promote import PromoteRequest
+    from detection.tune import TuneRequest
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, request in (("evaluate", Request), ("tune", TuneRequest), ("promote", PromoteRequest)):
+        options = {a.dest: a for a in commands[name]._actions}
+        for f in dataclasses.fields(request):
+            if f.name in options and f.default is not dataclasses.MISSING:
+                default = options[f.name].default
+                cli_value = default == "true" if default in ("true", "false") else default
+                unset = (None, "", ())  # the CLI's '' is a request's None or (): not given
+                same = f.default == cli_value or (f.default in unset and cli_value in unset)
+                assert same, (name, f.name, f.default, default)
+    compare = {a.dest: a for a in commands["compare"]._actions}
+    assert CompareRequest.__dataclass_fields__["protocol"].default == compare["protocol"].default

@@ -1,0 +1,57 @@
+"""Every choice and default the entry points offer, written once. The CLI's options, the request
+dataclasses (evaluate, tune, promote, compare) and the config read them from here, and
+tests/test_packaging.py checks MLproject's parameters against them. Light on purpose (no torch,
+no mlflow), so `python -m detection --help` answers at once.
+
+In each tuple of choices the first is the default.
+"""
+
+from __future__ import annotations
+
+# The registry: one model name, and the aliases the workflow moves.
+MODEL_NAME = "brecahad-faster-rcnn"
+CHALLENGER = "challenger"  # set by train, tune and second-look on what they register
+CHAMPION = "champion"  # set by promote; what predict and serving use
+PREVIOUS = "previous"  # the champion before the last promotion, for a rollback
+
+
+def model_uri(alias: str) -> str:
+    return f"models:/{MODEL_NAME}@{alias}"
+
+
+# Evaluation.
+SPLITS = ("test", "val", "all")  # the recorded held-out images, or every image of a new folder
+PROTOCOLS = ("whole", "paper")  # every cell of whole images once, or the paper's 10 random patches
+MATCHERS = ("greedy", "hungarian", "iou")  # how a detection and a cell are paired (matching.py)
+PREFIX_MATCHERS = ("greedy", "iou")  # those under which a higher threshold's matches are a prefix
+COMPARE_TARGETS = "0.90 0.95 0.99"  # detection rates compare reads the FDR at
+BOOLEANS = ("false", "true")  # MLproject passes every parameter as a string
+
+# Tuning.
+TUNE_KINDS = ("postprocess", "training")  # replay cached predictions, or train a model per trial
+OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
+TUNE_TRIALS = 100
+TUNE_MAX_FDR = 0.2
+TUNE_HEARTBEAT = 30.0  # seconds; a trial silent 3x this long is failed and run again
+TUNE_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers
+TUNE_RANGES = {
+    "score_thresh": (0.0, 0.95),
+    "nms_thresh": (0.1, 0.9),
+    "detections_per_img": (10, 1000),
+    "tta_thresh": (0.0, 0.95),  # the fused score threshold, searched for versions with test-time flips
+    "lr": (1e-5, 1e-3),
+    "rpn_fg_iou_thresh": (0.5, 0.9),
+    "rpn_bg_iou_thresh": (0.1, 0.4),
+    "box_fg_iou_thresh": (0.5, 0.9),
+    "box_bg_iou_thresh": (0.1, 0.5),
+}
+TTA_VIEWS = ("none", "h", "v", "hv")  # the image, left-right, top-bottom and both flips (tta.py)
+
+# Promotion.
+PROMOTE_METRIC = "test/f1"
+
+# Everything else.
+CONFIG = "experiments/smoke.yaml"  # train and cv
+STATS_CONFIG = "experiments/paper.yaml"
+PREDICT_FORMATS = ("json", "geojson", "both")  # geojson: points QuPath imports
+STACK_ACTIONS = ("up", "status", "env", "down")
