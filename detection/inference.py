@@ -36,7 +36,7 @@ from .config import Config
 from .data import Sample, points_to_boxes, targets
 from .engine import PRECISION_NAMES, autocast, autocast_dtype, pick_device
 from .postprocess import Tiles, raw_outputs
-from .sampling import name_seed, random_patch, to_float
+from .sampling import chw, name_seed, random_patch, to_float
 
 SCHEMA_VERSION = 2
 PAPER_PATCHES = 10
@@ -44,32 +44,39 @@ PAPER_PATCHES = 10
 
 @dataclass(frozen=True)
 class Item:
-    name: str
-    origin: tuple[int, int]
-    image: np.ndarray
-    points: np.ndarray
-    labels: np.ndarray
+    """One evaluated unit: a whole image, or one of the paper protocol's patches."""
+
+    name: str  # the image's name, Case_N-MM
+    origin: tuple[int, int]  # (x, y) px of the item's top-left corner in its image
+    image: np.ndarray  # (h, w, 3) uint8 RGB
+    points: np.ndarray  # (P, 2) float32 x/y px of the annotated cells, in item pixels
+    labels: np.ndarray  # (P,) int64 class of each cell, 1-based (0 is background)
     image_size: tuple[int, int]  # (h, w) of the image the item was cut from
 
 
 @dataclass
 class Cache:
-    items_name: np.ndarray
-    items_origin: np.ndarray
-    items_size: np.ndarray
-    items_image_size: np.ndarray
-    tiles_item: np.ndarray
-    tiles_origin: np.ndarray
-    tiles_core: np.ndarray
-    det_tile: np.ndarray
-    det_boxes: np.ndarray
-    det_nms_boxes: np.ndarray
-    det_scores: np.ndarray
-    det_labels: np.ndarray
-    gt_item: np.ndarray
-    gt_points: np.ndarray
-    gt_labels: np.ndarray
-    meta: dict = field(default_factory=dict)
+    """Every raw detection of I items cut into T model inputs (tiles), and the items' ground truth,
+    as flat arrays: what `evaluate` saves as predictions.npz and tune and compare replay. D raw
+    detections are sorted by tile, then by descending score; G is the number of annotated cells.
+    Coordinates are item pixels unless said otherwise."""
+
+    items_name: np.ndarray  # (I,) str
+    items_origin: np.ndarray  # (I, 2) int64 x/y px of each item in its image
+    items_size: np.ndarray  # (I, 2) int64 h/w px
+    items_image_size: np.ndarray  # (I, 2) int64 h/w px of the whole image
+    tiles_item: np.ndarray  # (T,) int32 the item of each tile
+    tiles_origin: np.ndarray  # (T, 2) int64 x/y px of each tile in its item
+    tiles_core: np.ndarray  # (T, 4) float64 x1y1x2y2 px: the part of the item the tile owns
+    det_tile: np.ndarray  # (D,) int32 the tile of each detection
+    det_boxes: np.ndarray  # (D, 4) float32 x1y1x2y2 px
+    det_nms_boxes: np.ndarray  # (D, 4) float32 the same boxes in the model's resized pixels (what its NMS saw)
+    det_scores: np.ndarray  # (D,) float32 in [0, 1]
+    det_labels: np.ndarray  # (D,) int64, 1-based
+    gt_item: np.ndarray  # (G,) int the item of each cell
+    gt_points: np.ndarray  # (G, 2) float32 x/y px
+    gt_labels: np.ndarray  # (G,) int64, 1-based
+    meta: dict = field(default_factory=dict)  # model, post-processing, split, protocol: what made it
 
     def __len__(self) -> int:
         return len(self.items_name)
@@ -152,6 +159,7 @@ def paper_items(samples: list[Sample], cfg: Config, seed: int) -> list[Item]:
 
 
 def whole_items(samples: list[Sample], cfg: Config) -> list[Item]:
+    """Each image whole, with every annotated cell of the configured classes: each cell counted once."""
     items = []
     for s in samples:
         points, labels = targets(s, cfg.data.classes)
@@ -257,11 +265,11 @@ def _forward(model, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, ...]]
 
 
 def _run_tiles(model, crops: list[np.ndarray], rt: Runtime) -> list[tuple[np.ndarray, ...]]:
+    """`_forward` over (h, w, 3) uint8 crops, `rt.batch` per pass, in `rt.workers` threads on a CPU."""
+
     def run(chunk: list[np.ndarray]):
         with torch.inference_mode(), autocast(rt.device, rt.dtype):
-            tensors = [
-                to_float(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1).to(rt.device)) for c in chunk
-            ]
+            tensors = [to_float(chw(c).to(rt.device)) for c in chunk]  # uint8 to the device: 1/4 the bytes
             return _forward(model, tensors)
 
     chunks = [crops[i : i + rt.batch] for i in range(0, len(crops), rt.batch)]
@@ -272,8 +280,9 @@ def _run_tiles(model, crops: list[np.ndarray], rt: Runtime) -> list[tuple[np.nda
 
 
 def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, rt: Runtime) -> Tiles:
-    """Every raw detection of `model` (set to raw outputs, placed by `rt`) on an image of any size,
-    cut into tiles at the training scale."""
+    """Every raw detection of `model` (set to raw outputs, placed by `rt`) on an (H, W, 3) uint8
+    image of any size, cut into tiles of `tile_hw` px (the training patch) that overlap by at least
+    `overlap` px. Boxes come back in image pixels, sorted by tile, then by descending score."""
     h, w = image.shape[:2]
     th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)

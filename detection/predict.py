@@ -30,6 +30,7 @@ from .errors import DetectionError
 from .inference import Runtime, detect_tiles
 from .model import build_model
 from .postprocess import PostProcess, keep, raw_outputs
+from .sampling import chw
 from .second_look import build_classifier, fused_score, probabilities
 from .tta import flip, fuse, unflip
 
@@ -120,9 +121,7 @@ def encode_png(image: np.ndarray) -> str:
     """An RGB uint8 image as base64 PNG, the compact way to send it to the server."""
     from torchvision.io import encode_png as _encode
 
-    return base64.b64encode(
-        _encode(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)).numpy().tobytes()
-    ).decode()
+    return base64.b64encode(_encode(chw(image)).numpy().tobytes()).decode()
 
 
 def detect(

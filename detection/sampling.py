@@ -42,14 +42,19 @@ class Patch:
 
     def uint8_tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CHW uint8 (a quarter of the float bytes to pin and copy); `to_float` on the device."""
-        image = torch.from_numpy(np.ascontiguousarray(self.image)).permute(2, 0, 1)
-        return image, {"boxes": torch.from_numpy(self.boxes), "labels": torch.from_numpy(self.labels)}
+        return chw(self.image), {"boxes": torch.from_numpy(self.boxes), "labels": torch.from_numpy(self.labels)}
 
 
-def to_float(image: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (CHW, or HWC numpy) as float in [0, 1]."""
+def chw(image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 array as a (3, H, W) uint8 tensor: torchvision's `to_image`, as a plain tensor.
+    A flipped view (negative strides, which torch cannot wrap) is copied first."""
+    return F.to_image(np.ascontiguousarray(image)).as_subclass(torch.Tensor)
+
+
+def to_float(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8 pixels, or an (H, W, 3) array, as (3, H, W) float32 in [0, 1]."""
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = chw(image)
     return F.to_dtype(image, torch.float32, scale=True)
 
 

@@ -15,6 +15,7 @@ from detection import config, tracking
 from detection.data import load_dataset
 from detection.evaluate import Request, evaluate, load_pipeline_cache
 from detection.predict import encode_png
+from detection.sampling import chw
 from detection.second_look import auc, crops, fused_score
 from tests.conftest import ROOT, free_port, need_shared, run_cli, serving
 from tests.test_promote import _post
@@ -28,11 +29,11 @@ def test_a_crop_holds_the_pixels_around_the_detection_centre():
     boxes = np.array([[84, 64, 116, 96], [0, 0, 20, 10]], np.float32)  # centres (100, 80) and (10, 5)
     out = crops(image, boxes, 64)
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 64, 64)
-    assert torch.equal(out[0], torch.from_numpy(image[48:112, 68:132]).permute(2, 0, 1))
+    assert torch.equal(out[0], chw(image[48:112, 68:132]))
     # Beyond the image edge the crop is black (roi_align repeats the edge pixel for its last half
     # pixel); inside it is the image.
     assert (out[1][:, :26, :] == 0).all() and (out[1][:, :, :21] == 0).all()
-    assert torch.equal(out[1][:, 27:, 22:], torch.from_numpy(image[:37, :42]).permute(2, 0, 1))
+    assert torch.equal(out[1][:, 27:, 22:], chw(image[:37, :42]))
 
 
 def test_fusion_weight_zero_is_the_detector_and_one_the_classifier():

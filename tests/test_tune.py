@@ -19,6 +19,7 @@ from detection.inference import paper_items
 from detection.matching import Counts, box_centres, greedy_match
 from detection.metrics import Replayer
 from detection.postprocess import PostProcess, apply, keep
+from detection.sampling import to_float
 from detection.split import Split
 from detection.tune import TuneError, TuneRequest, parse_ranges
 from tests.conftest import ROOT, run_cli
@@ -45,7 +46,7 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
         total = Counts(0, 0, 0)
         with torch.no_grad():
             for item in items:
-                image = torch.from_numpy(np.ascontiguousarray(item.image)).permute(2, 0, 1).float() / 255
+                image = to_float(item.image)
                 out = model([image])[0]
                 tp = (
                     greedy_match(
