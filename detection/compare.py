@@ -171,8 +171,8 @@ def _log(
         tr.log_metrics(
             {f"{key}/{k}": v for k, v in values.items() if k.startswith("fdr_at_dr_") and np.isfinite(v)}, step=0
         )
-    tr.log_table(table, "comparison.json")
-    tr.log_text(table.to_csv(index=False), "comparison.csv")
+    tr.client.log_table(tr.run_id, table, "comparison.json")
+    tr.client.log_text(tr.run_id, table.to_csv(index=False), "comparison.csv")
     fig = figures.dr_vs_fdr(curves, targets, f"{req.split} split, {req.protocol} protocol")
-    tr.log_figure(fig, "figures/dr_vs_fdr.png")
+    tr.client.log_figure(tr.run_id, fig, "figures/dr_vs_fdr.png")
     figures.close(fig)

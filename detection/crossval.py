@@ -98,7 +98,7 @@ def leave_one_case_out(cfg: Config, data_dir: Path, cases: list[str] | None = No
         for name, (low, high) in bootstrap(images).items():
             metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
         tr.log_metrics({f"cv/{k}": v for k, v in metrics.items() if pd.notna(v)}, step=0)
-        tr.log_table(images, "cv_per_image.json")
+        tr.client.log_table(tr.run_id, images, "cv_per_image.json")
         per_case = images.groupby("case", as_index=False)[["tp", "fp", "fn"]].sum()
-        tr.log_table(per_case, "cv_per_case.json")
+        tr.client.log_table(tr.run_id, per_case, "cv_per_case.json")
         return tr.run_id, metrics

@@ -215,14 +215,14 @@ def log_report(
             else {}
         )
     )
-    tr.log_table(report.images, f"{prefix}_per_image.json")
-    tr.log_text(report.curve.to_csv(index=False), f"{prefix}_threshold_curve.csv")
+    tr.client.log_table(tr.run_id, report.images, f"{prefix}_per_image.json")
+    tr.client.log_text(tr.run_id, report.curve.to_csv(index=False), f"{prefix}_threshold_curve.csv")
     title = f"{prefix}: {len(report.images)} images, {len(cache)} items"
     for fig, name in (
         (figures.threshold_curve(report.curve, pp.score_thresh, title), "fig4_tpr_fdr.png"),
         (figures.pr_curve(report.curve, pp.score_thresh, title), "precision_recall.png"),
     ):
-        tr.log_figure(fig, f"figures/{name}")
+        tr.client.log_figure(tr.run_id, fig, f"figures/{name}")
         figures.close(fig)
     shown: set[str] = set()
     for i, item in enumerate(items):
@@ -237,7 +237,7 @@ def log_report(
             cache.det_scores[k],
             f"{item.name} at {item.origin}, score > {pp.score_thresh:g}",
         )
-        tr.log_figure(fig, f"overlays/{item.name}.png")
+        tr.client.log_figure(tr.run_id, fig, f"overlays/{item.name}.png")
         figures.close(fig)
 
 
@@ -258,7 +258,7 @@ def log_geojson(tr: tracking.Tracker, report: Report, cache: Cache, items: list[
             )
             path = Path(tmp) / f"{item.name}.geojson"
             path.write_text(json.dumps(to_geojson(table, model_uri)))
-            tr.log_file(path, "detections")
+            tr.client.log_artifact(tr.run_id, path, "detections")
 
 
 def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, float]]:
@@ -333,7 +333,8 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         items, views = infer_views(req, cfg, model, samples, rt, meta)
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             for view, c in views.items():
-                tr.log_file(c.save(Path(tmp) / (CACHE_NAME if view == "none" else f"predictions_{view}.npz")), None)
+                name = CACHE_NAME if view == "none" else f"predictions_{view}.npz"
+                tr.client.log_artifact(tr.run_id, c.save(Path(tmp) / name), None)
         cache, pp = pipeline(views, pp, cfg)
         if cfg.eval.tta_views:
             tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
@@ -348,7 +349,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             tr.set_tags({"second_look_weight": cfg.second_look.weight, "second_look_thresh": cfg.second_look.thresh})
         if cache is not views["none"]:  # what the version reports, for compare and replays
             with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
-                tr.log_file(cache.save(Path(tmp) / PIPELINE_CACHE_NAME), None)
+                tr.client.log_artifact(tr.run_id, cache.save(Path(tmp) / PIPELINE_CACHE_NAME), None)
             tr.set_tags({"pipeline_thresh": pp.score_thresh})
         report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
         log_report(tr, req.split, report, cache, items, pp)

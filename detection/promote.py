@@ -111,8 +111,8 @@ def promote(req: PromoteRequest) -> dict:
         run_id = record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old)
         if decision == "promoted":
             if champ:
-                tracking.set_alias(cand.name, PREVIOUS, champ.version)
-            tracking.set_alias(cand.name, CHAMPION, cand.version)
+                tracking.client().set_registered_model_alias(cand.name, PREVIOUS, str(champ.version))
+            tracking.client().set_registered_model_alias(cand.name, CHAMPION, str(cand.version))
         final = tracking.alias_version(cand.name, CHAMPION)
     return {"decision": decision, "reason": reason, "run_id": run_id, "champion": final.version}
 
@@ -162,9 +162,9 @@ def record(req, cand, cand_eval, champ, champ_eval, decision, reason, value, old
                 "promote.data_dir": str(req.data_dir),
             }
         )
-        tr.log_table(table, "side_by_side.json")
+        tr.client.log_table(tr.run_id, table, "side_by_side.json")
         fig = figures.side_by_side(table, req.metric, decision)
-        tr.log_figure(fig, "side_by_side.png")
+        tr.client.log_figure(tr.run_id, fig, "side_by_side.png")
         figures.close(fig)
         tags = {
             "decision": decision,
@@ -210,8 +210,8 @@ def _rollback(name: str) -> dict:
                 "champion_version": champ.version,
             }
         )
-        tracking.set_alias(name, CHAMPION, prev.version)
-        tracking.set_alias(name, PREVIOUS, champ.version)
+        tracking.client().set_registered_model_alias(name, CHAMPION, str(prev.version))
+        tracking.client().set_registered_model_alias(name, PREVIOUS, str(champ.version))
         for ref in (champ, prev):
             tracking.tag_version(
                 name, ref.version, "promotion.", {"decision": "rolled back", "promotion_run": tr.run_id}

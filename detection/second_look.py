@@ -33,6 +33,7 @@ from .errors import DetectionError
 from .inference import Cache, Item, Runtime
 from .postprocess import PostProcess
 from .progress import Bar
+from .sampling import chw
 from .tta import fused_postprocess, kept_cache, kept_in_view
 
 # The served model imports this module for `probabilities`; what only training and choosing the
@@ -67,7 +68,7 @@ def crops(image: np.ndarray, boxes: np.ndarray, size: int) -> torch.Tensor:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
     centres = torch.from_numpy((boxes[:, :2] + boxes[:, 2:]) / 2)
     rois = torch.cat([torch.zeros(len(boxes), 1), centres - size / 2, centres + size / 2], 1)
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    img = chw(image)[None].float()
     out = [
         roi_align(img, rois[k : k + BATCH], output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
         for k in range(0, len(rois), BATCH)
@@ -400,7 +401,8 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
         _log_choice(tr, choice)
         tuned = cfg.replace(f"second_look.weight={choice.weight}", f"second_look.thresh={choice.thresh}")
         tuned = replace(tuned, name=f"{cfg.name}+second-look")
-        tr.log_text(split.to_json(), "split.json")  # the new version's run: it can be judged on the same split
+        # The new version's run holds the split, so it can be judged on the same images.
+        tr.client.log_text(tr.run_id, split.to_json(), "split.json")
         uri = log_detector(tuned, detector.model.cpu(), net.cpu())
         version = tracking.register(
             uri,
@@ -453,9 +455,9 @@ def _log_choice(tr, choice: Choice) -> None:
         },
         step=0,
     )
-    tr.log_table(choice.table, "second_look_weights.json")
+    tr.client.log_table(tr.run_id, choice.table, "second_look_weights.json")
     fig = figures.dr_vs_fdr(
         choice.curves, [round(choice.detection_rate, 4)], f"val split: the second look at weight {choice.weight:g}"
     )
-    tr.log_figure(fig, "figures/second_look_val.png")
+    tr.client.log_figure(tr.run_id, fig, "figures/second_look_val.png")
     figures.close(fig)

@@ -1,14 +1,21 @@
-"""Every MLflow call of the project, so the engine, metrics and post-processing stay pure.
+"""The project's tracking: what MLflow does not do by itself, so the stages stay pure.
+
+It keeps the run lifecycle (attach, create, resume without logging a step twice, end with the
+right status), model resolution, check-then-register, and the store's first-use lock. Anything
+else the stages need from MLflow they ask of `client()`, the one client of the store, always
+naming the run by its id: a call never lands in whichever run happens to be active.
 
 Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and is attached to; run directly, a run
 is created in `tracking.experiment`. A run ends FINISHED only after every metric and artifact is
-written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED.
+written; any error ends it FAILED with the error logged, Ctrl-C ends it KILLED. Runs are opened
+with `mlflow.start_run`, which system metrics and `log_model` need; nothing is logged through it.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import random
@@ -28,12 +35,23 @@ import mlflow
 import numpy as np
 import pandas as pd
 from filelock import FileLock
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .errors import DetectionError
 
 TAG = "detection."
+
+
+@functools.cache
+def _client_for(tracking_uri: str, registry_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri, registry_uri)
+
+
+def client() -> MlflowClient:
+    """The store's one client; a new one only when the tracking URI changes (tests point at many)."""
+    return _client_for(mlflow.get_tracking_uri(), mlflow.get_registry_uri())
 
 
 class TrackingError(DetectionError, RuntimeError):
@@ -60,25 +78,25 @@ def resolve_model(uri: str) -> ModelRef:
         raise TrackingError(f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
     body = uri[len("models:/") :]
     name, sep, alias = body.partition("@")
-    client = MlflowClient()
+    api = client()
     try:
-        client.get_registered_model(name if sep else body.rsplit("/", 1)[0])
+        api.get_registered_model(name if sep else body.rsplit("/", 1)[0])
     except MlflowException:
-        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        known = ", ".join(m.name for m in api.search_registered_models()) or "none"
         raise TrackingError(
             f"no registered model named {(name if sep else body.rsplit('/', 1)[0])!r} in "
-            f"{tracking_uri()} (registered: {known})"
+            f"{mlflow.get_tracking_uri()} (registered: {known})"
         ) from None
     try:
         if sep:
-            mv = client.get_model_version_by_alias(name, alias)
+            mv = api.get_model_version_by_alias(name, alias)
         else:
             name, _, version = body.rpartition("/")
             if not version.isdigit():
                 raise TrackingError(
                     f"model {uri!r}: {version!r} is not a version number; use models:/{name}/N or @ALIAS"
                 )
-            mv = client.get_model_version(name, version)
+            mv = api.get_model_version(name, version)
     except MlflowException as e:
         raise TrackingError(f"model {uri!r} does not exist: {e.message}") from None
     return ModelRef(uri, mv.name, int(mv.version), mv.run_id)
@@ -87,20 +105,10 @@ def resolve_model(uri: str) -> ModelRef:
 def alias_version(name: str, alias: str) -> ModelRef | None:
     """The version an alias points at, or None when the alias is not set."""
     try:
-        mv = MlflowClient().get_model_version_by_alias(name, alias)
+        mv = client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
     return ModelRef(f"models:/{name}@{alias}", mv.name, int(mv.version), mv.run_id)
-
-
-def set_alias(name: str, alias: str, version: int) -> None:
-    MlflowClient().set_registered_model_alias(name, alias, str(version))
-
-
-def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> None:
-    client = MlflowClient()
-    for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), prefix + k, str(v))
 
 
 def load_model(ref: ModelRef):
@@ -112,14 +120,10 @@ def load_model(ref: ModelRef):
     return pyfunc.unwrap_python_model()
 
 
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
 def check_reachable(timeout: float = 5.0) -> None:
     """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer,
     refuses the login, or cannot reach its artifact store: before any epoch or trial."""
-    uri = tracking_uri()
+    uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -192,9 +196,11 @@ def launched_run_id() -> str | None:
 
 def get_run(run_id: str):
     try:
-        return MlflowClient().get_run(run_id)
+        return client().get_run(run_id)
     except MlflowException as e:
-        raise TrackingError(f"no run {run_id!r} in the tracking store {tracking_uri()}: {e.message}") from None
+        raise TrackingError(
+            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}: {e.message}"
+        ) from None
 
 
 def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:
@@ -203,12 +209,12 @@ def fail_launched_run(error: BaseException, problems: list[str] | None = None) -
     run_id = launched_run_id()
     if not run_id:
         return
-    client = MlflowClient()
-    if client.get_run(run_id).info.status != "RUNNING":
+    api = client()
+    if api.get_run(run_id).info.status != "RUNNING":
         return
-    client.set_tag(run_id, TAG + "error", str(error)[:5000])
-    client.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
-    client.set_terminated(run_id, status="FAILED")
+    api.set_tag(run_id, TAG + "error", str(error)[:5000])
+    api.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
+    api.set_terminated(run_id, status="FAILED")
 
 
 def read_artifact_text(run_id: str, path: str) -> str:
@@ -220,7 +226,7 @@ def read_artifact_text(run_id: str, path: str) -> str:
 
 def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
     parent = str(Path(path).parent)
-    listed = {a.path for a in MlflowClient().list_artifacts(run_id, None if parent == "." else parent)}
+    listed = {a.path for a in client().list_artifacts(run_id, None if parent == "." else parent)}
     if path not in listed:
         return None
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
@@ -228,57 +234,57 @@ def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
 
 def last_steps(run_id: str) -> dict[str, int]:
     """The highest step already logged for each metric, so a resumed run logs none twice."""
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    return {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in run.data.metrics}
+    api = client()
+    return {k: max(m.step for m in api.get_metric_history(run_id, k)) for k in api.get_run(run_id).data.metrics}
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     mlflow.flush_async_logging()
-    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
 
 
 class Tracker:
-    """The active run's logging calls; steps at or below `skip` (per metric) were logged before."""
+    """One run's logging, by its id: `client` and `run_id` for plain artifacts
+    (`tr.client.log_figure(tr.run_id, fig, "figures/x.png")`), and the calls below, which add
+    something. Steps at or below `skip` (per metric) were logged before a resume."""
 
     def __init__(self, run_id: str, skip: dict[str, int] | None = None):
         self.run_id = run_id
+        self.client = client()
         self.skip = skip or {}
+        self._params: set[str] | None = None  # the run's logged params, read once
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
-        fresh = {k: v for k, v in values.items() if step > self.skip.get(k, -1)}
+        now = int(1000 * time.time())
+        fresh = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.skip.get(k, -1)]
         if fresh:  # queued: a per-step round trip to a remote server would stall training
-            mlflow.log_metrics(fresh, step=step, synchronous=False)
+            self.client.log_batch(self.run_id, metrics=fresh, synchronous=False)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        logged = get_run(self.run_id).data.params
-        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        """Params not logged yet: a resumed run already holds its config, and MLflow refuses a change."""
+        if self._params is None:
+            self._params = set(get_run(self.run_id).data.params)
+        new = {k: v for k, v in params.items() if k not in self._params}
+        if new:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in new.items()])
+            self._params |= new.keys()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags({TAG + k: v for k, v in tags.items()})
-
-    def log_text(self, text: str, path: str) -> None:
-        MlflowClient().log_text(self.run_id, text, path)  # by id: the checkpoint thread has no active run
-
-    def log_figure(self, figure, path: str) -> None:
-        mlflow.log_figure(figure, path)
+        self.client.log_batch(self.run_id, tags=[RunTag(TAG + k, str(v)) for k, v in tags.items()])
 
     def log_image(self, figure, key: str, step: int) -> None:
         """A figure as an image with a step: the UI's image slider walks it across epochs."""
         figure.canvas.draw()
-        mlflow.log_image(np.asarray(figure.canvas.buffer_rgba())[..., :3], key=key, step=step, synchronous=True)
-
-    def log_file(self, path: Path, artifact_dir: str | None) -> None:
-        MlflowClient().log_artifact(self.run_id, str(path), artifact_dir)
-
-    def log_table(self, table: pd.DataFrame, path: str) -> None:
-        mlflow.log_table(table, path)
+        image = np.asarray(figure.canvas.buffer_rgba())[..., :3]
+        self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def log_dataset(self, table: pd.DataFrame, source: str, digest: str, name: str, context: str) -> None:
+        """The images a run used, as an MLflow dataset input with its context (training, testing...)."""
         with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+        context_tag = InputTag(key="mlflow.data.context", value=context)  # what mlflow.log_input sets
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), [context_tag])])
 
 
 @contextlib.contextmanager
@@ -295,26 +301,27 @@ def _detached_from_launched_run():
 def ensure_store() -> None:
     """Create a fresh sqlite store's tables under a file lock: workers that start together would
     otherwise race to create them and corrupt the database."""
-    uri = tracking_uri()
+    uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :])
         with FileLock(str(path) + ".lock", timeout=300):
-            MlflowClient().search_experiments(max_results=1)
+            client().search_experiments(max_results=1)
 
 
 @contextlib.contextmanager
 def _ending(active) -> Iterator[Tracker]:
     """End the active run FINISHED, or FAILED (KILLED on Ctrl-C) with the error logged."""
+    run_id = active.info.run_id
     try:
-        yield Tracker(active.info.run_id, {})
+        yield Tracker(run_id, {})
         mlflow.flush_async_logging()  # a run is FINISHED only with every queued metric written
     except KeyboardInterrupt:
-        mlflow.set_tag(TAG + "error", "interrupted; resume with -P resume=" + active.info.run_id)
+        client().set_tag(run_id, TAG + "error", "interrupted; resume with -P resume=" + run_id)
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as e:
         # An exception may name the status it means (a pruned trial is KILLED, not FAILED).
-        mlflow.set_tag(TAG + "error", f"{type(e).__name__}: {e}"[:5000])
+        client().set_tag(run_id, TAG + "error", f"{type(e).__name__}: {e}"[:5000])
         mlflow.end_run(status=getattr(e, "run_status", "FAILED"))
         raise
     mlflow.end_run(status="FINISHED")
@@ -325,22 +332,21 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tag_experiment(experiment_id: str) -> None:
-    client = MlflowClient()
     key, value = EXPERIMENT_KIND
-    if client.get_experiment(experiment_id).tags.get(key) != value:
-        client.set_experiment_tag(experiment_id, key, value)
+    if client().get_experiment(experiment_id).tags.get(key) != value:
+        client().set_experiment_tag(experiment_id, key, value)
 
 
 def use_experiment(name: str) -> str:
     """The id of the experiment called `name`, created if missing (another process may create it at
     the same moment), tagged as model development."""
-    client = MlflowClient()
-    found = client.get_experiment_by_name(name)
+    api = client()
+    found = api.get_experiment_by_name(name)
     if found is None:
         try:
-            experiment_id = client.create_experiment(name)
+            experiment_id = api.create_experiment(name)
         except MlflowException:  # created meanwhile by another worker
-            experiment_id = client.get_experiment_by_name(name).experiment_id
+            experiment_id = api.get_experiment_by_name(name).experiment_id
     else:
         experiment_id = found.experiment_id
     tag_experiment(experiment_id)
@@ -371,7 +377,7 @@ def run(
     elif resume:
         get_run(resume)
         if launched and launched != resume:
-            MlflowClient().set_tag(launched, TAG + "resumed_run", resume)
+            client().set_tag(launched, TAG + "resumed_run", resume)
         active = mlflow.start_run(run_id=resume, log_system_metrics=system_metrics)
         skip = last_steps(resume)
     else:
@@ -381,7 +387,7 @@ def run(
         if launched:  # `mlflow run` made the run, with a random name, in the experiment it was given
             tag_experiment(active.info.experiment_id)
             if name:
-                mlflow.set_tag("mlflow.runName", name)
+                client().set_tag(active.info.run_id, "mlflow.runName", name)
     with _ending(active) as tr:
         tr.skip = skip
         yield tr
@@ -397,22 +403,21 @@ def reopen(run_id: str) -> Iterator[Tracker]:
 def create_run(experiment: str, name: str, tags: dict[str, Any]) -> str:
     """A run left RUNNING for several processes to nest their runs under (a study's parent):
     the run `mlflow run` launched, else a new one in `experiment`."""
-    client = MlflowClient()
+    api = client()
     run_id = launched_run_id()
     if run_id is None:
-        run_id = client.create_run(use_experiment(experiment), run_name=name).info.run_id
+        run_id = api.create_run(use_experiment(experiment), run_name=name).info.run_id
     else:
         tag_experiment(get_run(run_id).info.experiment_id)
-        client.set_tag(run_id, "mlflow.runName", name)
-    for k, v in tags.items():
-        client.set_tag(run_id, TAG + k, str(v))
+        api.set_tag(run_id, "mlflow.runName", name)
+    api.log_batch(run_id, tags=[RunTag(TAG + k, str(v)) for k, v in tags.items()])
     return run_id
 
 
 def tag_launched_run(key: str, value: str) -> None:
     launched = launched_run_id()
     if launched:
-        MlflowClient().set_tag(launched, TAG + key, value)
+        client().set_tag(launched, TAG + key, value)
 
 
 def package_version() -> str:
@@ -431,9 +436,9 @@ def requirements() -> list[str]:
 
 def find_runs(filter_string: str) -> list:
     """Finished runs in any experiment matching an MLflow filter, newest first."""
-    client = MlflowClient()
-    ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(
+    api = client()
+    ids = [e.experiment_id for e in api.search_experiments()]
+    return api.search_runs(
         ids, f"{filter_string} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"]
     )
 
@@ -442,30 +447,20 @@ def create_child_run(
     parent: str, name: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str]
 ) -> str:
     """A finished nested run under `parent`, written in one batch (the tune study's trials)."""
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient()
-    child = client.create_run(
+    api = client()
+    child = api.create_run(
         get_run(parent).info.experiment_id,
         run_name=name,
         tags={"mlflow.parentRunId": parent} | {TAG + k: str(v) for k, v in tags.items()},
     )
     now = int(1000 * time.time())
-    client.log_batch(
+    api.log_batch(
         child.info.run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         params=[Param(k, str(v)) for k, v in params.items()],
     )
-    client.set_terminated(child.info.run_id, "FINISHED")
+    api.set_terminated(child.info.run_id, "FINISHED")
     return child.info.run_id
-
-
-def set_run_status(run_id: str, status: str) -> None:
-    client = MlflowClient()
-    if status == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    else:
-        client.set_terminated(run_id, status)
 
 
 def log_model(python_model, artifacts: dict[str, str], input_example, signature, name: str = "model"):
@@ -486,19 +481,19 @@ def log_model(python_model, artifacts: dict[str, str], input_example, signature,
 def versions_of_run(name: str | None, run_id: str) -> list[tuple[str, int]]:
     """(model, version) registered from `run_id`, of `name` or of any registered model, oldest first."""
     query = f"run_id='{run_id}'" + (f" and name='{name}'" if name else "")
-    return sorted((v.name, int(v.version)) for v in MlflowClient().search_model_versions(query))
+    return sorted((v.name, int(v.version)) for v in client().search_model_versions(query))
 
 
 def end_child_runs(parent: str, name: str, status: str) -> list[str]:
     """End the RUNNING nested runs called `name` under `parent` (a dead worker's trial) with `status`."""
-    client = MlflowClient()
-    runs = client.search_runs(
+    api = client()
+    runs = api.search_runs(
         [get_run(parent).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{name}' and attributes.status = 'RUNNING'",
     )
     for r in runs:
-        client.set_tag(r.info.run_id, TAG + "error", "its worker died (no heartbeat); the trial was run again")
-        client.set_terminated(r.info.run_id, status)
+        api.set_tag(r.info.run_id, TAG + "error", "its worker died (no heartbeat); the trial was run again")
+        api.set_terminated(r.info.run_id, status)
     return [r.info.run_id for r in runs]
 
 
@@ -514,7 +509,7 @@ def registry_lock(name: str, timeout: float = 1800, lease: float = 900) -> Itera
     expiry, written when free or expired and re-read after writing, so that of two writers only the
     one whose tag stayed goes on.
     """
-    uri = tracking_uri()
+    uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         with FileLock(uri[len("sqlite:///") :] + f".{name}.promotion.lock", timeout=timeout):
             yield
@@ -525,12 +520,12 @@ def registry_lock(name: str, timeout: float = 1800, lease: float = 900) -> Itera
 
 @contextlib.contextmanager
 def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator[None]:
-    client = MlflowClient()
+    api = client()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout
 
     def holder() -> dict | None:
-        text = client.get_registered_model(name).tags.get(LEASE_TAG)
+        text = api.get_registered_model(name).tags.get(LEASE_TAG)
         return json.loads(text) if text else None
 
     while True:
@@ -538,7 +533,7 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
         if current is None or current["expires"] < time.time():
             # A concurrent writer's tag may land first; the re-read below decides.
             with contextlib.suppress(MlflowException):
-                client.set_registered_model_tag(
+                api.set_registered_model_tag(
                     name, LEASE_TAG, json.dumps({"owner": owner, "expires": time.time() + lease})
                 )
             time.sleep(0.5)  # let a concurrent writer land, then see whose tag stayed
@@ -554,19 +549,14 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
         yield
     finally:
         if (holder() or {}).get("owner") == owner:
-            client.delete_registered_model_tag(name, LEASE_TAG)
-
-
-def describe_version(name: str, version: int, description: str) -> None:
-    MlflowClient().update_model_version(name, str(version), description=description)
+            api.delete_registered_model_tag(name, LEASE_TAG)
 
 
 def register(model_uri: str, name: str, alias: str, tags: dict[str, Any], description: str = "") -> int:
     """Register a logged model as a new version of `name` with its tags and a description the
     registry page shows (what the version is), then point `alias` at it."""
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    client = MlflowClient()
     if description:
-        client.update_model_version(name, version.version, description=description)
-    client.set_registered_model_alias(name, alias, version.version)
+        client().update_model_version(name, version.version, description=description)
+    client().set_registered_model_alias(name, alias, version.version)
     return int(version.version)

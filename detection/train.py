@@ -83,8 +83,8 @@ def _index(prep: Prepared) -> pd.DataFrame:
 def log_setup(tr: tracking.Tracker, prep: Prepared) -> None:
     cfg = prep.cfg
     tr.log_params(cfg.flat())
-    tr.log_text(config_mod.dump(cfg), "config.yaml")
-    tr.log_text(prep.split.to_json(), "split.json")
+    tr.client.log_text(tr.run_id, config_mod.dump(cfg), "config.yaml")
+    tr.client.log_text(tr.run_id, prep.split.to_json(), "split.json")
     tr.set_tags(
         {
             "split_hash": prep.split.digest,
@@ -170,10 +170,11 @@ class Checkpoints:
         slot.unlink(missing_ok=True)
         os.link(self.dir / "latest.pt", slot)  # the upload takes the file's name; no second copy
         try:
-            self.tr.log_file(slot, CHECKPOINT_DIR)
+            self.tr.client.log_artifact(self.tr.run_id, slot, CHECKPOINT_DIR)
         finally:
             slot.unlink()
-        self.tr.log_text(
+        self.tr.client.log_text(
+            self.tr.run_id,
             json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
             f"{CHECKPOINT_DIR}/latest.json",
         )
@@ -308,7 +309,7 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
     curve = figures.loss_curve(
         tracking.metric_history(tr.run_id, "train/loss"), tracking.metric_history(tr.run_id, "val/loss"), per_epoch
     )
-    tr.log_figure(curve, "loss_curve.png")
+    tr.client.log_figure(tr.run_id, curve, "loss_curve.png")
     figures.close(curve)
     for k, (patch, det) in enumerate(zip(val_set[:OVERLAYS_PER_EPOCH], detections)):
         fig = figures.overlay(patch.image, patch.boxes, det["boxes"], det["scores"], f"{patch.name} at {patch.origin}")
@@ -351,7 +352,7 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
     earlier = tracking.versions_of_run(name, tr.run_id)
     if earlier:
         version = earlier[-1][1]
-        tracking.set_alias(name, cfg.tracking.alias, version)
+        tracking.client().set_registered_model_alias(name, cfg.tracking.alias, str(version))
     else:
         version = tracking.register(
             log_detector(cfg, model),

@@ -441,10 +441,10 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             except tracking.TrackingError:
                 raise TuneError(
                     f"study {req.study!r} in {redact(req.storage or TUNE_STORAGE)} belongs to MLflow run "
-                    f"{parent}, which is not in the tracking store {tracking.tracking_uri()}; use "
+                    f"{parent}, which is not in the tracking store {tracking.client().tracking_uri}; use "
                     f"another study name or storage"
                 ) from None
-            tracking.set_run_status(parent, "RUNNING")
+            tracking.client().update_run(parent, status="RUNNING")  # reopened for this worker
             if tracking.launched_run_id() != parent:
                 tracking.tag_launched_run("study_parent", parent)
     return Study(req, study, parent, ref, cfg, model)
@@ -579,7 +579,7 @@ def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> d
         attrs = s.study.user_attrs
         if attrs.get("registered_trial") == choose(s.study).number:
             # The choice did not change since the last registration: no second, identical version.
-            tracking.set_run_status(s.parent, "FINISHED")
+            tracking.client().set_terminated(s.parent, "FINISHED")
             return {
                 "trial": attrs["registered_trial"],
                 "params": attrs["registered_params"],
@@ -614,7 +614,7 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
 
             model_uri = log_detector(cfg, s.model)
             # The tuned version's run is this one: it carries the split so the version can be judged.
-            tr.log_text(recorded_split(s.ref).to_json(), "split.json")
+            tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")
             test_metrics = report.metrics
         else:
             model_uri = chosen.user_attrs["model_uri"]
@@ -636,7 +636,9 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
             _, test_metrics = evaluate(
                 Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol), parent=s.parent
             )
-        tracking.describe_version(s.ref.name, version, describe(s, chosen, chosen_params, test_metrics))
+        tracking.client().update_model_version(
+            s.ref.name, str(version), description=describe(s, chosen, chosen_params, test_metrics)
+        )
         tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
         tr.log_params({f"chosen.{k}": v for k, v in chosen_params.items()})
     return {
@@ -672,7 +674,7 @@ def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.Froz
         }
         for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     ]
-    tr.log_table(pd.DataFrame(rows), "study_trials.json")
+    tr.client.log_table(tr.run_id, pd.DataFrame(rows), "study_trials.json")
     # Optuna's plots switch matplotlib to its own style globally; rc_context puts it back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -687,16 +689,16 @@ def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.Froz
                 }
                 for t in s.study.best_trials
             ]
-            tr.log_table(pd.DataFrame(front), "pareto_front.json")
+            tr.client.log_table(tr.run_id, pd.DataFrame(front), "pareto_front.json")
             ax = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])
         else:
             ax = ovm.plot_optimization_history(s.study)
         fig = ax.figure
         fig.set_size_inches(8, 5)
-        tr.log_figure(fig, "figures/study.png")
+        tr.client.log_figure(tr.run_id, fig, "figures/study.png")
         figures.close(fig)
     fig = figures.tradeoff(rows, chosen.number, s.req.study)
-    tr.log_figure(fig, "figures/tradeoff.png")
+    tr.client.log_figure(tr.run_id, fig, "figures/tradeoff.png")
     figures.close(fig)
 
 
