@@ -28,6 +28,11 @@ def _optional_int(text: str) -> int | None:
     return int(text) if text.strip() else None
 
 
+def _boolean_option(p, flag: str, help: str) -> None:
+    """true|false as a value, not a switch: MLproject passes every parameter as `--flag VALUE`."""
+    p.add_argument(flag, default=choices.BOOLEANS[0], choices=choices.BOOLEANS, help=f"{help} (default: %(default)s)")
+
+
 def _model_option(p, alias: str) -> None:
     p.add_argument(
         "--model",
@@ -132,12 +137,7 @@ def _add_evaluate(sub) -> None:
     _protocol_option(p)
     _matching_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
-    p.add_argument(
-        "--allow-overlap",
-        default=choices.BOOLEANS[0],
-        choices=choices.BOOLEANS,
-        help="evaluate images whose content was in the training split (the run is tagged)",
-    )
+    _boolean_option(p, "--allow-overlap", "evaluate images whose content was in the training split (the run is tagged)")
     _device_option(p)
 
 
@@ -244,12 +244,7 @@ def _add_promote(sub) -> None:
         help="SPLIT/NAME deciding the promotion (default: %(default)s); fdr, fp and fn count lower as better",
     )
     p.add_argument("--min-delta", type=float, default=0.0, help="margin the candidate must win by (default: 0)")
-    p.add_argument(
-        "--rollback",
-        default=choices.BOOLEANS[0],
-        choices=choices.BOOLEANS,
-        help="swap the aliases champion and previous back instead",
-    )
+    _boolean_option(p, "--rollback", "swap the aliases champion and previous back instead")
     _protocol_option(p)
     _matching_option(p)
 
@@ -375,20 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate",
-        help="list every problem of a dataset folder",
-        description="Check every image and ground-truth file of DATA_DIR (readable RGB uint8 "
+        aliases=["check"],
+        help="check a dataset folder and list every problem",
+        description="The dataset check: every image and ground-truth file of DATA_DIR (readable RGB uint8 "
         "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
-        "no image without ground truth or the reverse). Exits 1 when any problem is found.",
+        "no image without ground truth or the reverse). Exits 1 when any problem is found. "
+        "`validate` is the MLproject entry point's name; `check` is the same command.",
     )
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
 
     p = sub.add_parser(
         "download",
-        help="fetch BreCaHAD from figshare, check every MD5, unpack and validate it",
+        help="fetch BreCaHAD from figshare, verify every MD5, unpack it and check it",
         description="Download the BreCaHAD dataset from its figshare record (article 7379186, "
         "doi:10.6084/m9.figshare.7379186) through figshare's public API: file list, sizes and "
         "MD5s; a progress bar; a partial file is resumed; every checksum is verified; archives "
-        "are unpacked into DATA_DIR/images and DATA_DIR/groundTruth; `validate` runs at the end. "
+        "are unpacked into DATA_DIR/images and DATA_DIR/groundTruth; the dataset check (`validate`) runs at the end. "
         "Offline, it says so and gives the manual steps.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m detection download data/BreCaHAD && python -m detection train "
@@ -446,7 +443,7 @@ def cmd_train(args) -> int:
         print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
     cfg = None if args.resume else config_mod.load(args.config, overrides)
     run_id, version = train(cfg, args.data_dir, args.resume or None)
-    uri = tracking.tracking_uri()
+    uri = tracking.client().tracking_uri
     where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     print(f"run {run_id} finished; registered version {version}. Look at it with: {where}")
     return 0
@@ -641,7 +638,7 @@ def cmd_download(args) -> int:
     return _report(args.data_dir, download(args.data_dir), "downloaded, but ", "BreCaHAD downloaded, checked and valid")
 
 
-def cmd_validate(args) -> int:
+def cmd_check(args) -> int:
     from .data import check_dataset
 
     return _report(args.data_dir, check_dataset(args.data_dir), "", "valid")
@@ -711,7 +708,8 @@ COMMANDS = {
     "tune": cmd_tune,
     "promote": cmd_promote,
     "predict": cmd_predict,
-    "validate": cmd_validate,
+    "validate": cmd_check,
+    "check": cmd_check,
     "synth": cmd_synth,
     "stats": cmd_stats,
     "stack": cmd_stack,

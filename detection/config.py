@@ -1,4 +1,4 @@
-"""One typed, frozen config, loaded from experiments/*.yaml and validated once at the edge.
+"""One typed, frozen config, loaded from experiments/*.yaml and checked once at the edge.
 
 A YAML file may name `_base_: other.yaml` (relative to itself) and override only what differs,
 as mmdetection's configs do. Entry-point overrides are `section.key=value` strings whose values
@@ -245,7 +245,7 @@ def locate(path: str | Path) -> Path:
 
 
 def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a config file, apply `section.key=value` overrides, and validate the result."""
+    """Read a config file, apply `section.key=value` overrides, and check the result."""
     path = locate(path)
     tree = _read_yaml(path)
     tree.setdefault("name", path.stem)
@@ -293,9 +293,9 @@ def upgrade(tree: dict[str, Any], source: str = "config") -> dict[str, Any]:
 
 
 def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
-    """The typed, validated config of a tree of any version (a file, or a registered model's)."""
+    """The typed, checked config of a tree of any version (a file, or a registered model's)."""
     cfg = _build(Config, upgrade(tree, source), source, "")
-    validate(cfg, source)
+    check(cfg, source)
     return cfg
 
 
@@ -342,7 +342,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     return value
 
 
-def validate(cfg: Config, source: str = "config") -> None:
+def check(cfg: Config, source: str = "config") -> None:
     """Cross-field checks; each message names the key, the value and what would be accepted."""
     problems: list[str] = []
 

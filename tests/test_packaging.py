@@ -35,6 +35,8 @@ def test_mlproject_entry_points_match_the_cli():
 def test_every_command_explains_itself():
     parser = build_parser()
     for name, sub in parser._subparsers._group_actions[0].choices.items():
+        if sub.prog.split()[-1] != name:
+            continue  # an alias (check is validate)
         assert len(sub.description or "") > 40, name
         for action in sub._actions:
             assert action.help, f"{name} {action.dest} has no help"
