@@ -23,6 +23,7 @@ IOU_MATCH = 0.5
 
 
 def box_centres(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) x1y1x2y2 px -> (N, 2) float64 x/y px."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
 
@@ -103,6 +104,8 @@ def match(
 
 @dataclass(frozen=True)
 class Counts:
+    """Matched detections (tp), unmatched detections (fp) and cells no detection took (fn)."""
+
     tp: int
     fp: int
     fn: int

@@ -60,7 +60,7 @@ def counted_cells(cache: Cache, i: int) -> int:
 class Scored:
     """What each item keeps under one post-processing, and how each kept detection counts."""
 
-    kept: list[np.ndarray]  # per item: global det indices, best first
+    kept: list[np.ndarray]  # per item: (K,) int global det indices, best first
     tp: list[np.ndarray]  # per item: (K,) bool
     counted: list[np.ndarray]  # per item: (K,) bool, False in the don't-care band
     cells: list[int]  # per item: cells outside the band
@@ -78,6 +78,9 @@ def _device(cache: Cache) -> str:
 
 
 def score(cache: Cache, pp: PostProcess, method: str, radius: float) -> Scored:
+    """Post-process every item of the cache as the deployed detector would (`keep`), then match its
+    kept detections to its cells with `method` within `radius` px: the reference the fast paths
+    (`Replayer`, `threshold_counts`) must equal."""
     kept, tp, counted, cells = [], [], [], []
     for i in range(len(cache)):
         k = cache.det_range(i)[0] + keep(cache.tiles(i), pp, radius, _device(cache))
@@ -163,6 +166,7 @@ class Replayer:
         return int(cum_tp[-1]), int(cum_counted[-1])
 
     def counts(self, pp: PostProcess) -> Counts:
+        """Total tp/fp/fn over the cache's items with `pp`, equal to `sum(score(...).counts())`."""
         iou_key = (round(pp.nms_thresh, 6), pp.class_agnostic)
         nms = self.tile_nms(*iou_key)
         neg_t = -np.float32(pp.score_thresh)

@@ -42,8 +42,8 @@ RAW_DETECTIONS_PER_IMG = 100_000
 class PostProcess:
     """The settings that decide what the detector keeps (the tune study's search space)."""
 
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.8
+    score_thresh: float = 0.05  # keep scores > this (torchvision's rule), in [0, 1]
+    nms_thresh: float = 0.8  # box IoU above which NMS drops the lower-scored box
     detections_per_img: int = 200  # per model input (tile or patch)
     class_agnostic: bool = False
 
@@ -94,6 +94,8 @@ def above(scores_desc: np.ndarray, score_thresh: float) -> int:
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float, path: str) -> np.ndarray:
+    """(K,) int64 survivors, best first, of (D, 4) float32 x1y1x2y2 boxes with (D,) scores and labels,
+    by the `batched_nms` path torchvision would take ("agnostic", "vanilla" or "coordinate trick")."""
     b, s, lab = torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
     if len(s) == 0:
         return np.zeros(0, np.int64)
