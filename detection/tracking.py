@@ -111,6 +111,12 @@ def alias_version(name: str, alias: str) -> ModelRef | None:
     return ModelRef(f"models:/{name}@{alias}", mv.name, int(mv.version), mv.run_id)
 
 
+def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> None:
+    """Tags under one prefix on a model version (promotion.*, tune.study.*)."""
+    for k, v in tags.items():
+        client().set_model_version_tag(name, str(version), prefix + k, str(v))
+
+
 def load_model(ref: ModelRef):
     """The registered pyfunc and its wrapped Detector (config and torch model)."""
     try:
