@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from torchvision.ops import box_iou
 
-from .choices import MATCHERS, PREFIX_MATCHERS  # noqa: F401  (the matchers below, named once)
+from .choices import MATCHERS
 
 IOU_MATCH = 0.5
 

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .choices import PREFIX_MATCHERS
 from .inference import Cache
-from .matching import PREFIX_MATCHERS, Counts, match
+from .matching import Counts, match
 from .postprocess import PostProcess, TileNms, finish, keep
 
 THRESHOLDS = np.round(np.linspace(0.0, 0.99, 100), 2)
@@ -85,7 +86,10 @@ def score(cache: Cache, pp: PostProcess, method: str, radius: float) -> Scored:
     for i in range(len(cache)):
         k = cache.det_range(i)[0] + keep(cache.tiles(i), pp, radius, _device(cache))
         t, c = classify(cache, i, k, method, radius)
-        kept.append(k), tp.append(t), counted.append(c), cells.append(counted_cells(cache, i))
+        kept.append(k)
+        tp.append(t)
+        counted.append(c)
+        cells.append(counted_cells(cache, i))
     return Scored(kept, tp, counted, cells)
 
 

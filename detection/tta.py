@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .choices import TTA_VIEWS as VIEWS  # noqa: F401  (one list of views, checked by the config)
 from .inference import Cache
 from .postprocess import RAW_DETECTIONS_PER_IMG, PostProcess, keep
 

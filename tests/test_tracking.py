@@ -21,16 +21,18 @@ def test_one_client_per_store(store, tmp_path):
 
 
 def test_a_tracker_logs_into_its_own_run_while_another_is_active(store):
-    with tracking.run("tracking-test", name="mine") as tr:
-        with mlflow.start_run(nested=True, run_name="someone else's") as active:
-            tr.log_metrics({"loss": 0.5}, step=3)
-            tr.log_params({"lr": 0.01})
-            tr.set_tags({"kind": "test"})
-            fig = plt.figure()
-            tr.log_image(fig, "overlay", step=1)
-            tr.client.log_figure(tr.run_id, fig, "figures/x.png")
-            plt.close(fig)
-            tr.log_dataset(pd.DataFrame({"name": ["a"]}), "/data", "abc123", "imgs", "testing")
+    with (
+        tracking.run("tracking-test", name="mine") as tr,
+        mlflow.start_run(nested=True, run_name="someone else's") as active,
+    ):
+        tr.log_metrics({"loss": 0.5}, step=3)
+        tr.log_params({"lr": 0.01})
+        tr.set_tags({"kind": "test"})
+        fig = plt.figure()
+        tr.log_image(fig, "overlay", step=1)
+        tr.client.log_figure(tr.run_id, fig, "figures/x.png")
+        plt.close(fig)
+        tr.log_dataset(pd.DataFrame({"name": ["a"]}), "/data", "abc123", "imgs", "testing")
     mine = tracking.get_run(tr.run_id)
     theirs = tracking.get_run(active.info.run_id)
     assert mine.info.status == "FINISHED" and mine.info.run_name == "mine"
