@@ -14,6 +14,7 @@ SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = SHARED / "brecahad-sample"
 GROUND_TRUTH = SHARED / "brecahad-groundtruth"
 
+SMOKE = str(ROOT / "experiments" / "smoke.yaml")
 # Tiny training settings: a real smoke model, sized so one epoch takes seconds on 2 cores.
 TINY = "data.patch_size=[256,340] model.min_size=256 model.max_size=340 data.val_patches=1 train.figure_every=1"
 
@@ -73,22 +74,30 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     )
 
 
+def train_tiny(
+    data_dir: Path,
+    overrides: str = "train.epochs=1",
+    *,
+    cwd: Path,
+    env: dict | None = None,
+    extra: tuple[str, ...] = (),
+    command: str = "train",
+) -> subprocess.CompletedProcess:
+    """`python -m detection train` (or `cv`) of the tiny smoke model: smoke.yaml, TINY and `overrides`."""
+    return run_cli(*tiny_args(data_dir, overrides, command), *extra, cwd=cwd, env=env)
+
+
+def tiny_args(data_dir: Path, overrides: str = "train.epochs=1", command: str = "train") -> list[str]:
+    """The command line of a tiny smoke training, after `python -m detection`."""
+    return [command, "--config", SMOKE, "--data-dir", str(data_dir), "-o", f"{TINY} {overrides}"]
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, synth_dir) -> dict:
     """One tiny smoke model trained on the synthetic data and registered in its own sqlite store."""
     workdir = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    result = run_cli(
-        "train",
-        "--config",
-        str(ROOT / "experiments" / "smoke.yaml"),
-        "--data-dir",
-        str(synth_dir),
-        "-o",
-        f"{TINY} train.epochs=1",
-        cwd=workdir,
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
+    result = train_tiny(synth_dir, cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger"}
 
@@ -137,3 +146,24 @@ def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def model_server(model: str, cwd: Path, *options: str):
+    """`mlflow models serve` of a registry URI on a free port of 127.0.0.1, in the project's venv;
+    yields its /invocations URL once /ping answers."""
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1"]
+    with serving([*command, "--port", str(port), *options], f"http://127.0.0.1:{port}/ping", cwd):
+        yield f"http://127.0.0.1:{port}/invocations"
+
+
+def post_json(url: str, payload: dict) -> tuple[int, dict]:
+    """POST a JSON body; the status and the decoded answer (an HTTP error status raises HTTPError)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return response.status, json.loads(response.read())

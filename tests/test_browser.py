@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, free_port, run_cli, serving
+from tests.conftest import ROOT, free_port, serving, train_tiny
 
 sys.path.insert(0, str(ROOT / "docs"))
 import screenshots  # noqa: E402  (docs/screenshots.py: the README's pictures are made the same way)
@@ -18,16 +18,7 @@ def test_the_runs_table_lists_named_runs_and_the_model_page_shows_the_champion(s
     if not Path(screenshots.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {screenshots.CHROMIUM}: apt-get install -y chromium (.ci/run installs it)")
     pytest.importorskip("playwright", reason="pip install -e '.[docs]' brings Playwright")
-    result = run_cli(
-        "train",
-        "--config",
-        str(ROOT / "experiments" / "smoke.yaml"),
-        "--data-dir",
-        str(synth_dir),
-        "-o",
-        f"{TINY} train.epochs=1",
-        cwd=store,
-    )
+    result = train_tiny(synth_dir, cwd=store)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     client.set_registered_model_alias("brecahad-faster-rcnn", "champion", "1")

@@ -4,24 +4,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, run_cli, train_tiny
 
 pytestmark = pytest.mark.slow
 
 
 def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
-    result = run_cli(
-        "cv",
-        "--config",
-        str(ROOT / "experiments" / "smoke.yaml"),
-        "--data-dir",
-        str(synth_dir),
-        "-o",
-        f"{TINY} train.epochs=1",
-        "--cases",
-        "Case_1,Case_2",
-        cwd=store,
-    )
+    result = train_tiny(synth_dir, cwd=store, extra=("--cases", "Case_1,Case_2"), command="cv")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

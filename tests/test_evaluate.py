@@ -16,7 +16,7 @@ from detection.data import load_dataset
 from detection.evaluate import judge, load_cache
 from detection.postprocess import PostProcess, apply, raw_outputs, replay_tile
 from detection.sampling import validation_patches
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, train_tiny
 
 pytestmark = pytest.mark.slow
 MODEL = "brecahad-faster-rcnn"
@@ -252,21 +252,11 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
 
 
 def test_mlflow_run_evaluate_on_the_real_sample(tmp_path):
-    from tests.conftest import SAMPLE, TINY, need_shared
+    from tests.conftest import SAMPLE, need_shared
 
     sample = need_shared(SAMPLE)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    trained = run_cli(
-        "train",
-        "--config",
-        str(ROOT / "experiments" / "smoke.yaml"),
-        "--data-dir",
-        str(sample),
-        "-o",
-        f"{TINY} train.epochs=1",
-        cwd=tmp_path,
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
+    trained = train_tiny(sample, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
     assert trained.returncode == 0, trained.stderr[-3000:]
     result = _mlflow(
         "run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "-P", f"data_dir={sample}", cwd=tmp_path, uri=uri

@@ -7,7 +7,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,7 +18,7 @@ from detection import tracking
 from detection.data import load_dataset
 from detection.predict import encode_png
 from detection.train import log_detector
-from tests.conftest import free_port, run_cli, serving
+from tests.conftest import model_server, post_json, run_cli
 
 pytestmark = pytest.mark.slow
 SOURCE = "models:/brecahad-faster-rcnn@challenger"
@@ -124,31 +123,11 @@ def test_refusals_leave_the_aliases_alone(in_store, synth_dir, versions, tmp_pat
     assert _aliases(name) == before
 
 
-def _post(url, payload):
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return response.status, json.loads(response.read())
-
-
 def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth_dir, tmp_path):
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        SOURCE,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
+    with model_server(SOURCE, in_store["workdir"]) as url:
         image = load_dataset(synth_dir)[0].read_image()
-        status, body = _post(
-            f"http://127.0.0.1:{port}/invocations",
+        status, body = post_json(
+            url,
             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
         )
         served = pd.DataFrame(body["predictions"])
@@ -158,13 +137,13 @@ def test_mlflow_models_serve_answers_good_and_malformed_requests(in_store, synth
             local[["x1", "y1", "x2", "y2", "score"]].to_numpy(), abs=1e-4
         )
         with pytest.raises(urllib.error.HTTPError) as bad:
-            _post(
-                f"http://127.0.0.1:{port}/invocations",
+            post_json(
+                url,
                 {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}},
             )
         assert bad.value.code == 400 and "neither PNG nor a readable TIFF" in bad.value.read().decode()
         with pytest.raises(urllib.error.HTTPError) as empty:
-            _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
+            post_json(url, {"dataframe_split": {"columns": ["image"], "data": []}})
         assert empty.value.code == 400
 
 
@@ -320,28 +299,11 @@ def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_di
     import numpy as np
 
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "600")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        SOURCE,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-    ]
-    url = f"http://127.0.0.1:{port}/invocations"
     image = load_dataset(synth_dir)[0].read_image()
     payload = {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}}
-    with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
+    with model_server(SOURCE, in_store["workdir"], "--workers", "2") as url:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            statuses = [f.result()[0] for f in [pool.submit(_post, url, payload) for _ in range(4)]]
+            statuses = [f.result()[0] for f in [pool.submit(post_json, url, payload) for _ in range(4)]]
         assert statuses == [200] * 4
         for bad, words in (
             (np.zeros((16, 16, 3), np.uint8), "smaller than one anchor"),
@@ -349,5 +311,5 @@ def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_di
         ):
             data = encode_png(bad) if isinstance(bad, np.ndarray) else bad
             with pytest.raises(urllib.error.HTTPError) as refused:
-                _post(url, {"dataframe_split": {"columns": ["image"], "data": [[data]]}})
+                post_json(url, {"dataframe_split": {"columns": ["image"], "data": [[data]]}})
             assert refused.value.code == 400 and words in refused.value.read().decode()

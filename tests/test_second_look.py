@@ -1,8 +1,6 @@
 """The learned second look: crops, fusion, and one registered pyfunc that runs both networks."""
 
-import sys
 import urllib.error
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,8 +15,7 @@ from detection.evaluate import Request, evaluate, load_pipeline_cache
 from detection.predict import encode_png
 from detection.sampling import chw
 from detection.second_look import auc, crops, fused_score
-from tests.conftest import ROOT, free_port, need_shared, run_cli, serving
-from tests.test_promote import _post
+from tests.conftest import ROOT, model_server, need_shared, post_json, run_cli
 
 SAMPLE = ROOT.parent / "shared" / "data" / "brecahad-sample"
 ALIAS = "second-look"  # not the challenger the other tests use
@@ -117,28 +114,14 @@ def test_the_second_look_is_a_nested_run_and_one_pyfunc_that_serves(in_store, sy
     assert len(local) == above.sum()
     assert local["score"].to_numpy() == pytest.approx(reported.det_scores[lo:hi][above], abs=1e-5)
 
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        ref.pinned,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with serving(command, f"http://127.0.0.1:{port}/ping", in_store["workdir"]):
-        status, body = _post(
-            f"http://127.0.0.1:{port}/invocations",
+    with model_server(ref.pinned, in_store["workdir"]) as url:
+        status, body = post_json(
+            url,
             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
         )
         assert status == 200 and len(body["predictions"]) == len(local)
         with pytest.raises(urllib.error.HTTPError) as bad:
-            _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[7]]}})
+            post_json(url, {"dataframe_split": {"columns": ["image"], "data": [[7]]}})
         assert bad.value.code == 400
 
 

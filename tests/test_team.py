@@ -16,7 +16,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, free_port, run_cli, serving
+from tests.conftest import SMOKE, free_port, model_server, post_json, run_cli, serving, tiny_args
 
 pytestmark = pytest.mark.slow
 for module in ("psycopg2", "moto", "boto3"):
@@ -27,7 +27,6 @@ if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/i
 from detection import stack as stack_mod  # noqa: E402
 
 MODEL = "brecahad-faster-rcnn"
-SMOKE = str(ROOT / "experiments" / "smoke.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), "-o", f"{TINY} train.epochs=1")
+    cli(*tiny_args(synth_dir))
     cli("evaluate", "--model", f"models:/{MODEL}/1", "--data-dir", str(synth_dir))
 
     # Two tune workers start together on a fresh PostgreSQL study database; one dies mid-study.
@@ -205,28 +204,13 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     champion = client.get_model_version_by_alias(MODEL, "champion")
 
     # The champion served straight from the registry, through the server's login.
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{MODEL}@champion",
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with serving(command, f"http://127.0.0.1:{port}/ping", team):
+    with model_server(f"models:/{MODEL}@champion", team) as url:
         from detection.data import load_dataset
         from detection.predict import encode_png
-        from tests.test_promote import _post
 
         image = load_dataset(synth_dir)[0].read_image()
-        status, body = _post(
-            f"http://127.0.0.1:{port}/invocations",
+        status, body = post_json(
+            url,
             {"dataframe_split": {"columns": ["image"], "data": [[encode_png(image)]]}},
         )
         assert status == 200 and "predictions" in body

@@ -16,10 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from detection.data import load_dataset
-from tests.conftest import ROOT, TINY, free_port, run_cli, serving
+from tests.conftest import ROOT, SMOKE, TINY, free_port, run_cli, serving, tiny_args, train_tiny
 
 pytestmark = pytest.mark.slow
-SMOKE = str(ROOT / "experiments" / "smoke.yaml")
 MODEL = "brecahad-faster-rcnn"
 
 
@@ -141,16 +140,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
 
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_dir):
     # An absurd learning rate: the first step is finite, the second (epoch 2) is not.
-    result = run_cli(
-        "train",
-        "--config",
-        SMOKE,
-        "--data-dir",
-        str(synth_dir),
-        "-o",
-        f"{TINY} train.epochs=2 train.batch_size=2 train.lr=1e30",
-        cwd=store,
-    )
+    result = train_tiny(synth_dir, "train.epochs=2 train.batch_size=2 train.lr=1e30", cwd=store)
     assert result.returncode == 1 and "loss is not finite at step 1" in result.stderr
     client = MlflowClient()
     (run,) = _runs(client)
@@ -170,13 +160,7 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
             sys.executable,
             "-m",
             "detection",
-            "train",
-            "--config",
-            SMOKE,
-            "--data-dir",
-            str(synth_dir),
-            "-o",
-            f"{TINY} train.epochs=3",
+            *tiny_args(synth_dir, "train.epochs=3"),
         ],
         cwd=store,
         env=env,
@@ -231,17 +215,7 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
     with serving(command, f"{uri}/health", tmp_path, timeout=180):
         work = tmp_path / "client"
         work.mkdir()
-        result = run_cli(
-            "train",
-            "--config",
-            SMOKE,
-            "--data-dir",
-            str(synth_dir),
-            "-o",
-            f"{TINY} train.epochs=1",
-            cwd=work,
-            env={"MLFLOW_TRACKING_URI": uri},
-        )
+        result = train_tiny(synth_dir, cwd=work, env={"MLFLOW_TRACKING_URI": uri})
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(tracking_uri=uri)
         version = client.get_model_version_by_alias(MODEL, "challenger")
@@ -259,13 +233,7 @@ def test_a_kill_between_uploads_resumes_from_the_local_checkpoint(store, synth_d
             sys.executable,
             "-m",
             "detection",
-            "train",
-            "--config",
-            SMOKE,
-            "--data-dir",
-            str(synth_dir),
-            "-o",
-            f"{TINY} train.epochs=3 train.checkpoint_every=2",
+            *tiny_args(synth_dir, "train.epochs=3 train.checkpoint_every=2"),
         ],
         cwd=store,
         env=dict(os.environ),
