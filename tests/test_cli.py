@@ -85,3 +85,9 @@ def test_an_unreachable_store_does_not_hide_the_first_error(monkeypatch, capsys,
     assert cli.main(["validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "could not mark the launched run FAILED" in err and "error: model.weights=x.pt: no such file" in err
+
+
+def test_check_is_the_dataset_check_under_both_names(synth_dir, capsys):
+    # "validate" stays the MLproject entry point; "check" is the same command, named for what it does.
+    assert cli.main(["check", str(synth_dir)]) == cli.main(["validate", str(synth_dir)]) == 0
+    assert capsys.readouterr().out.count(f"{synth_dir}: valid") == 2
