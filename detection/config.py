@@ -282,9 +282,13 @@ def upgrade(tree: dict[str, Any], source: str = "config") -> dict[str, Any]:
     tree = copy.deepcopy(tree)
     version = tree.get("version", 1)
     if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        why = (
+            "a newer release of brecahad-detection wrote it: upgrade the package"
+            if isinstance(version, int) and version > CONFIG_VERSION
+            else "a config version is a whole number from 1"
+        )
         raise ConfigError(
-            f"{source}: version={version!r} is not a config version this release reads (1 to {CONFIG_VERSION}); "
-            f"a newer release of brecahad-detection wrote it: upgrade the package"
+            f"{source}: version={version!r} is not a config version this release reads (1 to {CONFIG_VERSION}); {why}"
         )
     for v in range(version, CONFIG_VERSION):
         tree = UPGRADES[v](tree)

@@ -174,6 +174,8 @@ def test_a_config_from_a_newer_release_is_named():
     saved = config.load(EXPERIMENTS / "smoke.yaml").to_dict() | {"version": 7}
     with pytest.raises(ConfigError, match=r"run x: version=7 .* \(1 to 1\); a newer release .* upgrade the package"):
         config.from_dict(saved, "run x")
+    with pytest.raises(ConfigError, match=r"version='2' .* a config version is a whole number from 1"):
+        config.from_dict(saved | {"version": "2"}, "run x")
 
 
 def test_rename_key_moves_a_value_between_sections_and_leaves_the_input_alone():
