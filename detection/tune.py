@@ -292,14 +292,16 @@ def fail_stale(s: Study) -> list[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat; its callback is `retry`
-    else:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if time.time() - _last_beat(t) > s.req.stale_after:
-                try:
-                    if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                        retry(study, study._storage.get_trial(t._trial_id))
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass  # another worker failed it first
+    # Optuna's RDB heartbeat skips a trial that has no heartbeat row yet: a worker killed between
+    # creating its trial and its first beat would leave it RUNNING for ever. Our own beat (or the
+    # trial's start) covers that window and the journal file, which has no Optuna heartbeat.
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if time.time() - _last_beat(t) > s.req.stale_after:
+            try:
+                if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    retry(study, study._storage.get_trial(t._trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
     lines = []
     for t in dead:
