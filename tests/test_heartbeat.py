@@ -20,8 +20,7 @@ def _storage(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, monkeypatch, kind):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(store, tmp_path, kind):
     study = optuna.create_study(study_name="s", storage=_storage(kind, tmp_path))
     # What a worker SIGKILLed between creating its trial and its first beat leaves: a RUNNING trial
     # with parameters and neither Optuna's heartbeat nor ours.
