@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # headless: figures go to MLflow, never to a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.colors import to_rgba_array  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 
@@ -38,14 +40,20 @@ def overlay(image: np.ndarray, gt_boxes: np.ndarray, boxes: np.ndarray, scores: 
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
     ax.imshow(image)
-    for x1, y1, x2, y2 in gt_boxes:
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
-    for (x1, y1, x2, y2), s in zip(boxes, scores):
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.0, alpha=float(0.4 + 0.6 * s)))
+    ax.add_collection(_outlines(gt_boxes, "red", 1.2), autolim=False)
+    ax.add_collection(_outlines(boxes, "lime", 1.0, alpha=0.4 + 0.6 * np.asarray(scores, dtype=float)), autolim=False)
     ax.set_title(f"{title}: ground truth red, predictions green", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def _outlines(boxes: np.ndarray, colour: str, lw: float, alpha: np.ndarray | float = 1.0) -> PatchCollection:
+    """(N, 4) x1y1x2y2 px boxes as one collection of outlines: an untrained model's thousands of
+    boxes draw in a fraction of a second, where one patch per box took seconds."""
+    rects = [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes]
+    edges = to_rgba_array(colour, alpha if np.ndim(alpha) == 0 or len(rects) else 1.0)
+    return PatchCollection(rects, facecolors="none", edgecolors=edges, linewidths=lw, joinstyle="miter")
 
 
 def threshold_curve(table: pd.DataFrame, operating: float, title: str):

@@ -1,0 +1,68 @@
+"""Figures drawn from real BreCaHAD pixels: the overlay draws thousands of boxes as one collection,
+and what it draws is the picture that one patch per box gave."""
+
+import matplotlib
+import numpy as np
+import pytest
+from matplotlib.collections import PatchCollection
+from matplotlib.patches import Rectangle
+
+from detection import figures
+from detection.data import load_dataset, points_to_boxes
+from tests.conftest import SAMPLE, need_shared
+
+
+def _one_patch_per_box(image, gt_boxes, boxes, scores, title):
+    """The overlay as it was first written: a Rectangle added to the axes for every box."""
+    import matplotlib.pyplot as plt
+
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
+    ax.imshow(image)
+    for x1, y1, x2, y2 in gt_boxes:
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
+    for (x1, y1, x2, y2), s in zip(boxes, scores):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.0, alpha=float(0.4 + 0.6 * s)))
+    ax.set_title(f"{title}: ground truth red, predictions green", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    matplotlib.pyplot.close(fig)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_image():
+    sample = load_dataset(need_shared(SAMPLE))[0]
+    image = sample.read_image()
+    h, w = image.shape[:2]
+    truth = points_to_boxes(sample.points["tumor"], 32, w, h)
+    rng = np.random.default_rng(0)
+    # Detections as an untrained model leaves them: many, overlapping, some past the image's edge.
+    xy = rng.uniform(-20, [w, h], size=(400, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 60, size=(400, 2))], axis=1).astype(np.float32)
+    return sample.name, image, truth, boxes, rng.uniform(0, 1, 400).astype(np.float32)
+
+
+def test_the_overlay_draws_what_one_patch_per_box_drew(real_image):
+    name, image, truth, boxes, scores = real_image
+    args = (image, truth, boxes, scores, name)
+    new, old = figures.overlay(*args), _one_patch_per_box(*args)
+    assert len(new.axes[0].patches) == 0 and len(new.axes[0].collections) == 2
+    assert new.axes[0].get_xlim() == old.axes[0].get_xlim() and new.axes[0].get_ylim() == old.axes[0].get_ylim()
+    a, b = _pixels(new), _pixels(old)
+    assert a.shape == b.shape == image.shape
+    assert np.array_equal(a, b), f"{(a != b).any(axis=2).sum()} pixels differ"
+
+
+def test_an_overlay_without_boxes_is_the_image_and_its_title(real_image):
+    name, image, truth, boxes, scores = real_image
+    fig = figures.overlay(image, truth[:0], boxes[:0], scores[:0], name)
+    assert all(len(c.get_paths()) == 0 for c in fig.axes[0].collections if isinstance(c, PatchCollection))
+    assert fig.axes[0].get_title().startswith(name) and len(truth) > 10
+    matplotlib.pyplot.close(fig)
