@@ -20,6 +20,7 @@ import json
 import os
 import random
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -117,10 +118,18 @@ def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> N
         client().set_model_version_tag(name, str(version), prefix + k, str(v))
 
 
+def load_pyfunc(uri: str):
+    """Load a logged or registered pyfunc from a download that is removed once it is in memory.
+    MLflow downloads a model from a tracking server into a fresh temp dir and leaves it there: a
+    full copy of the weights per evaluation, tune worker, promotion and training run."""
+    with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
+        return mlflow.pyfunc.load_model(uri, dst_path=tmp)  # load_context reads every file it needs
+
+
 def load_model(ref: ModelRef):
     """The registered pyfunc and its wrapped Detector (config and torch model)."""
     try:
-        pyfunc = mlflow.pyfunc.load_model(ref.pinned)
+        pyfunc = load_pyfunc(ref.pinned)
     except Exception as e:
         raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {type(e).__name__}: {e}") from e
     return pyfunc.unwrap_python_model()
@@ -479,8 +488,7 @@ def log_model(python_model, artifacts: dict[str, str], input_example, signature,
         signature=signature,
         input_example=input_example,
     )
-    loaded = mlflow.pyfunc.load_model(info.model_uri)
-    loaded.predict(input_example)
+    load_pyfunc(info.model_uri).predict(input_example)
     return info
 
 

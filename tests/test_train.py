@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from detection import tracking
 from detection.data import load_dataset
 from tests.conftest import ROOT, SMOKE, TINY, free_port, run_cli, serving, tiny_args, train_tiny
 
@@ -195,7 +197,7 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
     assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
 
 
-def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
+def test_training_against_a_real_tracking_server(tmp_path, synth_dir, monkeypatch):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     command = [
@@ -213,9 +215,10 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
         "1",
     ]
     with serving(command, f"{uri}/health", tmp_path, timeout=180):
-        work = tmp_path / "client"
+        work, scratch = tmp_path / "client", tmp_path / "client-tmp"
         work.mkdir()
-        result = train_tiny(synth_dir, cwd=work, env={"MLFLOW_TRACKING_URI": uri})
+        scratch.mkdir()
+        result = train_tiny(synth_dir, cwd=work, env={"MLFLOW_TRACKING_URI": uri, "TMPDIR": str(scratch)})
         assert result.returncode == 0, result.stderr[-3000:]
         client = MlflowClient(tracking_uri=uri)
         version = client.get_model_version_by_alias(MODEL, "challenger")
@@ -223,6 +226,22 @@ def test_training_against_a_real_tracking_server(tmp_path, synth_dir):
         assert "checkpoints/latest.json" in _artifacts(client, version.run_id)
         assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()  # all went to the server
         assert list((tmp_path / "served-artifacts").rglob("slot-0.pt"))
+        # A model fetched from a server is a download: none may stay behind in the temp dir (each is a
+        # full copy of the model; a team's evaluations and tune workers filled a 50 GB disk).
+        assert _downloads_left(scratch) == []
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        before = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            detector = tracking.load_model(tracking.resolve_model(f"models:/{MODEL}/{version.version}"))
+        finally:
+            mlflow.set_tracking_uri(before)
+        assert detector.model is not None and _downloads_left(scratch) == []
+
+
+def _downloads_left(folder: Path) -> list[str]:
+    """What a process left in its temp dir, but torch's compile cache."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("torchinductor"))
 
 
 def test_a_kill_between_uploads_resumes_from_the_local_checkpoint(store, synth_dir, tmp_path, monkeypatch):
