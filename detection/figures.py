@@ -52,7 +52,7 @@ def _outlines(boxes: np.ndarray, colour: str, lw: float, alpha: np.ndarray | flo
     """(N, 4) x1y1x2y2 px boxes as one collection of outlines: an untrained model's thousands of
     boxes draw in a fraction of a second, where one patch per box took seconds."""
     rects = [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes]
-    edges = to_rgba_array(colour, alpha if np.ndim(alpha) == 0 or len(rects) else 1.0)
+    edges = to_rgba_array(colour, alpha if rects else 1.0)  # no boxes: an empty alpha has no colour
     return PatchCollection(rects, facecolors="none", edgecolors=edges, linewidths=lw, joinstyle="miter")
 
 
