@@ -24,12 +24,13 @@ SPLITS = ("test", "val", "all")  # the recorded held-out images, or every image 
 PROTOCOLS = ("whole", "paper")  # every cell of whole images once, or the paper's 10 random patches
 MATCHERS = ("greedy", "hungarian", "iou")  # how a detection and a cell are paired (matching.py)
 PREFIX_MATCHERS = ("greedy", "iou")  # those under which a higher threshold's matches are a prefix
-COMPARE_TARGETS = "0.90 0.95 0.99"  # detection rates compare reads the FDR at
+COMPARE_AXES = ("fdr", "froc")  # FDR at equal detection rate, or detection rate at equal FP per mm²
+COMPARE_TARGETS = ""  # empty: the axis's own (compare.TARGETS)
 BOOLEANS = ("false", "true")  # MLproject passes every parameter as a string
 
 # Tuning.
 TUNE_KINDS = ("postprocess", "training")  # replay cached predictions, or train a model per trial
-OBJECTIVES = ("f1", "recall_at_fdr", "pareto")
+OBJECTIVES = ("f1", "recall_at_fdr", "pareto", "froc")
 TUNE_TRIALS = 100
 TUNE_MAX_FDR = 0.2
 TUNE_HEARTBEAT = 30.0  # seconds; a trial silent 3x this long is failed and run again
@@ -48,7 +49,7 @@ TUNE_RANGES = {
 TTA_VIEWS = ("none", "h", "v", "hv")  # the image, left-right, top-bottom and both flips (tta.py)
 
 # Promotion.
-PROMOTE_METRIC = "test/f1"
+PROMOTE_METRIC = "val/f1"  # test is reported beside it, not decided on (README: Promoting)
 
 # Everything else.
 CONFIG = "experiments/smoke.yaml"  # train and cv

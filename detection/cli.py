@@ -28,6 +28,22 @@ def _optional_int(text: str) -> int | None:
     return int(text) if text.strip() else None
 
 
+def _optional_float(text: str) -> float | None:
+    """A float, or None for '' (an unset MLproject parameter)."""
+    return float(text) if text.strip() else None
+
+
+def _radius_option(p, default_help: str) -> None:
+    p.add_argument(
+        "--match-radius-um",
+        type=_optional_float,
+        default=None,
+        metavar="UM",
+        help="match radius in micrometres, e.g. 7.5 (MIDOG); pixels follow from the images' resolution "
+        f"(default: {default_help})",
+    )
+
+
 def _boolean_option(p, flag: str, help: str) -> None:
     """true|false as a value, not a switch: MLproject passes every parameter as `--flag VALUE`."""
     p.add_argument(flag, default=choices.BOOLEANS[0], choices=choices.BOOLEANS, help=f"{help} (default: %(default)s)")
@@ -139,6 +155,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the paper protocol's patches and the bootstrap")
     _boolean_option(p, "--allow-overlap", "evaluate images whose content was in the training split (the run is tagged)")
     _device_option(p)
+    _radius_option(p, "the version's eval.match_radius_um")
 
 
 def _add_tune(sub) -> None:
@@ -186,7 +203,8 @@ def _add_tune(sub) -> None:
         default=choices.OBJECTIVES[0],
         choices=choices.OBJECTIVES,
         help="f1: maximise F1; recall_at_fdr: maximise detection rate with FDR <= --max-fdr; pareto: "
-        "maximise detection rate and minimise FDR (default: %(default)s)",
+        "maximise detection rate and minimise FDR; froc: maximise the mean detection rate at 10, 20, 50, "
+        "100, 200 and 300 false positives per mm² (postprocess studies) (default: %(default)s)",
     )
     p.add_argument(
         "--max-fdr", type=float, default=choices.TUNE_MAX_FDR, help="FDR bound of recall_at_fdr (default: %(default)s)"
@@ -247,6 +265,7 @@ def _add_promote(sub) -> None:
     _boolean_option(p, "--rollback", "swap the aliases champion and previous back instead")
     _protocol_option(p)
     _matching_option(p)
+    _radius_option(p, "the candidate's eval.match_radius_um, for both versions")
 
 
 def _add_predict(sub) -> None:
@@ -293,14 +312,19 @@ def _add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="false positives at equal detection rate, for several registered versions",
-        description="Evaluate each version on one split (or reuse its evaluation), sweep the score threshold (the "
-        "fused one for versions with test-time augmentation), and report the FDR at detection rates "
-        "0.90, 0.95, 0.99 and at the highest rate all versions reach, with 95% intervals from "
-        "resampling cases (patients). One MLflow run holds the table (comparison.json), the figure "
-        "(figures/dr_vs_fdr.png, every curve on one plot) and VERSION/fdr_at_dr_T metrics.",
+        description="Evaluate each version on one split at one match radius (or reuse its evaluation), "
+        "read its detection rate and false positives at every score threshold where what it keeps changes "
+        "(the fused one for versions with test-time augmentation), and report per version, with 95% "
+        "intervals from resampling cases (patients): on the fdr axis, the FDR at detection rates 0.90, "
+        "0.95, 0.99 and at the highest rate all versions reach; on the froc axis, the detection rate at "
+        "10, 20, 50, 100, 200 and 300 false positives per mm² and their mean (the MONKEY challenge's "
+        "FROC). One MLflow run holds the table (comparison.json), the figure (every curve on one plot) "
+        "and VERSION/... metrics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python -m detection compare --models models:/brecahad-faster-rcnn/1 "
-        "models:/brecahad-faster-rcnn/2 --data-dir data/demo\n",
+        epilog="examples:\n  python -m detection compare --models models:/brecahad-faster-rcnn/1 "
+        "models:/brecahad-faster-rcnn/2 --data-dir data/demo\n"
+        "  python -m detection compare --models models:/brecahad-faster-rcnn/1 models:/brecahad-faster-rcnn/2 "
+        "--data-dir data/demo --axis froc\n",
     )
     p.add_argument(
         "--models",
@@ -312,8 +336,19 @@ def _add_compare(sub) -> None:
     p.add_argument("--split", default=choices.SPLITS[0], choices=choices.SPLITS, help="(default: %(default)s)")
     _protocol_option(p)
     p.add_argument(
-        "--targets", default=choices.COMPARE_TARGETS, help="detection rates to read the FDR at (default: %(default)s)"
+        "--axis",
+        default=choices.COMPARE_AXES[0],
+        choices=choices.COMPARE_AXES,
+        help="fdr: FDR at equal detection rate; froc: detection rate at equal false positives per mm² "
+        "(default: %(default)s)",
     )
+    p.add_argument(
+        "--targets",
+        default=choices.COMPARE_TARGETS,
+        help="where to read each version: detection rates for the fdr axis (default 0.90 0.95 0.99), false "
+        "positives per mm² for the froc axis (default 10 20 50 100 200 300)",
+    )
+    _radius_option(p, "the first version's eval.match_radius_um, for every version")
 
 
 def _add_second_look(sub) -> None:
@@ -466,18 +501,29 @@ def cmd_cv(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import CompareRequest, compare
+    from .compare import CompareRequest, compare, figure_columns
     from .evaluate import EvaluationError
 
     models = tuple(m for arg in args.models for m in arg.split())
     try:
         targets = tuple(float(t) for t in args.targets.replace(",", " ").split())
     except ValueError:
-        raise EvaluationError(f"--targets {args.targets!r}: give detection rates such as '0.90 0.95 0.99'") from None
-    run_id, table = compare(CompareRequest(models, args.data_dir, args.split, args.protocol, targets=targets))
-    shown = ["version"] + [c for c in table.columns if c.startswith("fdr_at_dr_") and not c.endswith(("low", "high"))]
-    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"run {run_id}: figures/dr_vs_fdr.png and comparison.json")
+        raise EvaluationError(
+            f"--targets {args.targets!r}: give numbers, detection rates such as '0.90 0.95 0.99' (fdr axis) "
+            f"or false positives per mm² such as '10 50 100' (froc axis)"
+        ) from None
+    req = CompareRequest(
+        models,
+        args.data_dir,
+        args.split,
+        args.protocol,
+        targets=targets,
+        axis=args.axis,
+        match_radius_um=args.match_radius_um,
+    )
+    run_id, table = compare(req)
+    print(table[["version", *figure_columns(table)]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"run {run_id}: figures/{'dr_vs_fdr' if args.axis == 'fdr' else 'froc'}.png and comparison.json")
     return 0
 
 
@@ -510,9 +556,10 @@ def cmd_evaluate(args) -> int:
         args.seed,
         args.allow_overlap == "true",
         args.device,
+        args.match_radius_um,
     )
     run_id, metrics = evaluate(req)
-    keys = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50")
+    keys = ("detection_rate", "fdr", "precision", "f1", "fp_per_mm2", "froc", "ap", "box_ap50")
     print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
     return 0
 
@@ -569,6 +616,7 @@ def cmd_promote(args) -> int:
             args.rollback == "true",
             args.protocol,
             args.matching,
+            match_radius_um=args.match_radius_um,
         )
     )
     print(

@@ -23,7 +23,7 @@ from .errors import DetectionError
 # The config schema's version. A registered model keeps the config it was trained with; when a key
 # is renamed or moved, the version goes up and UPGRADES gains the step from the previous one, so
 # every model registered before still loads (detectron2 keeps its configs' VERSION the same way).
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
@@ -57,6 +57,9 @@ class DataConfig:
     # scaled by U(1-s, 1+s) and shifted by U(-s, s) in optical density. 0 (the paper) turns it off.
     stain_jitter: float = 0.0
     val_patches: int = 5  # fixed patches per validation image, the same every epoch
+    # Micrometres per pixel of the training images (BreCaHAD at 40x: 0.514 x 0.527, the x value):
+    # what turns the match radius into pixels, and counts into densities per mm².
+    mpp: float = MICRONS_PER_PIXEL
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -80,7 +83,7 @@ class ModelConfig:
     # Per model input: per tile of a whole image and per patch, as torchvision applies it, in every
     # evaluation protocol, in predict and in the served model (the cap grows with the image's area).
     box_detections_per_img: int = 200
-    # Class-agnostic NMS is not in torchvision's RoIHeads; the registered model applies it by replay.
+    # One NMS over every class (a cell gets one label) instead of one per class.
     box_nms_class_agnostic: bool = False
     roi_featmap_names: tuple[str, ...] = ("0", "1")
     roi_output_size: int = 21
@@ -111,9 +114,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # A detection matches a cell when its box centre lies within this radius of the point.
-    # 16 px = 8.2 um at 0.514 um/px: about one nucleus radius, half the default box side.
-    match_radius: float = 16.0
+    # A detection matches a cell when its box centre lies within this radius of the point, in um:
+    # MIDOG's 7.5 um (14.6 px at 0.514 um/px), about a tumour nucleus's radius. Pixels follow from
+    # the images' resolution (data.mpp unless their TIFF records one).
+    match_radius_um: float = 7.5
     # Paper protocol: a cell or detection whose centre lies within this many px of a patch edge that
     # is not an image edge is neither TP, FP nor FN (the nucleus may be cut off by the patch).
     border_band: float = 16.0
@@ -176,6 +180,11 @@ class Config:
 
         walk("", self.to_dict())
         return out
+
+    @property
+    def match_radius_px(self) -> float:
+        """The match radius in pixels of images at the training resolution."""
+        return self.eval.match_radius_um / self.data.mpp
 
     def replace(self, *overrides: str) -> Config:
         return from_dict(_merge(self.to_dict(), parse_overrides(overrides)), source="overrides")
@@ -254,7 +263,18 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
 
 # UPGRADES[v] turns a version-v config tree into a version v+1 one. Steps only rename and move keys
 # (rename_key); a value whose meaning changed needs a new key, or old models would change behaviour.
-UPGRADES: dict[int, typing.Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _radius_in_micrometres(tree: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 gave the match radius in pixels of BreCaHAD images (eval.match_radius); version 2 in
+    micrometres (eval.match_radius_um), with the same pixels at data.mpp."""
+    tree = copy.deepcopy(tree)
+    section = tree.get("eval")
+    if isinstance(section, dict) and "match_radius" in section:
+        px = section.pop("match_radius")
+        section["match_radius_um"] = round(float(px) * MICRONS_PER_PIXEL, 9) if isinstance(px, (int, float)) else px
+    return tree
+
+
+UPGRADES: dict[int, typing.Callable[[dict[str, Any]], dict[str, Any]]] = {1: _radius_in_micrometres}
 
 
 def rename_key(tree: dict[str, Any], old: str, new: str) -> dict[str, Any]:
@@ -452,7 +472,10 @@ def check(cfg: Config, source: str = "config") -> None:
         f"second_look epochs={sl.epochs}, batch_size={sl.batch_size}, lr={sl.lr} must all be > 0",
     )
     need(t.checkpoint_every > 0, f"train.checkpoint_every={t.checkpoint_every} must be > 0")
-    need(cfg.eval.match_radius > 0, f"eval.match_radius={cfg.eval.match_radius} must be > 0 pixels")
+    need(cfg.eval.match_radius_um > 0, f"eval.match_radius_um={cfg.eval.match_radius_um} must be > 0 micrometres")
+    need(
+        0.05 <= d.mpp <= 20, f"data.mpp={d.mpp} must be micrometres per pixel (BreCaHAD 0.514; many 40x scanners 0.25)"
+    )
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")
     need(bool(cfg.tracking.registered_model), "tracking.registered_model must not be empty")
     if problems:

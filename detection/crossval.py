@@ -54,13 +54,13 @@ def _judge_fold(cfg: Config, model, samples: list[Sample], device: str):
     cache.meta = {
         "protocol": "whole",
         "box_size": cfg.data.box_size,
-        "match_radius": cfg.eval.match_radius,
+        "match_radius": cfg.match_radius_px,
         "border_band": 0.0,
         "device": Runtime.choose(device).device.type,
         "cells": cells,
         "cells_uncovered": uncovered,
     }
-    return judge(cache, PostProcess.of_config(cfg.model), "greedy", cfg.eval.match_radius), cache
+    return judge(cache, PostProcess.of_config(cfg.model), "greedy", cfg.match_radius_px), cache
 
 
 def leave_one_case_out(cfg: Config, data_dir: Path, cases: list[str] | None = None) -> tuple[str, dict[str, float]]:

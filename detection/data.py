@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from . import leakage
 from .config import BRECAHAD_CLASSES
 from .errors import DetectionError
 
@@ -52,14 +53,33 @@ class Sample:
     def read_image(self) -> np.ndarray:
         return tifffile.imread(self.image_path)
 
+    def mpp(self) -> float | None:
+        """Micrometres per pixel the TIFF records (XResolution in pixels per centimetre or inch), or
+        None: BreCaHAD's files say nothing (resolution unit none), and data.mpp stands in."""
+        return tiff_mpp(self.image_path)
+
     def sha256(self) -> str:
         """Hash of the file's bytes (what split.json recorded before pixel hashes)."""
         return hashlib.sha256(self.image_path.read_bytes()).hexdigest()
 
     def fingerprint(self) -> tuple[str, str]:
-        """(pixel hash, thumbnail) of the decoded image, read once."""
+        """(pixel hash, encoded leakage thumbnail) of the decoded image, read once."""
         image = self.read_image()
-        return pixel_sha256(image), encode_thumbnail(thumbnail(image))
+        return pixel_sha256(image), leakage.encode(leakage.thumbnail(image))
+
+
+MICRONS_PER_UNIT = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.INCH: 25_400.0}
+
+
+def tiff_mpp(path: Path) -> float | None:
+    """Micrometres per pixel along x from a TIFF's first page, or None when it records no physical unit."""
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        unit, res = tags.get("ResolutionUnit"), tags.get("XResolution")
+        if unit is None or res is None or unit.value not in MICRONS_PER_UNIT:
+            return None
+        num, den = res.value
+        return MICRONS_PER_UNIT[unit.value] * den / num if num > 0 and den > 0 else None
 
 
 def pixel_sha256(image: np.ndarray) -> str:
@@ -68,35 +88,6 @@ def pixel_sha256(image: np.ndarray) -> str:
     h = hashlib.sha256(f"{image.shape}{image.dtype}".encode())
     h.update(np.ascontiguousarray(image).tobytes())
     return h.hexdigest()
-
-
-THUMBNAIL = 16  # side of the grey thumbnail the leakage guard compares
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """(16, 16) uint8 grey block means. Block means commute with flips and 90-degree rotations when
-    the sides divide by 16 (BreCaHAD's 1024x1360 do), so a flipped copy has the flipped thumbnail."""
-    grey = np.asarray(image, dtype=np.float64)
-    grey = grey.mean(axis=2) if grey.ndim == 3 else grey
-    h, w = (grey.shape[0] // THUMBNAIL) * THUMBNAIL, (grey.shape[1] // THUMBNAIL) * THUMBNAIL
-    if h == 0 or w == 0:
-        return np.zeros((THUMBNAIL, THUMBNAIL), np.uint8)
-    blocks = grey[:h, :w].reshape(THUMBNAIL, h // THUMBNAIL, THUMBNAIL, w // THUMBNAIL).mean(axis=(1, 3))
-    return np.round(blocks).astype(np.uint8)
-
-
-def encode_thumbnail(thumb: np.ndarray) -> str:
-    return thumb.tobytes().hex()
-
-
-def decode_thumbnail(text: str) -> np.ndarray:
-    return np.frombuffer(bytes.fromhex(text), np.uint8).reshape(THUMBNAIL, THUMBNAIL)
-
-
-def dihedral(thumb: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips and rotations of a square thumbnail."""
-    turns = [np.rot90(thumb, k) for k in range(4)]
-    return turns + [t[:, ::-1] for t in turns]
 
 
 def image_files(root: Path) -> dict[str, Path]:

@@ -15,15 +15,28 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import figures, second_look, tracking
+from . import figures, leakage, second_look, tracking
 from .choices import MATCHERS, PROTOCOLS, SPLITS
 from .config import Config
-from .data import Sample, content_digest, decode_thumbnail, dihedral, load_dataset, thumbnail
+from .data import Sample, content_digest, load_dataset
 from .engine import PRECISION_NAMES
 from .errors import DetectionError
 from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inference, whole_items
 from .matching import Counts
-from .metrics import METRICS_VERSION, bootstrap, bootstrap_unit, box_ap, curve, per_image, point_ap, score
+from .metrics import (
+    METRICS_VERSION,
+    Intervals,
+    Scored,
+    area_mm2,
+    bootstrap,
+    box_ap,
+    curve,
+    exact_curve,
+    froc,
+    per_image,
+    point_ap,
+    score,
+)
 from .postprocess import PostProcess
 from .predict import to_geojson
 from .progress import Bar
@@ -31,10 +44,6 @@ from .split import Split
 from .tta import flip, fused_cache, fused_postprocess
 
 COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
-# Mean absolute grey difference (0-255) of 16x16 thumbnails under which two images are one image,
-# flipped, rotated or re-compressed (noise of std 6 grey levels moves a thumbnail by 0.5). Distinct
-# fields of one case in the shared sample are >= 7.1 apart, synthetic demo images >= 2.6.
-THUMBNAIL_TOLERANCE = 1.5
 DATASET_CONTEXTS = {"test": "testing", "val": "validation", "all": "evaluation"}  # MLflow's input contexts
 MAX_OVERLAYS = 24
 CACHE_NAME = "predictions.npz"
@@ -55,8 +64,11 @@ class Request:
     seed: int = 0
     allow_overlap: bool = False
     device: str = ""  # auto|cpu|cuda|cuda:N; empty: $BRECAHAD_DEVICE, else auto
+    match_radius_um: float | None = None  # None: the version's own eval.match_radius_um
 
     def check(self) -> None:
+        if self.match_radius_um is not None and not self.match_radius_um > 0:
+            raise EvaluationError(f"match_radius_um={self.match_radius_um} must be > 0 micrometres")
         for name, value, choices in (
             ("split", self.split, SPLITS),
             ("protocol", self.protocol, PROTOCOLS),
@@ -106,23 +118,23 @@ def renamed(req: Request, split: Split | None, hashes: dict[str, str]) -> list[s
     return sorted(n for n, h in hashes.items() if n in split.sha256 and split.sha256[n] != h)
 
 
-def leaked(split: Split | None, samples: list[Sample], hashes: dict[str, str]) -> list[str]:
-    """Evaluated images that are a training image: the same pixels, or (with recorded thumbnails) a
-    flipped, rotated or re-compressed copy."""
+def leaked(split: Split | None, samples: list[Sample], hashes: dict[str, str]) -> dict[str, str]:
+    """Evaluated images that are a training image, each with what it is: the same pixels, or (with
+    recorded thumbnails) an edited copy of a named training image (leakage.py)."""
     if split is None:
-        return []
-    trained = {split.sha256[n] for n in split.train if n in split.sha256}
-    found = {n for n, h in hashes.items() if h in trained}
-    if split.thumbnails:
-        train = np.stack([decode_thumbnail(t) for t in split.thumbnails.values()]).astype(np.float64)
-        for s in samples:
-            if s.name in found:
-                continue
-            views = np.stack(dihedral(thumbnail(s.read_image()))).astype(np.float64)
-            diff = np.abs(views[:, None] - train[None]).mean(axis=(2, 3))
-            if diff.min() < THUMBNAIL_TOLERANCE:
-                found.add(s.name)
-    return sorted(found)
+        return {}
+    trained = {split.sha256[n]: n for n in split.train if n in split.sha256}
+    found = {n: f"the pixels of {trained[h]}" for n, h in hashes.items() if h in trained}
+    rest = [s for s in samples if s.name not in found]
+    if split.thumbnails and rest and split.thumbnail_kind == leakage.KIND:
+        recorded = leakage.banks(split.thumbnails)
+        for s in rest:
+            name, similarity = leakage.most_like(s.read_image(), recorded)
+            if similarity >= leakage.COPY_SIMILARITY:
+                found[s.name] = f"a copy of {name}, correlation {similarity:.2f}"
+    elif split.thumbnails and rest:
+        found |= {s.name: "a copy" for s in rest if leakage.legacy_copy(s.read_image(), split.thumbnails)}
+    return dict(sorted(found.items()))
 
 
 def guard(
@@ -140,13 +152,28 @@ def guard(
             f"restore the original files"
         )
     if overlap:
+        listed = ", ".join(f"{n} ({what})" for n, what in list(overlap.items())[:8])
         problems.append(
-            f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (same pixels, or a "
-            f"flipped, rotated or re-compressed copy): {', '.join(overlap[:8])}"
+            f"{len(overlap)} evaluated image(s) are training images of {ref.uri} (the same pixels, or a "
+            f"re-compressed, flipped, turned, shifted, cropped or recoloured copy): {listed}"
         )
     if problems and not req.allow_overlap:
         raise EvaluationError("; ".join(problems) + "; pass allow_overlap=true to evaluate anyway (the run is tagged)")
     return sorted(set(overlap) | set(changed))
+
+
+def resolution(req: Request, cfg: Config, samples: list[Sample]) -> tuple[float, float]:
+    """(micrometres per pixel, match radius in micrometres) of an evaluation: the images' own
+    resolution where their TIFF records one, else the training images' (data.mpp); one for all."""
+    mpps = {s.name: s.mpp() or cfg.data.mpp for s in samples}
+    low, high = min(mpps.values()), max(mpps.values())
+    if high > low * 1.01:
+        listed = ", ".join(f"{n} {v:.4g}" for n, v in sorted(mpps.items())[:8])
+        raise EvaluationError(
+            f"the evaluated images have different resolutions (micrometres per pixel: {listed}); "
+            f"evaluate images of one resolution at a time"
+        )
+    return float(np.median(list(mpps.values()))), req.match_radius_um or cfg.eval.match_radius_um
 
 
 def operating_metrics(counts: Counts) -> dict[str, float]:
@@ -166,8 +193,10 @@ def operating_metrics(counts: Counts) -> dict[str, float]:
 class Report:
     metrics: dict[str, float]
     images: pd.DataFrame
-    curve: pd.DataFrame
+    curve: pd.DataFrame  # on the 0.01 grid: the paper's Fig. 4
+    froc: pd.DataFrame  # at every threshold at or above the operating one where what is kept changes
     kept: list[np.ndarray]
+    intervals: Intervals
 
 
 def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int = 0) -> Report:
@@ -175,11 +204,17 @@ def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int
     scored = score(cache, pp, matching, radius)
     total = sum(scored.counts(), Counts(0, 0, 0))
     images = per_image(cache, scored)
-    metrics = operating_metrics(total)
-    for name, (low, high) in bootstrap(images, seed).items():
+    area = area_mm2(cache)
+    metrics = operating_metrics(total) | {"area_mm2": area, "fp_per_mm2": total.fp / area if area else float("nan")}
+    intervals = bootstrap(images, seed)
+    for name, (low, high) in intervals.bounds.items():
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     metrics["ap"] = point_ap(scored, cache)
     metrics["box_ap"], metrics["box_ap50"] = box_ap(cache, scored.kept)
+    exact = exact_curve(cache, pp, matching, radius)
+    metrics |= froc(exact)
+    if cache.n_classes > 1:
+        metrics |= class_metrics(cache, scored, score(cache, pp, matching, radius, agnostic=True))
     metrics |= {
         "cells": cache.meta.get("cells", float("nan")),
         "cells_uncovered": cache.meta.get("cells_uncovered", float("nan")),
@@ -187,7 +222,19 @@ def judge(cache: Cache, pp: PostProcess, matching: str, radius: float, seed: int
         "n_images": len(images),
         "n_cases": images["case"].nunique(),
     }
-    return Report(metrics, images, curve(cache, pp, matching, radius), scored.kept)
+    return Report(metrics, images, curve(cache, pp, matching, radius), exact, scored.kept, intervals)
+
+
+def class_metrics(cache: Cache, scored: Scored, agnostic: Scored) -> dict[str, float]:
+    """Counts and rates of each class (a detection of the wrong class is a false positive of its class
+    and its cell a miss of the cell's), and `any_class/`: every detection matched to every cell
+    whatever the labels, as a class-agnostic detector is judged."""
+    names = list(cache.meta.get("classes", [])) or [str(c) for c in range(1, cache.n_classes + 1)]
+    out = {}
+    for label, name in enumerate(names, start=1):
+        out |= {f"{name}/{k}": v for k, v in operating_metrics(scored.class_counts(cache, label)).items()}
+    any_class = sum(agnostic.counts(), Counts(0, 0, 0))
+    return out | {f"any_class/{k}": v for k, v in operating_metrics(any_class).items()}
 
 
 def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime) -> tuple[list[Item], Cache]:
@@ -203,24 +250,24 @@ def log_report(
     tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, items: list[Item], pp: PostProcess
 ) -> None:
     tr.log_metrics({f"{prefix}/{k}": v for k, v in report.metrics.items() if np.isfinite(v)}, step=0)
-    unit = bootstrap_unit(report.images)
+    unit = report.intervals.unit
+    notes = (
+        ["the evaluated images come from one case: intervals are over images within that patient, not across patients"]
+        if unit == "image"
+        else []
+    ) + ([report.intervals.note()] if report.intervals.missing else [])
     tr.set_tags(
         {"count_unit": COUNT_UNITS.get(cache.meta.get("protocol"), "cells"), "ci_unit": unit}
-        | (
-            {
-                "ci_note": "the evaluated images come from one case: intervals are over images within "
-                "that patient, not across patients"
-            }
-            if unit == "image"
-            else {}
-        )
+        | ({"ci_note": "; ".join(notes)} if notes else {})
     )
     tr.client.log_table(tr.run_id, report.images, f"{prefix}_per_image.json")
     tr.client.log_text(tr.run_id, report.curve.to_csv(index=False), f"{prefix}_threshold_curve.csv")
+    tr.client.log_text(tr.run_id, report.froc.to_csv(index=False), f"{prefix}_froc_curve.csv")
     title = f"{prefix}: {len(report.images)} images, {len(cache)} items"
     for fig, name in (
         (figures.threshold_curve(report.curve, pp.score_thresh, title), "fig4_tpr_fdr.png"),
         (figures.pr_curve(report.curve, pp.score_thresh, title), "precision_recall.png"),
+        (figures.froc(report.froc, report.metrics, title), "froc.png"),
     ):
         tr.client.log_figure(tr.run_id, fig, f"figures/{name}")
         figures.close(fig)
@@ -273,6 +320,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
     pp = PostProcess.of_config(cfg.model)
+    mpp, radius_um = resolution(req, cfg, samples)
     try:
         rt = Runtime.choose(req.device or None)
     except (ValueError, RuntimeError) as e:
@@ -294,6 +342,9 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                 "package_version": tracking.package_version(),
                 "evaluation": "true",
                 "data_digest": content_digest(samples, hashes),
+                "match_radius_um": f"{radius_um:g}",
+                "radius_from": "version" if req.match_radius_um is None else "request",
+                "mpp": f"{mpp:g}",
             }
             | {f"inference.{k}": v for k, v in rt.describe().items()}
             | ({"allow_overlap": "true", "overlap_images": ",".join(overlap)[:4000]} if req.allow_overlap else {})
@@ -307,7 +358,9 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                 "eval.protocol": req.protocol,
                 "eval.matching": req.matching,
                 "eval.seed": req.seed,
-                "eval.match_radius": cfg.eval.match_radius,
+                "eval.match_radius_um": radius_um,
+                "eval.match_radius_px": radius_um / mpp,
+                "eval.mpp": mpp,
                 "eval.border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
                 "eval.score_thresh": pp.score_thresh,
                 "eval.nms_thresh": pp.nms_thresh,
@@ -331,6 +384,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             "sha256": hashes,
         }
         items, views = infer_views(req, cfg, model, samples, rt, meta)
+        radius = views["none"].meta["match_radius"]
         with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
             for view, c in views.items():
                 name = CACHE_NAME if view == "none" else f"predictions_{view}.npz"
@@ -340,7 +394,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
         if detector.second_look is not None:  # the classifier rescores what the detector keeps
             cache, pp = second_look.apply(
-                second_look.kept(cache, pp, cfg.eval.match_radius),
+                second_look.kept(cache, pp, radius),
                 [it.image for it in items],
                 detector.second_look,
                 cfg,
@@ -351,7 +405,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
                 tr.client.log_artifact(tr.run_id, cache.save(Path(tmp) / PIPELINE_CACHE_NAME), None)
             tr.set_tags({"pipeline_thresh": pp.score_thresh})
-        report = judge(cache, pp, req.matching, cfg.eval.match_radius, req.seed)
+        report = judge(cache, pp, req.matching, radius, req.seed)
         log_report(tr, req.split, report, cache, items, pp)
         if req.protocol == "whole":
             log_geojson(tr, report, cache, items, ref.pinned)
@@ -366,13 +420,16 @@ def infer_views(
     items, cache = _items_and_cache(req, cfg, model, samples, rt)
     cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
     pp = PostProcess.of_config(cfg.model)
+    mpp, radius_um = resolution(req, cfg, samples)
     cache.meta = meta | {
         "protocol": req.protocol,
         "split": req.split,
         "seed": req.seed,
         "classes": list(cfg.data.classes),
         "box_size": cfg.data.box_size,
-        "match_radius": cfg.eval.match_radius,
+        "mpp": mpp,
+        "match_radius_um": radius_um,
+        "match_radius": radius_um / mpp,  # px, what matching, merging and fusion use
         "postprocess": pp.__dict__,
         # Whole images have no inner edges; a patch's inner edges get the don't-care band.
         "border_band": cfg.eval.border_band if req.protocol == "paper" else 0.0,
@@ -394,7 +451,7 @@ def pipeline(views: dict[str, Cache], pp: PostProcess, cfg: Config) -> tuple[Cac
     """What the version reports before any second look, and how to judge it: the raw cache and its
     post-processing, or with test-time flips the fused detections and the fused threshold."""
     if cfg.eval.tta_views:
-        return fused_cache(views, pp, cfg.eval.match_radius), fused_postprocess(cfg.eval.tta_thresh)
+        return fused_cache(views, pp, views["none"].meta["match_radius"]), fused_postprocess(cfg.eval.tta_thresh)
     return views["none"], pp
 
 
@@ -431,6 +488,10 @@ def earlier_evaluation(req: Request, same_matching: bool):
     )
     if same_matching:
         query += f" and tags.`detection.matching` = '{req.matching}'"
+    if req.match_radius_um is None:  # the version's own radius: fixed by its registered config
+        query += " and tags.`detection.radius_from` = 'version'"
+    else:
+        query += f" and tags.`detection.match_radius_um` = '{req.match_radius_um:g}'"
     found = tracking.find_runs(query)
     return (found[0] if found else None), digest
 

@@ -89,6 +89,27 @@ def pr_curve(table: pd.DataFrame, operating: float, title: str):
     return fig
 
 
+def froc(table: pd.DataFrame, metrics: dict[str, float], title: str):
+    """FROC: detection rate against false positives per mm² over the score thresholds at or above the
+    operating one, with the detection rate read at each target density (the MONKEY challenge's)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = table.sort_values("threshold", ascending=False)
+    has = order.fp_per_mm2 > 0
+    ax.step(order.fp_per_mm2[has], order.detection_rate[has], where="post", color="tab:purple", lw=2)
+    targets = sorted(float(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("froc_dr_at_"))
+    for t in targets:
+        ax.plot([t], [metrics[f"froc_dr_at_{t:g}"]], "o", color="black", ms=4)
+    ax.axvspan(min(targets, default=1), max(targets, default=1), color="grey", alpha=0.08)
+    ax.set_xscale("log")
+    ax.set_xlabel("false positives per mm²")
+    ax.set_ylabel("detection rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{title}; FROC {metrics.get('froc', float('nan')):.3f}")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
 def tradeoff(trials: list[dict], chosen: int, title: str):
     """Every trial as (FDR, detection rate), coloured by F1, the chosen one ringed."""
     fig, ax = plt.subplots(figsize=(6.5, 5))

@@ -7,18 +7,18 @@ patch is tiled so that cells keep the scale the model was trained at: tiles over
 size, each detection belongs to the one tile whose core holds its centre, and a cell found by two
 tiles across a cut is merged by point distance (`postprocess.keep`).
 
-Cache schema 2 (`predictions.npz`, numpy arrays):
+Cache schema 3 (`predictions.npz`, numpy arrays):
   items_name (N,) str; items_origin (N, 2) int x/y of the item in its image; items_size (N, 2) int h/w;
   items_image_size (N, 2) int h/w of the image it was cut from
   tiles_item (T,) int32; tiles_origin (T, 2) int x/y in item pixels; tiles_core (T, 4) float x_lo,
   y_lo, x_hi, y_hi in item pixels (+-inf at the item's edges)
-  det_tile (D,) int32, sorted by tile then descending score; det_boxes (D, 4) float32 x1y1x2y2 in item
-  pixels; det_nms_boxes (D, 4) float32 the same boxes in the model's resized pixels (what its NMS
-  saw); det_scores (D,) float32; det_labels (D,) int64 (1-based class)
+  det_tile (D,) int32, sorted by tile, then in canonical order (score descending, then label and box);
+  det_boxes (D, 4) float32 x1y1x2y2 in item pixels; det_nms_boxes (D, 4) float32 the same boxes in the
+  model's resized pixels (what its NMS saw); det_scores (D,) float32; det_labels (D,) int64 (1-based class)
   gt_item (G,) int32; gt_points (G, 2) float32 x/y in item pixels; gt_labels (G,) int64
   meta: a JSON string (model URI, name, version, training run, protocol, split, seed, classes,
-        box_size, match radius, border band, device, the model's own post-processing, distinct cells,
-        image pixel hashes, schema version)
+        box_size, mpp (micrometres per pixel), match radius in px and um, border band, device,
+        precision, the model's own post-processing, distinct cells, image pixel hashes, schema version)
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import MICRONS_PER_PIXEL, Config
 from .data import Sample, points_to_boxes, targets
 from .engine import PRECISION_NAMES, autocast, autocast_dtype, pick_device
-from .postprocess import Tiles, raw_outputs
+from .postprocess import Tiles, canonical_order, raw_outputs
 from .sampling import chw, name_seed, random_patch, to_float
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PAPER_PATCHES = 10
 
 
@@ -80,6 +80,17 @@ class Cache:
 
     def __len__(self) -> int:
         return len(self.items_name)
+
+    @property
+    def mpp(self) -> float:
+        """Micrometres per pixel of the evaluated images."""
+        return float(self.meta.get("mpp", MICRONS_PER_PIXEL))
+
+    @property
+    def n_classes(self) -> int:
+        """Foreground classes: those the model was trained on, or as many as the labels name."""
+        labels = np.concatenate([self.gt_labels, self.det_labels, [0]])
+        return max(len(self.meta.get("classes", ())), int(labels.max()), 1)
 
     def _tile_range(self, i: int) -> tuple[int, int]:
         lo, hi = np.searchsorted(self.tiles_item, [i, i + 1])
@@ -282,7 +293,8 @@ def _run_tiles(model, crops: list[np.ndarray], rt: Runtime) -> list[tuple[np.nda
 def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: int, rt: Runtime) -> Tiles:
     """Every raw detection of `model` (set to raw outputs, placed by `rt`) on an (H, W, 3) uint8
     image of any size, cut into tiles of `tile_hw` px (the training patch) that overlap by at least
-    `overlap` px. Boxes come back in image pixels, sorted by tile, then by descending score."""
+    `overlap` px. Boxes come back in image pixels, sorted by tile, then in canonical order (score
+    descending)."""
     h, w = image.shape[:2]
     th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
@@ -291,7 +303,7 @@ def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: in
     outputs = _run_tiles(model, [image[y0 : y0 + th, x0 : x0 + tw] for x0, y0 in starts], rt)
     parts = []
     for k, ((x0, y0), (boxes, nms_boxes, scores, labels)) in enumerate(zip(starts, outputs)):
-        order = np.argsort(-scores, kind="stable")
+        order = canonical_order(nms_boxes, scores, labels)  # what the replay's prefixes assume
         shift = np.array([x0, y0, x0, y0], np.float32)
         parts.append(
             (np.full(len(scores), k, np.int32), boxes[order] + shift, nms_boxes[order], scores[order], labels[order])

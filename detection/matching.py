@@ -126,7 +126,9 @@ class Counts:
 
     @property
     def precision(self) -> float:
-        return 1.0 - self.false_discovery_rate if self.tp + self.fp else 0.0
+        """TP / detections = 1 - FDR, so 1 when nothing is detected (where a precision-recall curve
+        starts, as scikit-learn's does)."""
+        return 1.0 - self.false_discovery_rate
 
     @property
     def f1(self) -> float:

@@ -19,6 +19,7 @@ from torchvision.ops import misc as misc_nn_ops
 
 from .config import ModelConfig
 from .errors import DetectionError
+from .postprocess import ExactRoIHeads
 
 
 class WeightsError(DetectionError, RuntimeError):
@@ -87,6 +88,10 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> FasterRCNN:
         box_fg_iou_thresh=cfg.box_fg_iou_thresh,
         box_bg_iou_thresh=cfg.box_bg_iou_thresh,
     )
+    # The same heads and state_dict, with post-processing that the replay reproduces exactly under
+    # any autocast dtype and on any device (postprocess.py says why torchvision's does not).
+    model.roi_heads.__class__ = ExactRoIHeads
+    model.roi_heads.nms_class_agnostic = cfg.box_nms_class_agnostic
     if not pretrained or cfg.weights in ("imagenet", "none"):
         return model
     if cfg.weights == "coco":

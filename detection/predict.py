@@ -144,10 +144,10 @@ def detect(
         for view in cfg.eval.tta_views or ("none",):
             with raw_outputs(model):
                 tiles = detect_tiles(model, flip(img, view), cfg.data.patch_size, 2 * cfg.data.box_size, rt)
-            kept = keep(tiles, pp, cfg.eval.match_radius, rt.device.type)
+            kept = keep(tiles, pp, cfg.match_radius_px)
             views.append((unflip(tiles.boxes[kept], view, *img.shape[:2]), tiles.scores[kept], tiles.labels[kept]))
         if cfg.eval.tta_views:
-            fused = fuse(views, cfg.eval.match_radius)
+            fused = fuse(views, cfg.match_radius_px)
             above = fused.scores > np.float32(cfg.eval.tta_thresh)
             boxes, scores, labels = fused.boxes[above], fused.scores[above], fused.labels[above]
         else:

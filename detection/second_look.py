@@ -275,7 +275,9 @@ def choose(cache: Cache, probs: list[np.ndarray], radius: float, weights=WEIGHTS
     from .metrics import SWEEP, fdr_at, rates, threshold_counts
 
     def counts(weight: float) -> np.ndarray:
-        return threshold_counts(rescored(cache, probs, weight), fused_postprocess(0.0), "greedy", radius)[1].sum(0)
+        return threshold_counts(rescored(cache, probs, weight), fused_postprocess(0.0), "greedy", radius, SWEEP)[2].sum(
+            0
+        )
 
     alone = counts(0.0)
     target = float(rates(alone)[0][0])  # every kept detection: the version's own operating point
@@ -333,7 +335,7 @@ def detections(cfg: Config, model, samples, part: str, rt: Runtime) -> tuple[lis
     req = Request("", Path("."), part, "whole")
     items, views = infer_views(req, cfg, model, samples, rt, {"split": part})
     cache, pp = pipeline(views, PostProcess.of_config(cfg.model), cfg)
-    return items, kept(cache, pp, cfg.eval.match_radius)
+    return items, kept(cache, pp, cache.meta["match_radius"])
 
 
 def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
@@ -376,7 +378,7 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
             | {"second_look.source": ref.pinned}
         )
         found = {p: detections(cfg, model, s, p, rt) for p, s in parts.items()}
-        radius, size = cfg.eval.match_radius, cfg.second_look.crop
+        radius, size = cfg.match_radius_px, cfg.second_look.crop
         ex = {
             p: examples(c, [it.image for it in items], radius, size, cfg.second_look.max_examples, cfg.train.seed)
             for p, (items, c) in found.items()

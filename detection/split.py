@@ -11,6 +11,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from . import leakage
 from .config import SplitConfig
 from .data import Sample
 from .errors import DetectionError
@@ -32,7 +33,8 @@ class Split:
     sha256: dict[str, str]  # image hash by name, for leakage checks at evaluation
     # "pixels": sha256 of the decoded pixels (data.pixel_sha256); "file": of the file's bytes (older runs)
     hash_kind: str = "file"
-    thumbnails: dict[str, str] = field(default_factory=dict)  # training images' grey thumbnails (hex)
+    thumbnails: dict[str, str] = field(default_factory=dict)  # training images' grey thumbnails (leakage.py)
+    thumbnail_kind: str = leakage.KIND  # leakage.LEGACY_KIND in splits recorded before issue 20
 
     def names(self, split: str) -> tuple[str, ...]:
         return getattr(self, split)
@@ -47,6 +49,7 @@ class Split:
             "sha256": dict(sorted(self.sha256.items())),
             "hash_kind": self.hash_kind,
             "thumbnails": dict(sorted(self.thumbnails.items())),
+            "thumbnail_kind": self.thumbnail_kind,
         }
 
     def to_json(self) -> str:
@@ -69,6 +72,7 @@ class Split:
             dict(d["sha256"]),
             d.get("hash_kind", "file"),
             dict(d.get("thumbnails", {})),
+            d.get("thumbnail_kind", leakage.LEGACY_KIND),
         )
 
 

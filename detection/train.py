@@ -274,7 +274,7 @@ def fit(
                 val_set,
                 device,
                 dtype,
-                cfg.eval.match_radius,
+                cfg.match_radius_px,
                 cfg.model.num_classes,
                 on_patch=lambda: bar.advance(phase="val"),
             )

@@ -94,7 +94,7 @@ def fuse(views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], radius: float) 
 def kept_in_view(cache: Cache, i: int, view: str, pp: PostProcess, radius: float):
     """Item i's detections kept in `view` (its cache made on the flipped item), in item pixels."""
     lo = cache.det_range(i)[0]
-    k = lo + keep(cache.tiles(i), pp, radius, cache.meta.get("device", "cpu"))
+    k = lo + keep(cache.tiles(i), pp, radius)
     h, w = (int(x) for x in cache.items_size[i])
     return unflip(cache.det_boxes[k], view, h, w), cache.det_scores[k], cache.det_labels[k]
 

@@ -48,7 +48,7 @@ from .evaluate import (
 )
 from .inference import Cache
 from .matching import Counts
-from .metrics import Replayer, score
+from .metrics import Replayer, froc, score
 from .postprocess import PostProcess
 from .progress import Bar
 from .tta import fused_cache, fused_postprocess
@@ -97,6 +97,11 @@ class TuneRequest:
             raise TuneError(f"objective={self.objective!r} must be one of {', '.join(OBJECTIVES)}")
         if self.n_trials <= 0:
             raise TuneError(f"n_trials={self.n_trials} must be > 0")
+        if self.objective == "froc" and self.kind != "postprocess":
+            raise TuneError(
+                "objective=froc reads each trial's detection rate at 10-300 false positives per mm² off its "
+                "replayed curve: use kind=postprocess (a training trial's validation has no such curve)"
+            )
         if not 0 < self.max_fdr < 1:
             raise TuneError(f"max_fdr={self.max_fdr} must be in (0, 1)")
         if not self.study:
@@ -330,9 +335,13 @@ def settle(s: Study) -> list[str]:
 # --- objectives -------------------------------------------------------------------------------
 
 
-def objective_values(objective: str, counts: Counts, max_fdr: float) -> float | tuple[float, float]:
+def objective_values(
+    objective: str, counts: Counts, max_fdr: float, froc_score: float | None = None
+) -> float | tuple[float, float]:
     if objective == "f1":
         return counts.f1
+    if objective == "froc":
+        return froc_score
     if objective == "recall_at_fdr":
         fdr = counts.false_discovery_rate
         # Infeasible points score below every feasible one, closer to feasible scoring higher.
@@ -452,8 +461,15 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
     return Study(req, study, parent, ref, cfg, model)
 
 
-def _log_trial(s: Study, trial: optuna.Trial, params: dict, counts: Counts, extra_tags: dict | None = None) -> None:
-    attrs = operating_metrics(counts)
+def _log_trial(
+    s: Study,
+    trial: optuna.Trial,
+    params: dict,
+    counts: Counts,
+    extra_tags: dict | None = None,
+    curve: dict | None = None,
+) -> None:
+    attrs = operating_metrics(counts) | (curve or {})
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     tracking.create_child_run(
@@ -480,6 +496,11 @@ class FusedReplay:
         cache, fused_pp = self.judged(pp, tta_thresh)
         return sum(score(cache, fused_pp, "greedy", self.radius).counts(), Counts(0, 0, 0))
 
+    def froc(self, pp: PostProcess, tta_thresh: float) -> dict[str, float]:
+        cache, fused_pp = self.judged(pp, tta_thresh)
+        replayer = Replayer(cache, "greedy", self.radius)
+        return froc(replayer.table(fused_pp, replayer.thresholds(fused_pp)))
+
 
 def trial_tta_thresh(trial: optuna.trial.FrozenTrial) -> float | None:
     return trial.user_attrs.get("tta.tta_thresh")
@@ -488,22 +509,26 @@ def trial_tta_thresh(trial: optuna.trial.FrozenTrial) -> float | None:
 def postprocess_objective(s: Study, replayer: Replayer, fused: FusedReplay | None = None):
     multiclass = s.config.model.num_classes > 2
     space = s.req.space()
+    by_froc = s.req.objective == "froc"
 
     def objective(trial: optuna.Trial):
         pp = suggest_postprocess(trial, space, multiclass)
         params = {f"pp.{k}": v for k, v in pp.__dict__.items()}
         if fused is None:
             counts = replayer.counts(pp)
+            reading = (lambda: froc(replayer.table(pp, replayer.thresholds(pp)))) if by_froc else dict
         else:  # the fusion's threshold joins the search
             tta_thresh = trial.suggest_float("tta_thresh", *space["tta_thresh"])
             trial.set_user_attr("tta.tta_thresh", tta_thresh)
             params["tta.tta_thresh"] = tta_thresh
             counts = fused.counts(pp, tta_thresh)
-        _log_trial(s, trial, params, counts)
+            reading = (lambda: fused.froc(pp, tta_thresh)) if by_froc else dict
+        curve = reading()  # the FROC of what the trial keeps, over its thresholds (objective froc only)
+        _log_trial(s, trial, params, counts, curve=curve)
         if s.req.objective == "pareto" and counts.tp + counts.fp == 0:
             # Detecting nothing has FDR 0 and would sit on the front; it is no operating point.
             raise optuna.TrialPruned("keeps no detection")
-        return objective_values(s.req.objective, counts, s.req.max_fdr)
+        return objective_values(s.req.objective, counts, s.req.max_fdr, curve.get("froc"))
 
     return objective
 
@@ -602,7 +627,7 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
         if s.req.kind == "postprocess":
             pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
             chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
-            radius = s.config.eval.match_radius
+            radius = test_views["none"].meta["match_radius"]
             test_cache, test_pp = (
                 (test_views["none"], pp)
                 if tta_thresh is None
@@ -742,12 +767,12 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
             test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
         flips = [v for v in cfg.eval.tta_views if v != "none"]
         fused = (
-            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), cfg.eval.match_radius)
+            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), val_cache.meta["match_radius"])
             if cfg.eval.tta_views
             else None
         )
         test_views = {"none": test_cache} | load_view_caches(test_run, flips)
-        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", cfg.eval.match_radius), fused))
+        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", val_cache.meta["match_radius"]), fused))
     else:
         lines = run(s, training_objective(s, req.data_dir))
     return s.parent, finalize(s, req.data_dir, test_views), lines

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from detection import tracking
-from detection.compare import THRESHOLDS, intervals
+from detection.compare import Units, dr_at_density, interval, reader
 from detection.data import load_dataset
 from detection.metrics import fdr_at
 from detection.train import log_detector
@@ -43,10 +43,28 @@ def test_intervals_resample_cases_and_contain_the_estimate():
         ]
     )
     value = fdr_at(units.sum(0), 0.9)
-    low, high = intervals(units, 0.9, seed=0, n=500)
-    assert low <= value <= high and high - low < 0.5
-    single = intervals(units[:1], 0.9, seed=0, n=500)
-    assert single[0] == single[1] == pytest.approx(float(fdr_at(units[0], 0.9)))
+    ci = interval(Units(units, np.ones(6), "case"), reader("fdr", 0.9), seed=0, n=500)
+    assert ci.low <= value <= ci.high and ci.high - ci.low < 0.5 and ci.reached == 1.0 and not ci.note
+    few = interval(Units(units[:4], np.ones(4), "case"), reader("fdr", 0.9), seed=0, n=500)
+    assert np.isnan(few.low) and "4 case(s), fewer than 5" in few.note
+
+
+def test_an_interval_says_how_many_resamples_reach_the_target():
+    """Issue 20: resamples that never reach the target were dropped without saying so."""
+    # Four cases find at most 0.8 of their cells, one finds all: a resample reaches 0.9 only when it
+    # draws that one (1 - 0.8^5 = 67% of them).
+    units = np.stack([_counts([8, 5], [1, 0], [2, 5])] * 4 + [_counts([40, 40], [20, 0], [0, 0])])
+    ci = interval(Units(units, np.ones(5), "case"), reader("fdr", 0.9), seed=0, n=1000)
+    assert 0.6 <= ci.reached <= 0.74 and np.isfinite(ci.low)
+
+
+def test_the_froc_reading_takes_the_lowest_threshold_within_the_density():
+    # Thresholds rise left to right; 2 mm²: 10, 4, 1, 0 false positives per mm².
+    counts = _counts([20, 18, 12, 5], [20, 8, 2, 0], [0, 2, 8, 15])
+    assert dr_at_density(counts, 2.0, 5) == pytest.approx(0.9)
+    assert dr_at_density(counts, 2.0, 0.5) == pytest.approx(0.25)
+    assert dr_at_density(counts[1:], 2.0, 100) == pytest.approx(0.9)  # past the curve's end: its last rate
+    assert dr_at_density(_counts([5], [10], [5]), 1.0, 1) == 0.0  # even the highest threshold exceeds it
 
 
 def test_the_highest_common_detection_rate_is_reached_by_every_version():
@@ -93,10 +111,10 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     assert {"comparison.json", "comparison.csv", "figures/dr_vs_fdr.png"} <= files
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/comparison.csv"))
     assert len(table) == 2 and (table.ci_unit == "image").all()  # the synthetic test split is one case
-    for col in [c for c in table.columns if c.startswith("fdr_at_dr_") and not c.endswith(("low", "high"))]:
-        for _, row in table.iterrows():
-            if np.isfinite(row[col]):
-                assert row[col + "_ci_low"] - 1e-9 <= row[col] <= row[col + "_ci_high"] + 1e-9
+    # Two images: too few units for a 95% interval, and the table says so (issue 20).
+    assert table.ci_note.str.contains("2 image\\(s\\), fewer than 5").all()
+    assert table[[c for c in table.columns if c.endswith(("_ci_low", "_ci_high"))]].isna().all().all()
+    assert table["fdr_at_dr_0.5"].notna().all()
     # The TTA version's evaluation holds a raw cache per flip and judges the fused detections.
     evaluation = client.get_run(table.evaluation_run[1])
     assert evaluation.data.tags["detection.tta_views"] == "none,h,v,hv"
@@ -109,10 +127,31 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     image = [s for s in load_dataset(synth_dir) if s.name == name][0].read_image()
     served = mlflow.pyfunc.load_model(f"models:/brecahad-tta/{tta}").predict(pd.DataFrame({"image": [image]}))
     req = CompareRequest((f"models:/brecahad-tta/{tta}",), synth_dir)
-    _, cache, pp = judged(req, tracking.resolve_model(f"models:/brecahad-tta/{tta}"), run_id)
+    radius = float(run.data.tags["detection.match_radius_um"])
+    _, cache, pp = judged(req, tracking.resolve_model(f"models:/brecahad-tta/{tta}"), radius, run_id)
     i = list(cache.items_name).index(name)
     lo, hi = cache.det_range(i)
     fused = cache.det_scores[lo:hi]
     assert len(served) == int((fused > np.float32(pp.score_thresh)).sum()) > 0
     assert np.allclose(np.sort(served.score.to_numpy())[::-1], fused[fused > np.float32(pp.score_thresh)], atol=1e-5)
-    assert len(THRESHOLDS) > 300
+
+    # The FROC axis reuses both evaluations and reads detection rates at false positives per mm².
+    froc = run_cli(
+        "compare",
+        "--models",
+        f"models:/brecahad-faster-rcnn/{plain.version} models:/brecahad-tta/{tta}",
+        "--data-dir",
+        str(synth_dir),
+        "--axis",
+        "froc",
+        cwd=in_store["workdir"],
+    )
+    assert froc.returncode == 0, froc.stderr[-3000:]
+    froc_run = froc.stdout.split("run ")[-1].split(":")[0]
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{froc_run}/comparison.csv"))
+    assert set(table.evaluation_run) == set(
+        pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/comparison.csv")).evaluation_run
+    )
+    assert {"dr_at_10_fp_per_mm2", "dr_at_300_fp_per_mm2", "froc"} <= set(table.columns)
+    assert (table.dr_at_10_fp_per_mm2 <= table.dr_at_300_fp_per_mm2).all()
+    assert "figures/froc.png" in {a.path for a in client.list_artifacts(froc_run, "figures")}

@@ -125,7 +125,7 @@ def test_local_weights_file(tmp_path):
 
 @pytest.fixture
 def saved_today() -> dict:
-    """What train logs as config.yaml with today's code: a version-1 config."""
+    """What train logs as config.yaml with today's code: a version-2 config."""
     import yaml
 
     return yaml.safe_load(config.dump(config.load(EXPERIMENTS / "smoke.yaml", ["tracking.system_metrics=false"])))
@@ -134,7 +134,7 @@ def saved_today() -> dict:
 @pytest.fixture
 def renamed_release(saved_today, monkeypatch):
     """A later release that renamed tracking.system_metrics to tracking.log_system_metrics: config
-    version 2, with the upgrade step from version 1."""
+    version 3, with the upgrade step from version 2 after today's steps."""
     import dataclasses
 
     fields = [
@@ -144,35 +144,53 @@ def renamed_release(saved_today, monkeypatch):
     renamed = dataclasses.make_dataclass("TrackingConfig", fields, frozen=True)
     renamed.__module__ = config.__name__  # its string annotations resolve in detection.config
     monkeypatch.setattr(config, "TrackingConfig", renamed)
-    monkeypatch.setattr(config, "CONFIG_VERSION", 2)
+    monkeypatch.setattr(config, "CONFIG_VERSION", 3)
     monkeypatch.setattr(
         config,
         "UPGRADES",
-        {1: lambda t: config.rename_key(t, "tracking.system_metrics", "tracking.log_system_metrics")},
+        config.UPGRADES | {2: lambda t: config.rename_key(t, "tracking.system_metrics", "tracking.log_system_metrics")},
     )
 
 
-@pytest.mark.parametrize("saved_as", ["version 1", "before versions"])
-def test_a_registered_version_1_config_loads_after_a_key_is_renamed(saved_as, saved_today, renamed_release):
+def _as_version_1(tree: dict) -> dict:
+    """A config as release 1 wrote it: the match radius in pixels (16 px), no data.mpp."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    tree["eval"].pop("match_radius_um")
+    tree["eval"]["match_radius"] = 16.0
+    tree["data"].pop("mpp")
+    return tree
+
+
+@pytest.mark.parametrize("saved_as", ["version 2", "version 1", "before versions"])
+def test_a_registered_config_loads_after_a_key_is_renamed(saved_as, saved_today, renamed_release):
     saved = dict(saved_today)
-    assert saved.pop("version") == 1
-    if saved_as == "version 1":
-        saved["version"] = 1
+    assert saved.pop("version") == 2
+    if saved_as == "version 2":
+        saved["version"] = 2
+    else:
+        saved = _as_version_1(saved) | ({"version": 1} if saved_as == "version 1" else {})
     cfg = config.from_dict(saved, "run 0123 config.yaml")  # as predict.load_weights reads a registered model
-    assert cfg.version == 2 and cfg.tracking.log_system_metrics is False
-    assert cfg.model == config.from_dict(saved_today | {"version": 1, "tracking": {}}).model
+    assert cfg.version == 3 and cfg.tracking.log_system_metrics is False
+    assert cfg.model == config.from_dict(saved_today | {"tracking": {}}).model
     assert "system_metrics:" not in config.dump(cfg).replace("log_system_metrics:", "")
 
 
+def test_a_version_1_radius_in_pixels_keeps_its_pixels(saved_today):
+    """Release 1 matched within eval.match_radius px; release 2 reads micrometres (issue 20)."""
+    old = config.from_dict(_as_version_1(dict(saved_today)) | {"version": 1})
+    assert old.eval.match_radius_um == pytest.approx(16 * 0.514) and old.match_radius_px == pytest.approx(16.0)
+    assert config.from_dict(saved_today).match_radius_px == pytest.approx(7.5 / 0.514)
+
+
 def test_without_its_upgrade_step_a_renamed_key_would_not_load(saved_today, renamed_release, monkeypatch):
-    monkeypatch.setattr(config, "UPGRADES", {1: lambda t: t})
+    monkeypatch.setattr(config, "UPGRADES", config.UPGRADES | {2: lambda t: t})
     with pytest.raises(ConfigError, match="unknown key tracking.system_metrics"):
         config.from_dict(saved_today)
 
 
 def test_a_config_from_a_newer_release_is_named():
     saved = config.load(EXPERIMENTS / "smoke.yaml").to_dict() | {"version": 7}
-    with pytest.raises(ConfigError, match=r"run x: version=7 .* \(1 to 1\); a newer release .* upgrade the package"):
+    with pytest.raises(ConfigError, match=r"run x: version=7 .* \(1 to 2\); a newer release .* upgrade the package"):
         config.from_dict(saved, "run x")
     with pytest.raises(ConfigError, match=r"version='2' .* a config version is a whole number from 1"):
         config.from_dict(saved | {"version": "2"}, "run x")

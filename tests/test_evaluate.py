@@ -54,6 +54,27 @@ def test_replay_equals_running_the_model(in_store, synth_dir):
     assert compared > 100
 
 
+def test_training_validation_under_bf16_equals_an_evaluation_of_the_same_checkpoint(in_store, synth_dir):
+    """val/ metrics come from the model's own post-processing under autocast; an evaluation replays
+    its raw outputs. On the same patches, in bf16, they must count the same."""
+    from detection.engine import validate
+    from detection.inference import Item, Runtime, raw_inference
+    from detection.matching import Counts
+    from detection.metrics import score
+
+    detector = _detector()
+    model, cfg = detector.model, detector.config
+    patches = validation_patches(load_dataset(synth_dir)[:3], cfg.data, seed=5, per_image=2)
+    rt = Runtime(torch.device("cpu"), torch.bfloat16)
+    items = [Item(p.name, p.origin, p.image, p.points, p.labels, (1024, 1360)) for p in patches]
+    cache = raw_inference(model, items, cfg, rt)  # places the model as evaluation does
+    cache.meta = {"box_size": cfg.data.box_size, "border_band": 0.0, "classes": list(cfg.data.classes)}
+    radius = cfg.match_radius_px
+    replayed = sum(score(cache, PostProcess.of_config(cfg.model), "greedy", radius).counts(), Counts(0, 0, 0))
+    val = validate(model, patches, rt.device, rt.dtype, radius, cfg.model.num_classes)
+    assert val.counts == replayed and replayed.tp + replayed.fp > 0
+
+
 def _mlflow(*args, cwd, uri):
     env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
     return subprocess.run(
@@ -109,28 +130,36 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
         "items",
         "n_cases",
         "n_images",
-        "detection_rate_ci_low",
-        "detection_rate_ci_high",
-        "fdr_ci_low",
-        "fdr_ci_high",
-        "f1_ci_low",
-        "f1_ci_high",
+        "area_mm2",
+        "fp_per_mm2",
+        "froc",
+        "froc_dr_at_10",
+        "froc_dr_at_300",
     ):
         assert f"test/{k}" in m, k
     assert m["test/tp"] + m["test/fn"] > 50  # the two held-out synthetic images' tumour cells
+    # Two images of one case: no "95%" interval, and the run says why (issue 20).
+    assert not any(k.endswith(("_ci_low", "_ci_high")) for k in m)
+    assert "fewer than 5: no 95% interval" in tags["detection.ci_note"] and tags["detection.ci_unit"] == "image"
+    # The radius in micrometres and pixels, at the images' resolution (data.mpp: BreCaHAD's).
+    assert tags["detection.match_radius_um"] == "7.5" and tags["detection.mpp"] == "0.514"
+    assert float(run.data.params["eval.match_radius_px"]) == pytest.approx(7.5 / 0.514)
+    assert m["test/area_mm2"] == pytest.approx(2 * 1024 * 1360 * 0.514**2 * 1e-6)
+    assert m["test/fp_per_mm2"] == pytest.approx(m["test/fp"] / m["test/area_mm2"])
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"predictions.npz", "test_per_image.json", "test_threshold_curve.csv", "figures", "overlays"} <= files
+    expected = {"predictions.npz", "test_per_image.json", "test_threshold_curve.csv", "test_froc_curve.csv"}
+    assert expected | {"figures", "overlays"} <= files
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
-    assert figures == {"figures/fig4_tpr_fdr.png", "figures/precision_recall.png"}
+    assert figures == {"figures/fig4_tpr_fdr.png", "figures/precision_recall.png", "figures/froc.png"}
 
     cache = load_cache(run.info.run_id)
     assert len(cache) == 2 and cache.meta["protocol"] == "whole" and len(cache.det_scores) > len(cache.gt_points)
     pp = PostProcess(**cache.meta["postprocess"])
     again = judge(cache, pp, "greedy", cache.meta["match_radius"]).metrics
-    for k in ("detection_rate", "fdr", "ap", "box_ap50"):
+    for k in ("detection_rate", "fdr", "ap", "box_ap50", "fp_per_mm2", "froc"):
         assert again[k] == pytest.approx(m[f"test/{k}"], abs=1e-9)
     assert m["test/tp"] + m["test/fn"] == m["test/cells"] and m["test/cells_uncovered"] == 0
-    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "3"
+    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "4"
 
     # Named for what it is, in an experiment the UI opens on its runs table, with its images as input.
     assert run.info.run_name == f"evaluate v{version.version} test whole"

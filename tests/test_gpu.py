@@ -49,7 +49,7 @@ def test_batched_cuda_tiles_keep_what_one_by_one_keeps():
         rt = Runtime.choose("cuda", "fp32", batch)
         with raw_outputs(model):
             tiles = detect_tiles(rt.place(model), image, cfg.data.patch_size, 2 * cfg.data.box_size, rt)
-        kept.append(tiles.boxes[keep(tiles, pp, cfg.eval.match_radius, "cuda")])
+        kept.append(tiles.boxes[keep(tiles, pp, cfg.match_radius_px)])
     a, b = kept
     assert abs(len(a) - len(b)) <= max(2, 0.02 * len(a))
     centres = lambda x: (x[:, :2] + x[:, 2:]) / 2  # noqa: E731
@@ -66,6 +66,33 @@ def test_cuda_matches_cpu_in_fp32():
             out.append(detect_tiles(rt.place(model), image, cfg.data.patch_size, 64, rt))
     assert abs(len(out[0].scores) - len(out[1].scores)) <= 0.01 * len(out[0].scores)
     assert np.allclose(np.sort(out[0].scores)[-50:], np.sort(out[1].scores)[-50:], atol=1e-3)
+
+
+def test_the_model_under_cuda_autocast_keeps_what_the_cpu_replay_keeps():
+    """Issue 20: under bf16 the replay of torchvision's heads kept other boxes; the model's own heads
+    decide in float32 with NMS on the CPU, so a CUDA cache replays exactly, box for box."""
+    from detection.inference import _run_tiles
+    from detection.postprocess import apply, replay_tile
+
+    cfg, model = _smoke()
+    image = _image()[:512, :680]
+    wrong = []
+    for precision in ("bf16", "fp16"):
+        rt = Runtime.choose("cuda", precision, 1)
+        with raw_outputs(model):
+            raw = detect_tiles(rt.place(model), image, cfg.data.patch_size, 64, rt)
+        for pp in (PostProcess(t, u, k) for t in (0.0, 0.05, 0.3) for u in (0.3, 0.5, 0.8) for k in (50, 200)):
+            apply(model, pp)
+            _, nms_boxes, scores, labels = _run_tiles(model, [image], rt)[0]
+            kept = replay_tile(raw.nms_boxes, raw.scores, raw.labels, pp)
+            same = (
+                np.array_equal(raw.nms_boxes[kept], nms_boxes)
+                and np.array_equal(raw.scores[kept], scores)
+                and np.array_equal(raw.labels[kept], labels)
+            )
+            if not same:
+                wrong.append((precision, pp))
+    assert wrong == []
 
 
 def test_the_training_fast_path_steps_in_bf16_without_a_scaler():

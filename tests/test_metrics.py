@@ -14,18 +14,20 @@ RADIUS = 16.0
 KEEP_ALL = PostProcess(score_thresh=0.0, nms_thresh=1.0, detections_per_img=1000)
 
 
-def make_cache(items, size=200, origins=None, image_size=None, band=0.0):
-    """items: list of (detections [(cx, cy, score)], cells [(x, y)]) on size x size items, one image
-    each, each item one model input."""
-    det_tile, boxes, scores, gt_item, points = [], [], [], [], []
+def make_cache(items, size=200, origins=None, image_size=None, band=0.0, mpp=0.5, classes=("tumor",)):
+    """items: list of (detections [(cx, cy, score[, label])], cells [(x, y[, label])]) on size x size
+    items, one image (and case) each, each item one model input; labels default to 1."""
+    det_tile, boxes, scores, labels, gt_item, points, gt_labels = [], [], [], [], [], [], []
     for i, (dets, cells) in enumerate(items):
-        for cx, cy, s in sorted(dets, key=lambda d: -d[2]):
+        for cx, cy, s, *lab in sorted(dets, key=lambda d: -d[2]):
             det_tile.append(i)
             boxes.append([cx - 16, cy - 16, cx + 16, cy + 16])
             scores.append(s)
-        for x, y in cells:
+            labels.append(lab[0] if lab else 1)
+        for x, y, *lab in cells:
             gt_item.append(i)
             points.append([x, y])
+            gt_labels.append(lab[0] if lab else 1)
     n = len(items)
     boxes = np.array(boxes, np.float32).reshape(-1, 4)
     return Cache(
@@ -40,11 +42,11 @@ def make_cache(items, size=200, origins=None, image_size=None, band=0.0):
         det_boxes=boxes,
         det_nms_boxes=boxes.copy(),
         det_scores=np.array(scores, np.float32),
-        det_labels=np.ones(len(scores), np.int64),
+        det_labels=np.array(labels, np.int64),
         gt_item=np.array(gt_item, np.int32),
         gt_points=np.array(points, np.float32).reshape(-1, 2),
-        gt_labels=np.ones(len(points), np.int64),
-        meta={"box_size": 32, "border_band": band},
+        gt_labels=np.array(gt_labels, np.int64),
+        meta={"box_size": 32, "border_band": band, "mpp": mpp, "classes": list(classes)},
     )
 
 
@@ -90,9 +92,17 @@ def test_score_ties_give_one_match_each():
 
 
 def test_model_that_detects_nothing_has_defined_metrics():
+    """Issue 20: precision was 0 with FDR 0 when nothing was detected; precision = 1 - FDR always."""
     m = metrics([([], [(50, 50)]), ([], [(60, 60), (90, 90)])])
-    assert (m["detection_rate"], m["fdr"], m["precision"], m["f1"], m["box_ap50"], m["ap"]) == (0, 0, 0, 0, 0, 0)
-    assert (m["detection_rate_ci_low"], m["detection_rate_ci_high"]) == (0.0, 0.0)
+    assert (m["detection_rate"], m["fdr"], m["precision"], m["f1"], m["box_ap50"], m["ap"]) == (0, 0, 1, 0, 0, 0)
+    assert m["fp_per_mm2"] == 0.0
+
+
+def test_precision_is_one_minus_fdr_at_every_threshold():
+    items = [([(50, 50, 0.9), (150, 150, 0.4)], [(50, 50)]), ([(60, 60, 0.7)], [(90, 90)])]
+    table = judge(make_cache(items), KEEP_ALL, "greedy", RADIUS).curve
+    assert (table.tp + table.fp == 0).any()  # the highest thresholds keep nothing
+    assert np.allclose(table.precision, 1 - table.fdr)
 
 
 def test_empty_images_are_neutral():
@@ -107,9 +117,9 @@ def test_operating_threshold_and_bootstrap_interval():
         ([(50, 50, 0.9), (100, 100, 0.3)], [(50, 50), (100, 100)]),
         ([(50, 50, 0.2)], [(50, 50)]),
         ([(70, 70, 0.95), (10, 190, 0.6)], [(70, 70)]),
-    ]
+    ] * 2  # six images of six cases: enough units for an interval
     m = metrics(items, PostProcess(score_thresh=0.5, nms_thresh=1.0, detections_per_img=100))
-    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 2)
+    assert (m["tp"], m["fp"], m["fn"]) == (4, 2, 4)
     assert m["detection_rate_ci_low"] <= m["detection_rate"] <= m["detection_rate_ci_high"]
     assert m["detection_rate_ci_low"] < m["detection_rate_ci_high"]
 
@@ -181,7 +191,7 @@ def test_ap_equals_pycocotools_on_a_random_case():
     assert ap50 == pytest.approx(p[0][p[0] > -1].mean(), abs=1e-9)
 
 
-def test_nms_once_per_group_equals_replay_at_every_threshold_and_k():
+def test_nms_once_per_iou_equals_replay_at_every_threshold_and_k():
     rng = np.random.default_rng(3)
     xy = rng.uniform(0, 300, size=(600, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(10, 40, size=(600, 2))], axis=1).astype(np.float32)
@@ -193,7 +203,7 @@ def test_nms_once_per_group_equals_replay_at_every_threshold_and_k():
             for t in (0.0, 0.05, 0.5, 0.9):
                 for k in (1, 50, 10_000):
                     pp = PostProcess(t, iou, k, agnostic)
-                    assert np.array_equal(order.survivors(t)[1][:k], replay_tile(boxes, scores, labels, pp))
+                    assert np.array_equal(order.survivors(t)[:k], replay_tile(boxes, scores, labels, pp))
 
 
 CPU = Runtime(torch.device("cpu"))
@@ -358,21 +368,52 @@ def test_intervals_resample_cases_not_images():
     from detection.metrics import bootstrap, bootstrap_unit
 
     # Within each case one image is all found and one all missed: every case is at 0.5.
+    cases = range(1, 7)
     images = pd.DataFrame(
         {
-            "image": [f"Case_{c}-0{k}" for c in (1, 2, 3) for k in (1, 2)],
-            "case": [f"Case_{c}" for c in (1, 2, 3) for _ in (1, 2)],
-            "tp": [10, 0] * 3,
-            "fp": [0] * 6,
-            "fn": [0, 10] * 3,
+            "image": [f"Case_{c}-0{k}" for c in cases for k in (1, 2)],
+            "case": [f"Case_{c}" for c in cases for _ in (1, 2)],
+            "tp": [10, 0] * 6,
+            "fp": [0] * 12,
+            "fn": [0, 10] * 6,
         }
     )
     assert bootstrap_unit(images) == "case"
-    assert bootstrap(images)["detection_rate"] == (0.5, 0.5)
+    assert bootstrap(images).bounds["detection_rate"] == (0.5, 0.5)
     one_case = images.assign(case="Case_1")
     assert bootstrap_unit(one_case) == "image"
-    low, high = bootstrap(one_case)["detection_rate"]
+    low, high = bootstrap(one_case).bounds["detection_rate"]
     assert low < 0.5 < high
+
+
+def _images(tp, fp, fn, per_case=1):
+    import pandas as pd
+
+    n = len(tp)
+    return pd.DataFrame(
+        {"image": [f"Case_{k // per_case}-0{k % per_case}" for k in range(n)], "tp": tp, "fp": fp, "fn": fn}
+    ).assign(case=lambda d: [name.split("-")[0] for name in d.image])
+
+
+def test_too_few_units_get_no_95_percent_interval_and_say_why():
+    """Issue 20: with 2 images the "95%" interval was exactly the two images' rates."""
+    from detection.metrics import MIN_UNITS, bootstrap
+
+    few = bootstrap(_images([8, 2], [1, 3], [2, 8]))
+    assert few.bounds == {} and set(few.missing) == {"detection_rate", "fdr", "f1"}
+    assert f"fewer than {MIN_UNITS}" in few.note() and "2 case(s)" in few.note()
+    enough = bootstrap(_images([8, 2, 5, 6, 7], [1, 3, 2, 2, 1], [2, 8, 5, 4, 3]))
+    assert set(enough.bounds) == {"detection_rate", "fdr", "f1"} and not enough.missing
+
+
+def test_a_case_without_cells_leaves_the_detection_rate_interval_defined():
+    """Issue 20: one case without cells made the detection-rate interval NaN, silently not logged."""
+    from detection.metrics import bootstrap
+
+    got = bootstrap(_images([8, 2, 5, 6, 7, 0], [1, 3, 2, 2, 1, 4], [2, 8, 5, 4, 3, 0]))
+    low, high = got.bounds["detection_rate"]
+    assert np.isfinite(low) and np.isfinite(high) and low < high
+    assert np.isfinite(got.bounds["fdr"][0])
 
 
 def test_radius_zero_matches_coincident_points():
@@ -403,3 +444,96 @@ def test_paper_patches_are_seeded_by_image_name(synth_dir):
     among = [it for it in paper_items(samples, cfg, seed=0) if it.name == samples[3].name]
     assert [it.origin for it in alone] == [it.origin for it in among]
     assert len({it.origin for it in alone}) > 1
+
+
+# --- issue 20: the band, the merge across cuts, classes, densities --------------------------------
+
+
+def _patch(items, band=16.0):
+    """A 200 px patch at (100, 100) of a 1024 x 1360 image: all four edges are inner edges."""
+    return judge(
+        make_cache(items, origins=[(100, 100)], image_size=(1024, 1360), band=band), KEEP_ALL, "greedy", RADIUS
+    )
+
+
+def test_a_counted_cell_found_by_a_detection_inside_the_band_is_found():
+    """Issue 20: a cell just outside the band whose detection lies inside it was counted a miss."""
+    m = _patch([([(12, 100, 0.9)], [(20, 100)])]).metrics
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 0)
+
+
+def test_a_detection_takes_a_counted_cell_before_a_band_cell():
+    """Issue 20: a detection spent itself on a band cell and left a counted cell 9 px away a miss."""
+    m = _patch([([(14, 100, 0.9)], [(8, 100), (23, 100)])]).metrics
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 0, 0)
+
+
+def _cut():
+    starts_x = tile_starts(1360, 680, 64)
+    return (starts_x[0] + 680 + starts_x[1]) // 2  # where the first two tiles' cores meet
+
+
+@pytest.mark.parametrize("apart", [10, 12, 15])
+def test_two_cells_on_either_side_of_a_cut_are_both_kept(apart):
+    """Issue 20: the merge across cuts deleted a real neighbour (tp 1, fn 1; tp 2 inside one tile)."""
+    image = np.zeros((1024, 1360, 3), np.uint8)
+    cut = _cut()
+    pairs = [((cut - apart // 2, y), (cut - apart // 2 + apart, y)) for y in (150, 450, 800)]
+    inside = [((300, y), (300 + apart, y)) for y in (150, 450)]
+    for a, b in pairs + inside:
+        image[a[1], a[0]] = image[b[1], b[0]] = 255
+    tiles = detect_tiles(CellFinder(), image, (512, 680), 64, CPU)
+    kept = keep(tiles, KEEP_ALL, RADIUS)
+    cells = np.array([c for pair in pairs + inside for c in pair], float)
+    d = np.linalg.norm(tiles.centres[kept][:, None] - cells[None], axis=2)
+    assert (d.min(axis=0) <= 1.0).all() and len(kept) == len(cells)
+
+
+def test_a_duplicate_across_a_cut_merges_across_classes_when_nms_is_class_agnostic():
+    """Issue 20: the merge worked per class even with class-agnostic NMS."""
+    from detection.postprocess import Tiles
+
+    boxes = np.array([[82, 34, 114, 66], [86, 34, 118, 66]], np.float32)  # centres x 98 and 102
+    tiles = Tiles(
+        origin=np.array([[0, 0], [60, 0]]),
+        core=np.array([[-np.inf, -np.inf, 100, np.inf], [100, -np.inf, np.inf, np.inf]]),
+        tile=np.array([0, 1]),
+        boxes=boxes,
+        nms_boxes=boxes.copy(),
+        scores=np.array([0.9, 0.8], np.float32),
+        labels=np.array([1, 2]),
+    )
+    assert len(keep(tiles, PostProcess(0.0, 0.5, 100, class_agnostic=True), RADIUS)) == 1
+    assert len(keep(tiles, PostProcess(0.0, 0.5, 100, class_agnostic=False), RADIUS)) == 2  # two classes
+
+
+def test_false_positives_per_mm2_and_the_froc_by_hand():
+    # 200 x 200 px at 0.5 um/px: 0.01 mm², so each false positive is 100 per mm².
+    dets = [(30, 30, 0.9), (60, 150, 0.8), (90, 90, 0.7), (120, 30, 0.6), (150, 150, 0.5), (170, 60, 0.4)]
+    m = metrics([(dets, [(30, 30), (90, 90), (150, 150)])])
+    assert m["area_mm2"] == pytest.approx(0.01) and m["fp_per_mm2"] == pytest.approx(300)
+    # 0 FP: 1/3 found; 1 FP (100/mm²): 2/3; 2 FP (200/mm²): all.
+    expected = {10: 1 / 3, 20: 1 / 3, 50: 1 / 3, 100: 2 / 3, 200: 1.0, 300: 1.0}
+    for t, v in expected.items():
+        assert m[f"froc_dr_at_{t}"] == pytest.approx(v)
+    assert m["froc"] == pytest.approx(np.mean(list(expected.values())))
+
+
+def test_the_band_is_left_out_of_the_area():
+    report = _patch([([(100, 100, 0.9)], [(100, 100)])])
+    assert report.metrics["area_mm2"] == pytest.approx((200 - 32) ** 2 * 0.25e-6)
+
+
+def test_each_class_is_counted_apart_and_a_wrong_class_is_a_false_positive_and_a_miss():
+    """Issue 20: the pooled rate mixed classes without saying how a wrong class counts."""
+    dets = [(50, 50, 0.9, 1), (120, 120, 0.8, 1), (160, 40, 0.7, 2)]
+    cells = [(50, 50, 1), (120, 120, 2), (160, 40, 2)]  # the second detection has the wrong class
+    m = judge(make_cache([(dets, cells)], classes=("tumor", "non_tumor")), KEEP_ALL, "greedy", RADIUS).metrics
+    assert (m["tumor/tp"], m["tumor/fp"], m["tumor/fn"]) == (1, 1, 0)
+    assert (m["non_tumor/tp"], m["non_tumor/fp"], m["non_tumor/fn"]) == (1, 0, 1)
+    assert (m["tp"], m["fp"], m["fn"]) == (2, 1, 1)  # pooled: the sum of the classes
+    assert (m["any_class/tp"], m["any_class/fp"], m["any_class/fn"]) == (3, 0, 0)
+
+
+def test_one_class_logs_no_class_figures():
+    assert not any("/" in k for k in metrics([([(50, 50, 0.9)], [(50, 50)])]))

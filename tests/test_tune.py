@@ -38,7 +38,7 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
     by_name = {s.name: s for s in load_dataset(synth_dir)}
     items = paper_items([by_name[n] for n in split.val], cfg, seed=0)
     assert [it.name for it in items] == cache.items_name.tolist()
-    replayer = Replayer(cache, "greedy", cfg.eval.match_radius)
+    replayer = Replayer(cache, "greedy", cfg.match_radius_px)
     # Thresholds from the scores this (barely trained) model gives, so every setting keeps boxes.
     low, high = (float(q) for q in np.quantile(cache.det_scores, [0.5, 0.95]))
     for pp in (PostProcess(0.0, 0.8, 200), PostProcess(low, 0.4, 30), PostProcess(high, 0.65, 1000)):
@@ -50,7 +50,7 @@ def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir)
                 out = model([image])[0]
                 tp = (
                     greedy_match(
-                        box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points, cfg.eval.match_radius
+                        box_centres(out["boxes"].numpy()), out["scores"].numpy(), item.points, cfg.match_radius_px
                     )
                     >= 0
                 )
@@ -141,7 +141,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/{new.version}")
     chosen_pp = PostProcess.of_config(tuned.model)
     for i, name in enumerate(cache.items_name):
-        kept = cache.det_range(i)[0] + keep(cache.tiles(i), chosen_pp, tuned.eval.match_radius)
+        kept = cache.det_range(i)[0] + keep(cache.tiles(i), chosen_pp, tuned.match_radius_px)
         image = tifffile.imread(synth_dir / "images" / f"{name}.tif")
         served = pyfunc.predict(pd.DataFrame({"image": [image]}))
         assert len(served) == len(kept) > 0
