@@ -33,23 +33,22 @@ def greedy_match(centres: np.ndarray, scores: np.ndarray, points: np.ndarray, ra
 
     centres: (D, 2) x/y px; scores: (D,); points: (P, 2) x/y px; radius in px (0 matches only
     coincident points). Detections are visited by descending score (stable, so ties keep their
-    given order); each takes the nearest cell still free within the radius.
+    given order); each takes the nearest cell still free within the radius (of equally near ones,
+    the first). All pairs within the radius are sorted once, so the visit is one pass over them.
     """
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     matched = np.full(len(centres), -1, dtype=np.int64)
     if len(centres) == 0 or len(points) == 0:
         return matched
-    tree = cKDTree(points)
+    pairs = cKDTree(centres).sparse_distance_matrix(cKDTree(points), radius, output_type="ndarray")
+    rank = np.empty(len(centres), np.int64)
+    rank[np.argsort(-np.asarray(scores), kind="stable")] = np.arange(len(centres))
+    order = np.lexsort((pairs["j"], pairs["v"], rank[pairs["i"]]))
     taken = np.zeros(len(points), dtype=bool)
-    candidates = tree.query_ball_point(centres, r=radius)
-    for i in np.argsort(-np.asarray(scores), kind="stable"):
-        near = [j for j in candidates[i] if not taken[j]]
-        if near:
-            d = np.linalg.norm(points[near] - centres[i], axis=1)
-            j = near[int(np.argmin(d))]
-            taken[j] = True
-            matched[i] = j
+    for i, j in zip(pairs["i"][order].tolist(), pairs["j"][order].tolist()):
+        if matched[i] < 0 and not taken[j]:
+            matched[i], taken[j] = j, True
     return matched
 
 

@@ -178,29 +178,33 @@ class Replayer:
         return np.concatenate([[0], np.cumsum(tp)]), np.concatenate([[0], np.cumsum(counted)])
 
     def item_counts(self, i: int, pp: PostProcess, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(T,) TP and (T,) counted detections of item i with `pp` at each score threshold.
+        """(T,) TP and (T,) counted detections of item i with `pp` at each score threshold."""
+        return self._item(i, round(pp.nms_thresh, 6), pp.class_agnostic, pp.detections_per_img, _negated(thresholds))
 
-        Where top-k binds in no tile, the plan without a cut serves; one model input keeps a prefix
+    def _item(self, i: int, iou: float, agnostic: bool, k: int, neg_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where top-k binds in no tile, the plan without a cut serves; one model input keeps a prefix
         of its survivors, so top-k only shortens it; elsewhere the plan of the tiles' first k."""
-        iou, k = round(pp.nms_thresh, 6), pp.detections_per_img
-        neg_t = -np.asarray(thresholds, np.float32)
+        nms = self.tile_nms(iou, agnostic)[i]
+        if len(nms) == 1:
+            plan, neg, flags = self._plan(i, iou, agnostic, None)
+            return _lookup(plan, flags, np.minimum(neg.searchsorted(neg_t), k))
+        free = np.max([t.neg_scores.searchsorted(neg_t) for t in nms], axis=0) <= k
+        if free.all():
+            plan, neg, flags = self._plan(i, iou, agnostic, None)
+            return _lookup(plan, flags, neg.searchsorted(neg_t))
         tp, counted = np.empty(len(neg_t), np.int64), np.empty(len(neg_t), np.int64)
-        nms = self.tile_nms(iou, pp.class_agnostic)[i]
-        above = np.max([t.neg_scores.searchsorted(neg_t) for t in nms], axis=0) if nms else np.zeros(len(neg_t), int)
-        single = len(nms) == 1
-        free = np.full(len(neg_t), single) | (above <= k)
         for bound, sel in ((None, free), (k, ~free)):
             if sel.any():
-                plan, neg, flags = self._plan(i, iou, pp.class_agnostic, bound)
-                m = neg.searchsorted(neg_t[sel])
-                tp[sel], counted[sel] = _lookup(plan, flags, np.minimum(m, k) if single else m)
+                plan, neg, flags = self._plan(i, iou, agnostic, bound)
+                tp[sel], counted[sel] = _lookup(plan, flags, neg.searchsorted(neg_t[sel]))
         return tp, counted
 
     def curves(self, pp: PostProcess, thresholds: np.ndarray) -> np.ndarray:
         """(I, T, 3) tp, fp, fn of every item at every threshold, the rest of `pp` fixed."""
-        out = np.zeros((len(self.cache), len(thresholds), 3), np.int64)
+        iou, neg_t = round(pp.nms_thresh, 6), _negated(thresholds)
+        out = np.zeros((len(self.cache), len(neg_t), 3), np.int64)
         for i in range(len(self.cache)):
-            tp, counted = self.item_counts(i, pp, thresholds)
+            tp, counted = self._item(i, iou, pp.class_agnostic, pp.detections_per_img, neg_t)
             out[i, :, 0], out[i, :, 1], out[i, :, 2] = tp, counted - tp, self.cells[i] - tp
         return out
 
@@ -242,8 +246,16 @@ def table(thresholds: np.ndarray, counts: list[Counts], area: float) -> pd.DataF
     return out
 
 
+def _negated(thresholds) -> np.ndarray:
+    """-t in float32: the model compares float32 scores with float32 thresholds."""
+    return -np.asarray(thresholds, np.float32).reshape(-1)
+
+
 def _lookup(plan: PrefixPlan, flags: list, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative TP and counted detections of what the plan keeps of each prefix length in m."""
+    if len(plan.starts) == 1:  # no link breaks: one list serves every prefix
+        n = plan.lists[0].searchsorted(m)
+        return flags[0][0][n], flags[0][1][n]
     j = plan.starts.searchsorted(m, side="right") - 1
     tp, counted = np.empty(len(m), np.int64), np.empty(len(m), np.int64)
     for jj in np.unique(j).tolist():

@@ -233,7 +233,6 @@ class Neighbours:
 
     src: np.ndarray  # (E,) int
     dst: np.ndarray  # (E,) int
-    dist: np.ndarray  # (E,) float64 px between box centres
 
     @classmethod
     def of(cls, tiles: Tiles, order: np.ndarray, radius: float, agnostic: bool) -> Neighbours:
@@ -254,12 +253,7 @@ class Neighbours:
             np.tile(dist, 2),
         )
         by = np.lexsort((dst, dist, tile[dst], src))
-        return cls(src[by], dst[by], dist[by])
-
-    def within(self, n: int) -> Neighbours:
-        """The edges among the first n detections."""
-        mine = (self.src < n) & (self.dst < n)
-        return Neighbours(self.src[mine], self.dst[mine], self.dist[mine])
+        return cls(src[by], dst[by])
 
     def first_of_group(self, tile: np.ndarray) -> np.ndarray:
         """(E,) bool: the edge goes to its source's nearest detection in the target's tile."""
@@ -278,9 +272,9 @@ def mutual_links(edges: Neighbours, tile: np.ndarray) -> np.ndarray:
     return np.array(sorted(links, key=lambda ab: ab[1]), np.int64).reshape(-1, 2)
 
 
-def settle(owned: np.ndarray, links: np.ndarray) -> np.ndarray:
+def drop_linked(owned: np.ndarray, links: np.ndarray) -> np.ndarray:
     """(N,) bool kept: owned detections, each dropped when linked to a better kept one. `links` are
-    (better, worse) positions sorted by the worse, so every better one is settled first."""
+    (better, worse) positions sorted by the worse, so every better one's fate is known first."""
     alive = owned.copy()
     for better, worse in links.tolist():
         if alive[better]:
@@ -297,7 +291,7 @@ def finish(tiles: Tiles, kept: np.ndarray, radius: float, agnostic: bool = False
         return order[owned]
     links = mutual_links(Neighbours.of(tiles, order, radius, agnostic), tiles.tile[order])
     links = links[owned[links[:, 0]] & owned[links[:, 1]]] if len(links) else links
-    return order[settle(owned, links)]
+    return order[drop_linked(owned, links)]
 
 
 def keep(tiles: Tiles, pp: PostProcess, radius: float) -> np.ndarray:
@@ -348,7 +342,7 @@ class PrefixPlan:
         lists = []
         for end in ends.tolist():
             live = np.array([(a, b) for a, b, p in links if b < end <= p], np.int64).reshape(-1, 2)
-            lists.append(np.flatnonzero(settle(owned & (np.arange(n) < end), live)))
+            lists.append(np.flatnonzero(drop_linked(owned & (np.arange(n) < end), live)))
         return cls(order, starts, lists)
 
     def kept(self, m: int) -> np.ndarray:
