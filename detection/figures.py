@@ -178,5 +178,27 @@ def dr_vs_fdr(curves: dict[str, pd.DataFrame], targets: list[float], title: str)
     return fig
 
 
+def froc_versions(curves: dict[str, pd.DataFrame], targets: list[float], title: str):
+    """Detection rate against false positives per mm² over the score threshold, one curve per
+    version, with the densities the comparison reads the detection rate at."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, c in curves.items():
+        c = c.sort_values("threshold", ascending=False)
+        has = c.fp_per_mm2 > 0
+        ax.step(c.fp_per_mm2[has], c.detection_rate[has], where="post", lw=1.6, label=label)
+    for t in targets:
+        ax.axvline(t, color="grey", lw=0.7, ls=":")
+        ax.annotate(f"{t:g}", (t, 0.01), color="grey", fontsize=8, ha="left")
+    ax.set_xscale("log")
+    ax.set_xlabel("false positives per mm² (lower is better)")
+    ax.set_ylabel("detection rate")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

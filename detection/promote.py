@@ -181,10 +181,9 @@ def count_test_use(ref: tracking.ModelRef, decided_on_test: bool) -> int:
     n = int(version.tags.get(f"promotion.{TEST_DECISIONS}", "0")) + int(decided_on_test)
     if decided_on_test:
         tracking.tag_version(ref.name, ref.version, "promotion.", {TEST_DECISIONS: n})
-        text = _TEST_LINE.sub("", version.description or "")
-        tracking.client().update_model_version(
-            ref.name, str(ref.version), description=f"{text}\n\nPromotion decisions made on its test images: {n}."
-        )
+        text = _TEST_LINE.sub("", version.description or "").rstrip()
+        line = f"Promotion decisions made on its test images: {n}."
+        tracking.client().update_model_version(ref.name, str(ref.version), description=f"{text}\n\n{line}".lstrip())
     return n
 
 

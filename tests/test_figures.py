@@ -66,3 +66,17 @@ def test_an_overlay_without_boxes_is_the_image_and_its_title(real_image):
     assert all(len(c.get_paths()) == 0 for c in fig.axes[0].collections if isinstance(c, PatchCollection))
     assert fig.axes[0].get_title().startswith(name) and len(truth) > 10
     matplotlib.pyplot.close(fig)
+
+
+def test_the_froc_figures_draw_from_a_curve_table():
+    import pandas as pd
+
+    from detection import figures
+
+    curve = pd.DataFrame(
+        {"threshold": [0.1, 0.5, 0.9], "detection_rate": [0.9, 0.6, 0.2], "fp_per_mm2": [300.0, 40.0, 0.0]}
+    )
+    metrics = {"froc_dr_at_10": 0.2, "froc_dr_at_300": 0.9, "froc": 0.55}
+    for fig in (figures.froc(curve, metrics, "t"), figures.froc_versions({"a": curve, "b": curve}, [10, 300], "t")):
+        assert fig.axes[0].get_xscale() == "log" and fig.axes[0].lines
+        figures.close(fig)

@@ -104,6 +104,37 @@ def test_promotion_gate_and_rollback(in_store, synth_dir, versions):
     assert _aliases(name) == {"champion": versions["none"], "previous": versions["all"]}
 
 
+def test_promotion_decides_on_val_reports_test_and_counts_the_decisions_made_on_test(in_store, synth_dir, versions):
+    """Issue 20: deciding promotion after promotion on the test split made it a selection set."""
+    client = MlflowClient()
+    name = "val-first"
+    client.create_registered_model(name)
+    made = {}
+    for key in ("none", "all"):
+        source = client.get_model_version(versions["name"], str(versions[key]))
+        made[key] = int(client.create_model_version(name, source.source, source.run_id).version)
+    first = _promote(in_store, synth_dir, name, made["none"])  # the default metric: val/f1
+    assert first.returncode == 0 and "first champion" in first.stdout, first.stderr[-3000:]
+    tags = client.get_model_version(name, str(made["none"])).tags
+    run = client.get_run(tags["promotion.promotion_run"])
+    assert tags["promotion.metric"] == "val/f1" and run.data.tags["detection.decided_on_test"] == "false"
+    assert run.data.tags["detection.candidate_test_decisions"] == "0" and "promotion.test_decisions" not in tags
+    table = pd.DataFrame(mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/side_by_side.json")["data"], columns=None)
+    decides = {row[0].split("/")[0]: row[1] for row in table.itertuples(index=False)}
+    assert decides == {"val": True, "test": False}  # test is reported beside the decision, not decided on
+    assert client.get_run(tags["promotion.candidate_test_eval_run"]).data.tags["detection.split"] == "test"
+
+    second = _promote(in_store, synth_dir, name, made["all"], "--metric", "test/f1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for v in made.values():  # both versions' test images decided this one
+        version = client.get_model_version(name, str(v))
+        assert version.tags["promotion.test_decisions"] == "1"
+        assert version.description.endswith("Promotion decisions made on its test images: 1.")
+    run = client.get_run(client.get_model_version(name, str(made["all"])).tags["promotion.promotion_run"])
+    assert run.data.tags["detection.candidate_test_decisions"] == "1"
+    assert run.data.tags["detection.champion_test_decisions"] == "1"
+
+
 def test_refusals_leave_the_aliases_alone(in_store, synth_dir, versions, tmp_path):
     name = versions["name"]
     if not _aliases(name):

@@ -148,6 +148,56 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         assert np.array_equal(served[["x1", "y1", "x2", "y2"]].to_numpy(np.float32), cache.det_boxes[kept])
 
 
+def test_a_froc_study_maximises_the_mean_detection_rate_at_10_to_300_fp_per_mm2(in_store, synth_dir, tmp_path):
+    """Issue 20: the FROC as a tune objective. Each trial's FROC is read off its replayed curve."""
+    from detection.metrics import exact_curve, froc
+
+    client = MlflowClient()
+    source = client.get_model_version_by_alias(MODEL, "challenger")
+    result = run_cli(
+        "tune",
+        "--model",
+        f"models:/{MODEL}/{source.version}",
+        "--data-dir",
+        str(synth_dir),
+        "--study",
+        "froc",
+        "--objective",
+        "froc",
+        "--n-trials",
+        "12",
+        "--seed",
+        "0",
+        "--storage",
+        str(tmp_path / "journal.log"),
+        cwd=in_store["workdir"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`detection.study` = 'froc' and tags.`detection.study_kind` = 'postprocess'",
+    )
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
+    )
+    assert len(trials) == 12 and all(
+        "val/froc" in t.data.metrics and "val/froc_dr_at_300" in t.data.metrics for t in trials
+    )
+    by_trial = {t.data.tags["detection.trial"]: t for t in trials}
+    chosen = by_trial[parent.data.tags["detection.chosen_trial"]]
+    assert chosen.data.metrics["val/froc"] == max(t.data.metrics["val/froc"] for t in trials)
+    best = chosen
+    # A trial's FROC is the evaluation's FROC of the same settings on the val cache.
+    _, cache = cached_evaluation(Request(f"models:/{MODEL}/{source.version}", synth_dir, "val"))
+    params = best.data.params
+    pp = PostProcess(
+        float(params["pp.score_thresh"]), float(params["pp.nms_thresh"]), int(params["pp.detections_per_img"])
+    )
+    again = froc(exact_curve(cache, pp, "greedy", cache.meta["match_radius"]))
+    assert again["froc"] == pytest.approx(best.data.metrics["val/froc"], abs=1e-9)
+
+
 def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
@@ -242,6 +292,7 @@ def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
         ({"objective": "accuracy"}, "objective='accuracy'"),
         ({"kind": "grid"}, "kind='grid'"),
         ({"ranges": {"nms": (0.1, 0.2)}}, "range 'nms' is unknown"),
+        ({"objective": "froc", "kind": "training"}, "use kind=postprocess"),
     ],
 )
 def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
