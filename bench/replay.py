@@ -130,7 +130,7 @@ def main() -> None:
     t = time.perf_counter()
     ious = np.round(np.arange(0.1, 0.9001, NMS_STEP), 6)
     for iou in ious:  # NMS and matching once per IoU value and threshold group
-        replayer.prepare(float(iou), False)
+        replayer.prepare(float(iou), False)  # NMS and the plan without a top-k cut
     prepare_s = time.perf_counter() - t
     pps = [random_pp(rng) for _ in range(args.trials)]
     t = time.perf_counter()
