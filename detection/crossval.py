@@ -54,6 +54,9 @@ def _judge_fold(cfg: Config, model, samples: list[Sample], device: str):
     cache.meta = {
         "protocol": "whole",
         "box_size": cfg.data.box_size,
+        "classes": list(cfg.data.classes),
+        "mpp": cfg.data.mpp,
+        "match_radius_um": cfg.eval.match_radius_um,
         "match_radius": cfg.match_radius_px,
         "border_band": 0.0,
         "device": Runtime.choose(device).device.type,
@@ -95,8 +98,11 @@ def leave_one_case_out(cfg: Config, data_dir: Path, cases: list[str] | None = No
         images = pd.concat(tables, ignore_index=True)
         total = Counts(int(images.tp.sum()), int(images.fp.sum()), int(images.fn.sum()))
         metrics = operating_metrics(total) | {"n_cases": images["case"].nunique(), "n_images": len(images)}
-        for name, (low, high) in bootstrap(images).items():
+        intervals = bootstrap(images)
+        for name, (low, high) in intervals.bounds.items():
             metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+        if intervals.missing:
+            tr.set_tags({"ci_note": intervals.note()})
         tr.log_metrics({f"cv/{k}": v for k, v in metrics.items() if pd.notna(v)}, step=0)
         tr.client.log_table(tr.run_id, images, "cv_per_image.json")
         per_case = images.groupby("case", as_index=False)[["tp", "fp", "fn"]].sum()

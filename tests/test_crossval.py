@@ -25,7 +25,8 @@ def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
     m = parent.data.metrics
     assert m["cv/tp"] + m["cv/fn"] == sum(len(s.points["tumor"]) for s in held_out)
     assert m["cv/n_cases"] == 2 and m["cv/n_images"] == len(held_out)
-    assert m["cv/detection_rate_ci_low"] <= m["cv/detection_rate"] <= m["cv/detection_rate_ci_high"]
+    # Two held-out cases: too few for a 95% interval over cases, and the run says so (issue 20).
+    assert "cv/detection_rate_ci_low" not in m and "fewer than 5" in parent.data.tags["detection.ci_note"]
     assert client.search_registered_models() == []  # folds are judged, never registered
 
 

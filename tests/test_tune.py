@@ -67,6 +67,19 @@ def _mlflow_tune(workdir, uri, *params):
     return subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
 
 
+def _study_runs(client, study: str):
+    """A postprocess study's parent run and its trials' nested runs."""
+    (parent,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`detection.study` = '{study}' and tags.`detection.study_kind` = 'postprocess'",
+    )
+    trials = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
+    )
+    return parent, trials
+
+
 def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     client = MlflowClient()
     before = {int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")}
@@ -82,14 +95,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         journal,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (parent,) = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        "tags.`detection.study` = 'pp' and tags.`detection.study_kind` = 'postprocess'",
-    )
-    trials = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
-    )
+    parent, trials = _study_runs(client, "pp")
     assert len(trials) == 40 and all("val/f1" in t.data.metrics for t in trials)
     assert all(t.data.params["pp.score_thresh"] for t in trials)
     assert parent.info.status == "FINISHED"
@@ -117,11 +123,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         journal,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    trials = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
-    )
-    assert len(trials) == 45  # the rerun resumed the same study under the same parent run
+    assert len(_study_runs(client, "pp")[1]) == 45  # the rerun resumed the same study under the same parent run
 
     # Both runs replayed one inference pass per split of the source version (made by the first
     # study, or by an earlier evaluation of the same version and images).
@@ -173,14 +175,7 @@ def test_a_froc_study_maximises_the_mean_detection_rate_at_10_to_300_fp_per_mm2(
         cwd=in_store["workdir"],
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (parent,) = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        "tags.`detection.study` = 'froc' and tags.`detection.study_kind` = 'postprocess'",
-    )
-    trials = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
-    )
+    parent, trials = _study_runs(client, "froc")
     assert len(trials) == 12 and all(
         "val/froc" in t.data.metrics and "val/froc_dr_at_300" in t.data.metrics for t in trials
     )
