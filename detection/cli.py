@@ -490,12 +490,14 @@ def cmd_cv(args) -> int:
     cfg = config_mod.load(args.config, [o for o in args.overrides if o.strip()])
     cases = [c for c in args.cases.replace(",", " ").split() if c]
     run_id, metrics = leave_one_case_out(cfg, args.data_dir, cases or None)
+
+    def shown(k: str) -> str:
+        low, high = metrics.get(f"{k}_ci_low"), metrics.get(f"{k}_ci_high")
+        return f"cv/{k}={metrics[k]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else " (no interval)")
+
     print(
         f"run {run_id}: {metrics['n_cases']} held-out cases, "
-        + "  ".join(
-            f"cv/{k}={metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
-            for k in ("detection_rate", "fdr", "f1")
-        )
+        + "  ".join(shown(k) for k in ("detection_rate", "fdr", "f1"))
     )
     return 0
 

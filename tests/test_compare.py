@@ -155,3 +155,33 @@ def test_compare_logs_one_run_and_a_tta_version_is_judged_on_fused_detections(in
     assert {"dr_at_10_fp_per_mm2", "dr_at_300_fp_per_mm2", "froc"} <= set(table.columns)
     assert (table.dr_at_10_fp_per_mm2 <= table.dr_at_300_fp_per_mm2).all()
     assert "figures/froc.png" in {a.path for a in client.list_artifacts(froc_run, "figures")}
+
+
+def test_the_sweep_reads_every_threshold_where_what_is_kept_changes():
+    """Issue 20: a grid of thresholds could move an FDR at a target rate by 0.01; the sweep now reads
+    the counts just below every kept score, so the FDR at a rate is the exact one."""
+    from detection.metrics import threshold_counts
+    from detection.postprocess import PostProcess
+    from tests.test_metrics import RADIUS, make_cache
+
+    rng = np.random.default_rng(5)
+    cells = [tuple(c) for c in rng.uniform(20, 180, (30, 2))]
+    dets = [(x + rng.normal(0, 3), y + rng.normal(0, 3), rng.uniform(0.01, 0.2)) for x, y in cells[:27]]
+    dets += [tuple(rng.uniform(20, 180, 2)) + (rng.uniform(0.01, 0.2),) for _ in range(40)]
+    cache = make_cache([(dets, cells)])
+    _, thresholds, counts = threshold_counts(cache, PostProcess(0.0, 1.0, 1000), "greedy", RADIUS)
+    assert len(thresholds) == len({np.float32(s) for *_, s in dets}) + 1 and np.all(np.diff(thresholds) > 0)
+    # Brute force: keep the detections scoring at least each score, match greedily, read the FDR.
+    from detection.matching import greedy_match
+
+    scores = np.array([s for *_, s in dets], np.float32)
+    best = None
+    for s in np.sort(scores)[::-1]:
+        mine = scores >= s
+        tp = int(
+            (greedy_match(np.array([d[:2] for d in dets])[mine], scores[mine], np.array(cells), RADIUS) >= 0).sum()
+        )
+        if tp / len(cells) >= 0.8:
+            best = (mine.sum() - tp) / mine.sum()
+            break
+    assert fdr_at(counts.sum(0), 0.8) == pytest.approx(best)
