@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -351,10 +352,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), source, key)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            return _finite(float(value), source, key)
         except ValueError:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -363,6 +364,13 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
         raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _finite(value: float, source: str, key: str) -> float:
+    """No setting means anything at NaN or infinity (a learning rate of .inf trains nothing)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     return value
 
 
@@ -387,7 +395,11 @@ def check(cfg: Config, source: str = "config") -> None:
         f"(background + {list(d.classes)})",
     )
     need(d.box_size > 0, f"data.box_size={d.box_size} must be > 0 pixels")
-    need(all(p > 0 for p in d.patch_size), f"data.patch_size={list(d.patch_size)} must be positive (height, width)")
+    need(
+        all(p >= 2 * d.box_size for p in d.patch_size),
+        f"data.patch_size={list(d.patch_size)} must be at least twice data.box_size ({2 * d.box_size} px) a side "
+        f"(height, width): a patch must hold a cell and its surroundings",
+    )
     need(d.val_patches > 0, f"data.val_patches={d.val_patches} must be > 0")
     need(s.mode in ("case", "paper"), f"data.split.mode={s.mode!r} must be 'case' or 'paper'")
     need(
@@ -477,7 +489,10 @@ def check(cfg: Config, source: str = "config") -> None:
         0.05 <= d.mpp <= 20, f"data.mpp={d.mpp} must be micrometres per pixel (BreCaHAD 0.514; many 40x scanners 0.25)"
     )
     need(cfg.eval.border_band >= 0, f"eval.border_band={cfg.eval.border_band} must be >= 0 pixels")
-    need(bool(cfg.tracking.registered_model), "tracking.registered_model must not be empty")
+    need(bool(cfg.tracking.registered_model.strip()), "tracking.registered_model must not be empty")
+    need(bool(cfg.tracking.experiment.strip()), "tracking.experiment must not be empty (brecahad is the default)")
+    reserved = choices.promoted_alias_problem(cfg.tracking.alias)
+    need(reserved is None, f"tracking.alias: {reserved}")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

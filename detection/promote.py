@@ -12,6 +12,7 @@ champion. Every decision is a run with a side-by-side table and figure, and tags
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,8 +55,8 @@ class PromoteRequest:
             raise PromotionError(
                 f"metric={self.metric!r} must be test/ or val/ followed by one of {', '.join(COMPARED)}"
             )
-        if self.min_delta < 0:
-            raise PromotionError(f"min_delta={self.min_delta} must be >= 0")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise PromotionError(f"min_delta={self.min_delta} must be a finite number >= 0 (0: any gain promotes)")
 
 
 @dataclass(frozen=True)

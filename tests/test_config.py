@@ -82,6 +82,13 @@ def test_overrides_are_parsed_as_yaml():
         ("model.box_nms_thresh=1.5", ["box_nms_thresh=1.5 must be in [0, 1]"]),
         ("train.optimizer=lamb", ["train.optimizer='lamb'"]),
         ("epochs", ["not of the form section.key=value"]),
+        # Issue 21: non-finite numbers and degenerate sizes passed the check.
+        ("train.lr=.inf", ["train.lr must be a finite number, got inf"]),
+        ("train.weight_decay=.inf", ["train.weight_decay must be a finite number"]),
+        ("model.image_mean=[.nan,0,0]", ["model.image_mean must be a finite number, got nan"]),
+        ("eval.match_radius_um=.inf", ["eval.match_radius_um must be a finite number"]),
+        ("data.patch_size=[1,1]", ["data.patch_size=[1, 1] must be at least twice data.box_size (64 px)"]),
+        ("tracking.experiment=''", ["tracking.experiment must not be empty"]),
     ],
 )
 def test_bad_values_are_named_with_the_fix(override, words):
