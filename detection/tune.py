@@ -12,6 +12,7 @@ split, registers a version carrying it, and gives that version the alias `challe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
+import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -81,6 +83,11 @@ class TuneRequest:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
     heartbeat: float = TUNE_HEARTBEAT  # seconds between a running trial's heartbeats
+
+    @property
+    def storage_url(self) -> str:
+        """The study's storage: as given, else a journal file beside the local tracking store."""
+        return self.storage or default_storage()
 
     @property
     def stale_after(self) -> float:
@@ -186,24 +193,44 @@ def storage_lock(url: str, key: str, timeout: float = 600) -> Iterator[None]:
         finally:
             engine.dispose()
     else:
-        local = path or os.path.join(tempfile.gettempdir(), f"brecahad-{abs(hash((url, key)))}.lock")
-        with FileLock(local, timeout=timeout):
+        with FileLock(path or lock_file(url, key), timeout=timeout):
             yield
 
 
+def lock_file(url: str, key: str) -> str:
+    """Where workers on this machine lock a storage that is no local file (MySQL and the like): a
+    stable digest of the URL and key, since Python salts str hashes per process (hash() gave each
+    worker a file of its own, so the lock held no one back)."""
+    digest = hashlib.sha256(f"{url}\n{key}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"brecahad-{digest}.lock")
+
+
 def _study_lock(req: TuneRequest):
-    return storage_lock(req.storage or TUNE_STORAGE, f"brecahad-study:{req.study}")
+    return storage_lock(req.storage_url, f"brecahad-study:{req.study}")
 
 
 DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL"}
 SCHEMA_ATTEMPTS = 3  # workers creating a fresh database's tables together may collide
 
 
-def open_storage(url: str | None, heartbeat: float = TUNE_HEARTBEAT):
+def default_storage() -> str:
+    """A journal file beside the local tracking store (mlflow.db), wherever the command runs: under
+    `mlflow run` from a git URL the working directory is a temporary checkout, and a journal there
+    would be lost with it. A tracking server has no folder of ours beside it: give a storage."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///") :]).resolve().parent / TUNE_STORAGE)
+    raise TuneError(
+        f"the tracking store is {uri}, not a local file, so there is no folder to keep the study's journal "
+        f"beside it: give every worker one Optuna storage with --storage (or BRECAHAD_OPTUNA_STORAGE), "
+        f"e.g. postgresql://optuna@db/optuna"
+    )
+
+
+def open_storage(url: str, heartbeat: float = TUNE_HEARTBEAT):
     """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
     RDB storages record Optuna's own trial heartbeats and retry a trial whose worker died.
     Fails before any trial when the storage cannot be reached."""
-    url = url or TUNE_STORAGE
     try:
         if "://" not in url:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -434,7 +461,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
                 f"tune {req.study}",
                 {
                     "study": req.study,
-                    "study_storage": redact(req.storage or TUNE_STORAGE),
+                    "study_storage": redact(req.storage_url),
                     "study_kind": req.kind,
                     "objective": req.objective,
                     "model_uri": ref.uri,
@@ -451,7 +478,7 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
                 tracking.get_run(parent)
             except tracking.TrackingError:
                 raise TuneError(
-                    f"study {req.study!r} in {redact(req.storage or TUNE_STORAGE)} belongs to MLflow run "
+                    f"study {req.study!r} in {redact(req.storage_url)} belongs to MLflow run "
                     f"{parent}, which is not in the tracking store {tracking.client().tracking_uri}; use "
                     f"another study name or storage"
                 ) from None
@@ -751,12 +778,14 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
     req.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     tracking.check_reachable()
-    storage = open_storage(req.storage, req.heartbeat)
-    tracking.ensure_store()
+    # Everything that can be refused is checked before the storage, its journal or a lock is made.
+    url = req.storage_url
     ref = tracking.resolve_model(req.model)
     detector = tracking.load_model(ref)
     cfg = detector.config
     check_inputs(req, ref, cfg)
+    storage = open_storage(url, req.heartbeat)
+    tracking.ensure_store()
     test_views = None
     s = open_study(req, storage, ref, cfg, detector.model)
     if req.kind == "postprocess":
