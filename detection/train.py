@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ from . import figures, tracking
 from .config import Config
 from .data import Sample, content_digest, load_dataset
 from .engine import LOSS_NAMES, PRECISION_NAMES, Validation, autocast_dtype, pick_device, train_one_epoch, validate
+from .errors import DetectionError
 from .model import build_model, parameter_count
 from .predict import Detector, input_example, signature
 from .progress import Bar
@@ -213,6 +215,22 @@ def latest_checkpoint(run_id: str, dst: Path) -> tuple[Path, str] | None:
     )
 
 
+class CheckpointError(DetectionError, ValueError):
+    """A checkpoint that is not what training writes; it is not loaded."""
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint's tensors and numbers, and nothing that runs: `weights_only` refuses any other
+    object, so a file planted in a run's artifacts cannot run code as whoever resumes the run."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds objects other than tensors and numbers, which training never "
+            f"writes, so it was not loaded ({str(e).splitlines()[0]}); delete it, or start a new run"
+        ) from None
+
+
 def fit(
     tr: tracking.Tracker,
     prep: Prepared,
@@ -232,7 +250,7 @@ def fit(
     tr.set_tags({"device": str(device), "precision": PRECISION_NAMES[dtype]})
     start_epoch, step = 0, 0
     if resume_from:
-        state = torch.load(resume_from, map_location=device, weights_only=False)
+        state = load_checkpoint(resume_from, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
