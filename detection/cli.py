@@ -637,8 +637,17 @@ def cmd_predict(args) -> int:
 
     # `mlflow run` passes several images as one space-separated parameter. Every image is read and
     # checked before the model loads, so a bad file fails in a second with its name.
+    paths = [Path(p) for arg in args.images for p in str(arg).split()]
+    outputs: dict[str, Path] = {}
+    for path in paths:  # out/NAME.json per image: two images of one name would overwrite each other
+        if path.stem.lower() in outputs:
+            raise InputError(
+                f"{outputs[path.stem.lower()]} and {path} would both be written to {args.out / path.stem}.*: "
+                f"give the images distinct names, or predict them into separate --out folders"
+            )
+        outputs[path.stem.lower()] = path
     images = []
-    for path in [Path(p) for arg in args.images for p in str(arg).split()]:
+    for path in paths:
         try:
             images.append((path, as_images(pd.DataFrame({"image": [decode_image(path.read_bytes())]}))[0]))
         except (OSError, InputError) as e:

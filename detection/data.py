@@ -99,18 +99,27 @@ def label_files(root: Path) -> dict[str, Path]:
 
 
 def check_image(path: Path) -> str | None:
-    """The problem with one TIFF, or None. Reads every pixel, so a truncated file is caught."""
+    """The problem with one TIFF, or None. The declared dtype and shape are checked from the header
+    first (a small file may declare gigapixels); then every pixel is read, so a truncated file is caught."""
     try:
-        img = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            problem = _layout_problem(path, tif.series[0].dtype, tuple(tif.series[0].shape))
+        if problem:
+            return problem
+        tifffile.imread(path)
     except Exception as e:  # tifffile raises several types for damaged files
         return f"{path}: unreadable TIFF ({type(e).__name__}: {e}); re-download or re-export the image"
-    if img.dtype != np.uint8:
-        return f"{path}: dtype {img.dtype}, expected uint8 RGB"
-    if img.ndim != 3 or img.shape[2] != 3:
-        channels = img.shape[2] if img.ndim == 3 else 1
-        return f"{path}: {channels} channel(s) (shape {img.shape}), expected 3 (RGB)"
-    if img.shape != IMAGE_SHAPE:
-        return f"{path}: shape {img.shape}, expected {IMAGE_SHAPE} (1360x1024 RGB at 40x)"
+    return None
+
+
+def _layout_problem(path: Path, dtype, shape: tuple[int, ...]) -> str | None:
+    if dtype != np.uint8:
+        return f"{path}: dtype {dtype}, expected uint8 RGB"
+    if len(shape) != 3 or shape[2] != 3:
+        channels = shape[2] if len(shape) == 3 else 1
+        return f"{path}: {channels} channel(s) (shape {shape}), expected 3 (RGB)"
+    if shape != IMAGE_SHAPE:
+        return f"{path}: shape {shape}, expected {IMAGE_SHAPE} (1360x1024 RGB at 40x)"
     return None
 
 

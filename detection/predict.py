@@ -51,7 +51,8 @@ def decode_image(data: str | bytes) -> np.ndarray:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise InputError(f"image column holds a string that is not base64 ({e})") from None
-    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+    check_declared_size(raw)
+    if raw[:8] == PNG_SIGNATURE:
         from torchvision.io import ImageReadMode, decode_png
 
         return (
@@ -63,6 +64,33 @@ def decode_image(data: str | bytes) -> np.ndarray:
         return tifffile.imread(io.BytesIO(raw))
     except Exception as e:
         raise InputError(f"image bytes are neither PNG nor a readable TIFF ({type(e).__name__}: {e})") from None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def declared_size(raw: bytes) -> tuple[int, int] | None:
+    """(height, width) a PNG's IHDR or a TIFF's first series declares, read from the header alone;
+    None when the bytes are neither (decoding then says what is wrong)."""
+    if raw[:8] == PNG_SIGNATURE and len(raw) >= 24:
+        return int.from_bytes(raw[20:24], "big"), int.from_bytes(raw[16:20], "big")
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            shape = tif.series[0].shape
+    except Exception:  # not a TIFF, or a damaged one: decoding reports it
+        return None
+    return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else None
+
+
+def check_declared_size(raw: bytes) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS before a byte of it is decoded: a
+    1.3 MB TIFF may declare 20000 x 20000 and take gigabytes to decode (a decompression bomb)."""
+    size = declared_size(raw)
+    if size and size[0] * size[1] > MAX_PIXELS:
+        raise InputError(
+            f"image declares {size[1]}x{size[0]} px, more than {MAX_PIXELS / 1e6:.0f} megapixels; "
+            f"split the slide into fields first"
+        )
 
 
 def _as_array(value, i: int) -> np.ndarray:
