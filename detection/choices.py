@@ -13,6 +13,17 @@ MODEL_NAME = "brecahad-faster-rcnn"
 CHALLENGER = "challenger"  # set by train, tune and second-look on what they register
 CHAMPION = "champion"  # set by promote; what predict and serving use
 PREVIOUS = "previous"  # the champion before the last promotion, for a rollback
+PROMOTED_ALIASES = (CHAMPION, PREVIOUS)  # moved by `promote` alone, behind its evaluation and lock
+
+
+def promoted_alias_problem(alias: str) -> str | None:
+    """Why a command other than `promote` may not set this alias, or None."""
+    if alias in PROMOTED_ALIASES:
+        return (
+            f"alias {alias!r} is moved only by `promote`, which evaluates the version against the champion "
+            f"first; register as {CHALLENGER!r} (or another alias) and promote it"
+        )
+    return None
 
 
 def model_uri(alias: str) -> str:

@@ -28,6 +28,7 @@ import torch
 from torchvision.ops import roi_align
 
 from . import config as config_mod
+from .choices import promoted_alias_problem
 from .config import Config, SecondLookConfig
 from .errors import DetectionError
 from .inference import Cache, Item, Runtime
@@ -317,6 +318,9 @@ class SecondLookRequest:
         bad = [o for o in " ".join(self.overrides).split() if not o.startswith("second_look.")]
         if bad:
             raise SecondLookError(f"override {bad[0]!r}: only second_look.* keys apply here (the detector is trained)")
+        reserved = promoted_alias_problem(self.alias)
+        if reserved:
+            raise SecondLookError(f"--alias: {reserved}")
 
     def config(self, cfg: Config) -> Config:
         return cfg.replace("second_look.weight=0", *self.overrides)

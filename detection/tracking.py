@@ -40,6 +40,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .choices import promoted_alias_problem
 from .errors import DetectionError
 
 TAG = "detection."
@@ -568,7 +569,11 @@ def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator
 
 def register(model_uri: str, name: str, alias: str, tags: dict[str, Any], description: str = "") -> int:
     """Register a logged model as a new version of `name` with its tags and a description the
-    registry page shows (what the version is), then point `alias` at it."""
+    registry page shows (what the version is), then point `alias` at it (never champion or
+    previous: those only `promote` moves)."""
+    reserved = promoted_alias_problem(alias)
+    if reserved:
+        raise TrackingError(reserved)
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     if description:
         client().update_model_version(name, version.version, description=description)
