@@ -1,0 +1,206 @@
+"""Issue 21's fast findings: what must be refused, or must not collide, before anything is written."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_promote_refuses_a_min_delta_no_candidate_could_beat():
+    from detection.promote import PromoteRequest, PromotionError
+
+    for bad in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(PromotionError, match="must be a finite number >= 0"):
+            PromoteRequest("models:/x/1", Path("."), min_delta=bad).check()
+
+
+def _lock_file_in_a_new_process(seed: str) -> str:
+    code = "from detection.tune import lock_file; print(lock_file('mysql://db.lab/optuna', 'brecahad-study:s'))"
+    env = dict(os.environ) | {"PYTHONHASHSEED": seed}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_workers_of_a_mysql_study_lock_the_same_file(tmp_path):
+    """Issue 21: the lock's path came from hash(), which Python salts per process."""
+    assert _lock_file_in_a_new_process("1") == _lock_file_in_a_new_process("2")
+    # A worker holding the lock keeps another out until it lets go.
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, time\n"
+            "from detection.tune import storage_lock\n"
+            "with storage_lock('mysql://db.lab/optuna', 'brecahad-study:s'):\n"
+            f"    pathlib.Path({str(ready)!r}).touch()\n"
+            f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)\n",
+        ],
+        cwd=ROOT,
+    )
+    try:
+        while not ready.exists():
+            assert holder.poll() is None, "the holder died"
+            time.sleep(0.05)
+        from filelock import Timeout
+
+        from detection.tune import storage_lock
+
+        with pytest.raises(Timeout), storage_lock("mysql://db.lab/optuna", "brecahad-study:s", timeout=0.2):
+            pass
+    finally:
+        release.touch()
+        holder.wait(timeout=60)
+    with storage_lock("mysql://db.lab/optuna", "brecahad-study:s", timeout=30):
+        pass
+
+
+class _Planted:
+    """What a hostile checkpoint holds: unpickling it would run code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path):
+    """Issue 21: resume loaded checkpoints with weights_only=False, so a planted one ran code."""
+    import torch
+
+    from detection.train import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "ran"
+    torch.save({"epoch": 0, "step": 1, "model": {}, "payload": _Planted(marker)}, tmp_path / "latest.pt")
+    with pytest.raises(CheckpointError, match="holds objects other than tensors and numbers"):
+        load_checkpoint(tmp_path / "latest.pt", torch.device("cpu"))
+    assert not marker.exists()
+    # What training writes still loads.
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    torch.save(
+        {"epoch": 0, "step": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ok.pt"
+    )
+    assert load_checkpoint(tmp_path / "ok.pt", torch.device("cpu"))["step"] == 1
+
+
+def test_predict_refuses_two_images_that_would_write_the_same_files(tmp_path):
+    """Issue 21: `predict a/x.tif b/x.tif` wrote both to out/x.json; the first image's were lost."""
+    from tests.conftest import run_cli
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "X.tif").write_bytes(b"not read: refused before")
+    out = tmp_path / "out"
+    result = run_cli(
+        "predict", str(tmp_path / "a" / "X.tif"), str(tmp_path / "b" / "X.tif"), "--out", str(out), cwd=tmp_path
+    )
+    assert result.returncode == 2 and "would both be written to" in result.stderr and "distinct names" in result.stderr
+    assert not out.exists()
+
+
+def _bomb_tiff(side: int) -> bytes:
+    """A small file that declares side x side RGB pixels: zlib-compressed zeros."""
+    import io
+
+    import numpy as np
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(np.zeros((side, side, 3), np.uint8), compression="zlib", tile=(1024, 1024))
+    return buf.getvalue()
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(monkeypatch):
+    """Issue 21: a 1.34 MB TIFF declaring 20000 x 20000 got its 400 only after the worker grew by 1.3 GB."""
+    import tifffile
+
+    from detection.predict import InputError, declared_size, decode_image
+
+    bomb = _bomb_tiff(9000)  # 81 megapixels of zeros in a few hundred kB
+    assert len(bomb) < 2_000_000 and declared_size(bomb) == (9000, 9000)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before its size was checked")
+
+    monkeypatch.setattr(tifffile, "imread", no_decoding)
+    with pytest.raises(InputError, match="declares 9000x9000 px, more than 64 megapixels"):
+        decode_image(bomb)
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (30000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
+    with pytest.raises(InputError, match="declares 30000x30000 px"):
+        decode_image(png + b"\x08\x02\x00\x00\x00")
+
+
+def test_the_dataset_check_reads_a_bombs_header_not_its_pixels(tmp_path, monkeypatch):
+    import json
+
+    import tifffile
+
+    from detection.config import BRECAHAD_CLASSES
+    from detection.data import check_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "groundTruth").mkdir()
+    (tmp_path / "images" / "Case_1-01.tif").write_bytes(_bomb_tiff(9000))
+    (tmp_path / "groundTruth" / "Case_1-01.json").write_text(json.dumps({k: [] for k in BRECAHAD_CLASSES}))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before its shape was checked")
+
+    monkeypatch.setattr(tifffile, "imread", no_decoding)
+    (problem,) = check_dataset(tmp_path)
+    assert "shape (9000, 9000, 3), expected (1024, 1360, 3)" in problem
+
+
+@pytest.mark.parametrize("alias", ["champion", "previous"])
+def test_only_promote_moves_champion_and_previous(alias, store):
+    """Issue 21: `train -o tracking.alias=champion` and `second-look --alias champion` crowned a
+    version with no evaluation, lock or promotion run."""
+    from detection import config, tracking
+    from detection.config import ConfigError
+    from detection.second_look import SecondLookError, SecondLookRequest
+
+    with pytest.raises(ConfigError, match=f"alias '{alias}' is moved only by `promote`"):
+        config.load(ROOT / "experiments" / "smoke.yaml", [f"tracking.alias={alias}"])
+    with pytest.raises(SecondLookError, match="moved only by `promote`"):
+        SecondLookRequest("models:/x/1", Path("."), alias=alias).check()
+    with pytest.raises(tracking.TrackingError, match="moved only by `promote`"):
+        tracking.register("runs:/0/model", "brecahad-faster-rcnn", alias, {})
+    assert tracking.client().search_registered_models() == []  # refused before anything was written
+
+
+def test_the_default_journal_sits_beside_the_tracking_store(tmp_path, monkeypatch):
+    """Issue 21: the journal was relative to the working directory, a temporary checkout under
+    `mlflow run` from a git URL, where the study was lost."""
+    import mlflow
+
+    from detection.tune import TuneError, default_storage
+
+    store = tmp_path / "store"
+    store.mkdir()
+    elsewhere = tmp_path / "checkout"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{store / 'mlflow.db'}")
+    assert default_storage() == str(store.resolve() / "optuna-journal.log")
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    with pytest.raises(TuneError, match="give every worker one Optuna storage with --storage"):
+        default_storage()
+
+
+def test_a_refused_study_creates_no_journal_and_no_lock(store, tmp_path):
+    """Issue 21: `tune --model models:/nope/1` still created optuna-journal.log and mlflow.db.lock."""
+    from detection import tracking
+    from tests.conftest import run_cli
+
+    tracking.client().search_experiments()  # the store exists, as it does after any training
+    before = set(store.iterdir())
+    result = run_cli("tune", "--model", "models:/nope/1", "--data-dir", str(tmp_path), "--study", "s", cwd=store)
+    assert result.returncode == 2 and "no registered model named 'nope'" in result.stderr
+    assert set(store.iterdir()) == before
