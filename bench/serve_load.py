@@ -38,27 +38,21 @@ def free_port() -> int:
 
 
 def start(model: str, port: int, workers: int, timeout: int) -> subprocess.Popen:
-    env = dict(os.environ) | {
-        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
     server = subprocess.Popen(
         [
-            str(Path(sys.executable).parent / "mlflow"),
-            "models",
-            "serve",
+            sys.executable,
             "-m",
+            "detection",
+            "serve",
+            "--model",
             model,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
             "--port",
             str(port),
             "--workers",
             str(workers),
+            "--timeout",
+            str(timeout),
         ],
-        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

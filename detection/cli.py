@@ -351,6 +351,44 @@ def _add_compare(sub) -> None:
     _radius_option(p, "the first version's eval.match_radius_um, for every version")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a registered version over HTTP (mlflow models serve), after checking it",
+        description="Check that the version is in the project's form (its code is this release's, its "
+        "artifacts a config and weights, no pickle) and serve that very copy with `mlflow models serve` "
+        "on the venv: POST images to /invocations. A crafted version is refused before anything of it "
+        "runs. The copy is removed when the server stops.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection serve --model models:/brecahad-faster-rcnn@champion --port 5001 "
+        "--workers 2\n",
+    )
+    _model_option(p, choices.CHAMPION)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=5001, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=int,
+        default=600,
+        help="seconds a request may take; a whole image costs ~7 s on 2 CPU cores (default: %(default)s)",
+    )
+
+
+def _add_reregister(sub) -> None:
+    p = sub.add_parser(
+        "reregister",
+        help="register a version an earlier release pickled again, from the project's code",
+        description="Earlier releases registered a version as a pickled Python object, which runs whatever it "
+        "holds when MLflow loads it; this release refuses to load such a version. This reads only its config "
+        "(YAML) and weights (state_dicts), logs them as a new version from the project's code in a run that "
+        "carries the source run's split, and gives it the alias challenger.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection reregister models:/brecahad-faster-rcnn/3\n",
+    )
+    p.add_argument("model", help="models:/NAME/VERSION (or @ALIAS) to register again")
+
+
 def _add_second_look(sub) -> None:
     p = sub.add_parser(
         "second-look",
@@ -402,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cv(sub)
     _add_compare(sub)
     _add_second_look(sub)
+    _add_reregister(sub)
+    _add_serve(sub)
 
     p = sub.add_parser(
         "validate",
@@ -526,6 +566,53 @@ def cmd_compare(args) -> int:
     run_id, table = compare(req)
     print(table[["version", *figure_columns(table)]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"run {run_id}: figures/{'dr_vs_fdr' if args.axis == 'fdr' else 'froc'}.png and comparison.json")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import subprocess
+
+    from . import tracking
+
+    ref = tracking.resolve_model(args.model)
+    with tracking.verified_copy(ref.pinned) as path:
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            str(path),
+            "--env-manager",
+            "local",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.workers),
+        ]
+        env = dict(os.environ) | {
+            "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(args.timeout),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",  # uvicorn from the venv
+        }
+        print(f"serving {ref.pinned} on http://{args.host}:{args.port}/invocations", file=sys.stderr)
+        server = subprocess.Popen(command, env=env)
+        # A SIGTERM (a supervisor stopping us) ends the server and still removes the copy.
+        signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            server.terminate()
+            server.wait(timeout=60)
+            raise
+
+
+def cmd_reregister(args) -> int:
+    from .train import reregister
+
+    run_id, version = reregister(args.model)
+    print(f"run {run_id}: registered version {version} from {args.model}'s config and weights")
     return 0
 
 
@@ -773,6 +860,8 @@ COMMANDS = {
     "stats": cmd_stats,
     "stack": cmd_stack,
     "second-look": cmd_second_look,
+    "reregister": cmd_reregister,
+    "serve": cmd_serve,
     "download": cmd_download,
 }
 

@@ -35,6 +35,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from filelock import FileLock
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -119,18 +120,59 @@ def tag_version(name: str, version: int, prefix: str, tags: dict[str, Any]) -> N
         client().set_model_version_tag(name, str(version), prefix + k, str(v))
 
 
-def load_pyfunc(uri: str):
-    """Load a logged or registered pyfunc from a download that is removed once it is in memory.
-    MLflow downloads a model from a tracking server into a fresh temp dir and leaves it there: a
-    full copy of the weights per evaluation, tune worker, promotion and training run."""
+MODEL_CODE = Path(__file__).with_name("registered_model.py")  # what every version runs when loaded
+MODEL_ARTIFACTS = {"config", "weights", "second_look"}  # YAML and state_dicts: data, never code
+
+
+def model_form_problem(path: Path) -> str | None:
+    """Why a downloaded model is not a version of this project (so loading it could run code that
+    came with it), or None: a pyfunc logged from MODEL_CODE, byte for byte, whose artifacts are a
+    config and state_dicts."""
+    try:
+        flavor = yaml.safe_load((path / "MLmodel").read_text())["flavors"]["python_function"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "it has no readable MLmodel with a python_function flavor"
+    if (path / "python_model.pkl").exists() or flavor.get("loader_module") != "mlflow.pyfunc.loaders.code_model":
+        return (
+            "it is a pickled Python object (python_model.pkl), which runs whatever it holds when loaded; "
+            "an earlier release registered it so: re-register its weights with `python -m detection "
+            "reregister MODEL_URI`"
+        )
+    code = path / Path(str(flavor.get("model_code_path", ""))).name
+    if code.name != MODEL_CODE.name or not code.is_file() or code.read_bytes() != MODEL_CODE.read_bytes():
+        return f"its code ({code.name}) is not this release's {MODEL_CODE.name}; loading it would run that code"
+    extra = sorted(set(flavor.get("artifacts") or {}) - MODEL_ARTIFACTS)
+    if extra or flavor.get("code"):
+        return f"it carries {', '.join(extra) or 'code paths'} beside its config and weights"
+    return None
+
+
+@contextlib.contextmanager
+def verified_copy(uri: str) -> Iterator[Path]:
+    """A local copy of a logged or registered version, checked to be in the project's form
+    (model_form_problem) and removed afterwards: MLflow downloads a model from a tracking server into
+    a fresh temp dir and leaves it there, a full copy of the weights per evaluation, tune worker,
+    promotion, training run and server."""
     with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
-        return mlflow.pyfunc.load_model(uri, dst_path=tmp)  # load_context reads every file it needs
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        problem = model_form_problem(path)
+        if problem:
+            raise TrackingError(f"model {uri} is refused: {problem}")
+        yield path
+
+
+def load_pyfunc(uri: str):
+    """A logged or registered version, loaded from a verified copy (which is then removed)."""
+    with verified_copy(uri) as path:
+        return mlflow.pyfunc.load_model(str(path))  # load_context reads every file it needs
 
 
 def load_model(ref: ModelRef):
     """The registered pyfunc and its wrapped Detector (config and torch model)."""
     try:
         pyfunc = load_pyfunc(ref.pinned)
+    except TrackingError as e:
+        raise TrackingError(f"model {ref.uri} (version {ref.version}) {str(e).split(' is refused: ', 1)[-1]}") from None
     except Exception as e:
         raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {type(e).__name__}: {e}") from e
     return pyfunc.unwrap_python_model()
@@ -479,11 +521,12 @@ def create_child_run(
     return child.info.run_id
 
 
-def log_model(python_model, artifacts: dict[str, str], input_example, signature, name: str = "model"):
-    """Log the pyfunc, then load it back and predict once: a model that fails here is never registered."""
+def log_model(artifacts: dict[str, str], input_example, signature, name: str = "model"):
+    """Log a version from MODEL_CODE with its config and weights, then load it back (through the
+    same check as every load) and predict once: a model that fails here is never registered."""
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=python_model,
+        python_model=str(MODEL_CODE),
         artifacts=artifacts,
         pip_requirements=requirements(),
         signature=signature,

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import torch
 import yaml
@@ -32,7 +33,7 @@ from .data import Sample, content_digest, load_dataset
 from .engine import LOSS_NAMES, PRECISION_NAMES, Validation, autocast_dtype, pick_device, train_one_epoch, validate
 from .errors import DetectionError
 from .model import build_model, parameter_count
-from .predict import Detector, input_example, signature
+from .predict import input_example, signature
 from .progress import Bar
 from .sampling import EpochOrder, TrainPatches, collate, validation_patches
 from .split import SPLITS, Split, SplitError, make_split
@@ -346,7 +347,7 @@ def log_detector(cfg: Config, model: torch.nn.Module, second_look: torch.nn.Modu
         if second_look is not None:
             torch.save({k: v.cpu() for k, v in second_look.state_dict().items()}, Path(tmp) / "second_look.pt")
             artifacts["second_look"] = str(Path(tmp) / "second_look.pt")
-        return tracking.log_model(Detector(), artifacts, input_example(), signature()).model_uri
+        return tracking.log_model(artifacts, input_example(), signature()).model_uri
 
 
 def describe(prep: Prepared, run_id: str) -> str:
@@ -458,3 +459,40 @@ def train_nested(
         finally:  # a trial is re-run from scratch, never resumed
             discard_local(tr.run_id)
         return tr.run_id, log_detector(cfg, model), model
+
+
+def reregister(uri: str) -> tuple[str, int]:
+    """Log a version an earlier release registered as a pickled object again, from the project's
+    code, reading only its config (YAML) and weights (state_dicts): its pickle never loads. The new
+    version's run carries the source run's split, so it is judged on the same held-out images."""
+    from .predict import load_second_look, load_weights
+
+    ref = tracking.resolve_model(uri)
+    with tempfile.TemporaryDirectory(prefix="brecahad-reregister-") as tmp:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.pinned, dst_path=tmp)) / "artifacts"
+        if not (path / "config.yaml").is_file() or not (path / "weights.pt").is_file():
+            raise tracking.TrackingError(
+                f"{ref.pinned} holds no config.yaml and weights.pt among its artifacts: it is not a version "
+                f"of this project"
+            )
+        cfg, model = load_weights(path / "config.yaml", path / "weights.pt")
+        second = path / "second_look.pt"
+        second_look = load_second_look(cfg, second if second.is_file() else None)
+    source = tracking.client().get_model_version(ref.name, str(ref.version))
+    with tracking.run(cfg.tracking.experiment, name=f"reregister v{ref.version}") as tr:
+        if ref.run_id:
+            with contextlib.suppress(tracking.TrackingError):
+                tr.client.log_text(tr.run_id, tracking.read_artifact_text(ref.run_id, "split.json"), "split.json")
+        tr.client.log_text(tr.run_id, config_mod.dump(cfg), "config.yaml")
+        tr.set_tags({"reregistered_from": ref.pinned})
+        model_uri = log_detector(cfg, model, second_look)
+        description = f"{source.description or ''}\n\nRe-registered from version {ref.version} (a pickled object)."
+        version = tracking.register(
+            model_uri,
+            ref.name,
+            cfg.tracking.alias,
+            {k: v for k, v in source.tags.items() if not k.startswith("promotion.")}
+            | {"reregistered_from": ref.version},
+            description.strip(),
+        )
+        return tr.run_id, version

@@ -150,11 +150,10 @@ def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240)
 
 @contextlib.contextmanager
 def model_server(model: str, cwd: Path, *options: str):
-    """`mlflow models serve` of a registry URI on a free port of 127.0.0.1, in the project's venv;
-    yields its /invocations URL once /ping answers."""
+    """`python -m detection serve` (the version checked, then `mlflow models serve`) of a registry URI
+    on a free port of 127.0.0.1, in the project's venv; yields its /invocations URL once /ping answers."""
     port = free_port()
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "detection", "serve", "--model", model, "--host", "127.0.0.1"]
     with serving([*command, "--port", str(port), *options], f"http://127.0.0.1:{port}/ping", cwd):
         yield f"http://127.0.0.1:{port}/invocations"
 

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from tests.conftest import ROOT
@@ -204,3 +205,84 @@ def test_a_refused_study_creates_no_journal_and_no_lock(store, tmp_path):
     result = run_cli("tune", "--model", "models:/nope/1", "--data-dir", str(tmp_path), "--study", "s", cwd=store)
     assert result.returncode == 2 and "no registered model named 'nope'" in result.stderr
     assert set(store.iterdir()) == before
+
+
+class _PickledPayload:
+    """What a crafted pickled version holds: unpickling it runs code (here, it touches a file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+class _Crafted(mlflow.pyfunc.PythonModel):
+    """A pyfunc that carries the payload in its pickle."""
+
+    def __init__(self, marker: str):
+        self.payload = _PickledPayload(marker)
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _smoke_detector():
+    import torch
+
+    from detection import config
+    from detection.model import build_model
+
+    cfg = config.load(ROOT / "experiments" / "smoke.yaml")
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model)
+
+
+def test_a_version_that_could_run_its_own_code_is_refused_before_it_loads(store, tmp_path):
+    """Issue 21: a registered model was a cloudpickled object: a crafted python_model.pkl ran its code
+    on whoever evaluated, predicted or served it, before any check."""
+    import torch
+
+    from detection import config as config_mod
+    from detection import tracking
+    from detection.predict import Detector, input_example, signature
+    from detection.train import log_detector, reregister
+
+    cfg, model = _smoke_detector()
+    marker = tmp_path / "ran"
+    with mlflow.start_run():
+        ours = tracking.register(log_detector(cfg, model), "m", "challenger", {})
+        pickled = mlflow.pyfunc.log_model(name="pickled", python_model=_Crafted(str(marker)))
+        bad_code = tmp_path / "registered_model.py"
+        bad_code.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+        other_code = mlflow.pyfunc.log_model(name="code", python_model=str(bad_code))
+    marker.unlink(missing_ok=True)  # logging may have loaded them; loading must not
+    for uri, why in (
+        (tracking.register(pickled.model_uri, "m", "challenger", {}), "pickled Python object"),
+        (tracking.register(other_code.model_uri, "m", "challenger", {}), "is not this release's registered_model.py"),
+    ):
+        with pytest.raises(tracking.TrackingError, match=why):
+            tracking.load_model(tracking.resolve_model(f"models:/m/{uri}"))
+        assert not marker.exists()
+    assert tracking.load_model(tracking.resolve_model(f"models:/m/{ours}")).config == cfg
+
+    # A version an earlier release pickled, with its config and weights beside the pickle: reregister
+    # reads those alone, and the new version loads.
+    with mlflow.start_run():
+        torch_path = tmp_path / "weights.pt"
+        torch.save(model.state_dict(), torch_path)
+        (tmp_path / "config.yaml").write_text(config_mod.dump(cfg))
+        old = mlflow.pyfunc.log_model(
+            name="old",
+            python_model=Detector(),
+            artifacts={"weights": str(torch_path), "config": str(tmp_path / "config.yaml")},
+            signature=signature(),
+        )
+    old_version = tracking.register(old.model_uri, "m", "challenger", {"case": "old"})
+    with pytest.raises(tracking.TrackingError, match="reregister"):
+        tracking.load_model(tracking.resolve_model(f"models:/m/{old_version}"))
+    _, new = reregister(f"models:/m/{old_version}")
+    version = tracking.client().get_model_version("m", str(new))
+    assert version.tags["reregistered_from"] == str(old_version) and version.tags["case"] == "old"
+    loaded = tracking.load_model(tracking.resolve_model(f"models:/m/{new}"))
+    assert loaded.config == cfg and len(loaded.predict(None, input_example())) >= 0
