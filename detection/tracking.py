@@ -16,13 +16,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import os
-import random
 import socket
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import warnings
@@ -36,7 +38,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -59,6 +61,63 @@ def client() -> MlflowClient:
 
 class TrackingError(DetectionError, RuntimeError):
     """A store, server, run or model version that cannot be used; the message names it and the fix."""
+
+
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering during a run: nothing more is sent to it (the run stays
+    RUNNING there until it is resumed), and the message says how to resume."""
+
+    exit_code = 1
+    offline = True  # nothing may try the server again on the way out
+
+
+def bound_requests(timeout: int = 30, retries: int = 3) -> None:
+    """Unless the user set them: a request to a server that hangs fails after `timeout` s and
+    `retries` tries, not MLflow's 120 s and 7 tries (14 minutes for one call)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+
+
+def stop_trying_the_server() -> None:
+    """Every later MLflow request fails at once instead of retrying for minutes: MLflow's own exit
+    handler ends the active run through the server, and would hang on one that is gone."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+
+
+class ServerWatch:
+    """Asks the tracking server's /health every `every` s in a thread; `down` is set once it has not
+    answered for `grace` s. A local store is never down. Use as a context manager."""
+
+    def __init__(self, every: float = 2.0, grace: float = 10.0, clock=time.monotonic, probe=None):
+        uri = mlflow.get_tracking_uri()
+        self.uri, self.every, self.grace, self.clock = uri, every, grace, clock
+        self.probe = probe or (lambda: _get(uri, "/health", min(every, 5.0)))
+        self.remote = uri.startswith(("http://", "https://"))
+        self.down = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="tracking-server watch", daemon=True)
+
+    def _watch(self) -> None:
+        answered = self.clock()
+        while not self._stop.wait(self.every):
+            try:
+                self.probe()
+                answered = self.clock()
+            except Exception:
+                if self.clock() - answered >= self.grace:
+                    self.down.set()
+                    return
+
+    def __enter__(self) -> ServerWatch:
+        if self.remote:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -282,6 +341,33 @@ def read_artifact_text(run_id: str, path: str) -> str:
         raise TrackingError(f"run {run_id} has no artifact {path!r} ({e})") from None
 
 
+def delete_artifacts(run_id: str, paths: list[str]) -> None:
+    """Remove some of a run's artifacts (a checkpoint slot, a half-written upload), locally or on the
+    server; one already gone is no error."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(get_run(run_id).info.artifact_uri)
+    for path in paths:
+        with contextlib.suppress(MlflowException, OSError):
+            repo.delete_artifacts(path)
+
+
+UPLOADING = ".artifact.uploading."  # MLflow's hidden name for a file it is still writing
+
+
+def remove_partial_uploads(run_id: str, folder: str) -> list[str]:
+    """Delete what a process killed while writing into a run's local artifacts leaves: MLflow's
+    hidden `.artifact.uploading.*` files, which no listing shows (hundreds of MB for a checkpoint).
+    Through a server the server writes, and removes its own on a broken upload."""
+    parsed = urllib.parse.urlparse(get_run(run_id).info.artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return []
+    stale = sorted((Path(urllib.parse.unquote(parsed.path)) / folder).glob(UPLOADING + "*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
 def download_if_present(run_id: str, path: str, dst: Path) -> Path | None:
     parent = str(Path(path).parent)
     listed = {a.path for a in client().list_artifacts(run_id, None if parent == "." else parent)}
@@ -373,6 +459,9 @@ def _ending(active) -> Iterator[Tracker]:
     try:
         yield Tracker(run_id, {})
         mlflow.flush_async_logging()  # a run is FINISHED only with every queued metric written
+    except TrackingLost:
+        stop_trying_the_server()  # the run stays RUNNING on the server until it is resumed
+        raise
     except KeyboardInterrupt:
         client().set_tag(run_id, TAG + "error", "interrupted; resume with -P resume=" + run_id)
         mlflow.end_run(status="KILLED")
@@ -536,6 +625,18 @@ def log_model(artifacts: dict[str, str], input_example, signature, name: str = "
     return info
 
 
+def version_with_tags(name: str, tags: dict[str, Any]) -> int | None:
+    """The oldest version of `name` carrying every tag of `tags`, or None: what makes a registration
+    that may be re-run (after a kill) register once."""
+    wanted = {k: str(v) for k, v in tags.items()}
+    found = [
+        int(v.version)
+        for v in client().search_model_versions(f"name='{name}'")
+        if all(v.tags.get(k) == w for k, w in wanted.items())
+    ]
+    return min(found) if found else None
+
+
 def versions_of_run(name: str | None, run_id: str) -> list[tuple[str, int]]:
     """(model, version) registered from `run_id`, of `name` or of any registered model, oldest first."""
     query = f"run_id='{run_id}'" + (f" and name='{name}'" if name else "")
@@ -555,59 +656,151 @@ def end_child_runs(parent: str, name: str, status: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
-LEASE_TAG = "promotion.lease"
+class LeaseHeld(TrackingError):
+    """Another process holds the lease; the message names it and when the lease would lapse."""
 
 
-@contextlib.contextmanager
-def registry_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator[None]:
-    """Hold `name`'s promotion lock across processes while the champion is re-read and the aliases move.
+LEASES = "brecahad-leases"  # the registered model whose versions are the leases (none is a model), and
+# the experiment of the one run they point into: a server accepts a version only with a run's source
 
-    Beside a local sqlite store: a file lock. Against a tracking server, whose processes may sit on
-    several machines: a lease, the registered-model tag `promotion.lease` holding an owner and an
-    expiry, written when free or expired and re-read after writing, so that of two writers only the
-    one whose tag stayed goes on.
+
+class Lease:
+    """An exclusive claim on `key` across processes: a run being trained, a model being promoted.
+
+    Beside a local sqlite store, a file lock (freed by the OS when its holder dies). Through a
+    tracking server, whose clients may sit on several machines, the one compare-and-set MLflow's
+    store guarantees: version numbers of a registered model are assigned in order, once. Each
+    claimant adds a version of LEASES tagged with the key; the lowest live one holds the lease, so
+    no write latency can let two in (ZooKeeper's lock recipe). A heartbeat thread renews the claim's
+    expiry every `ttl / 4` s; a claim not renewed for `ttl` s belongs to a dead process and is
+    skipped. `lost` is set when the claim vanishes or the server stops answering for `ttl` s.
     """
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        with FileLock(uri[len("sqlite:///") :] + f".{name}.promotion.lock", timeout=timeout):
-            yield
-        return
-    with lease_lock(name, timeout, lease):
-        yield
+
+    def __init__(self, key: str, ttl: float = 60.0, clock=time.time, poll: float = 1.0):
+        self.key, self.ttl, self.clock, self.poll = key, ttl, clock, poll
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._file: FileLock | None = None
+        self._version: str | None = None
+        self._beat: threading.Thread | None = None
+
+    def acquire(self, wait: float = 0.0) -> Lease:
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            return self._acquire_file(Path(uri[len("sqlite:///") :]), wait)
+        return self._acquire_version(wait)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat:
+            self._beat.join()
+        if self._file is not None:
+            self._file.release()
+        if self._version is not None:
+            with contextlib.suppress(MlflowException):
+                client().delete_model_version(LEASES, self._version)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # --- beside a sqlite store ---------------------------------------------------------------
+
+    def _acquire_file(self, db: Path, wait: float) -> Lease:
+        path = Path(f"{db}.leases") / (hashlib.sha256(self.key.encode()).hexdigest()[:16] + ".lock")
+        path.parent.mkdir(exist_ok=True)
+        owner = path.with_suffix(".owner")
+        self._file = FileLock(str(path), timeout=wait)
+        try:
+            self._file.acquire()
+        except Timeout:
+            held = owner.read_text() if owner.exists() else "another process"
+            raise LeaseHeld(f"{self.key} is held by {held} on this machine") from None
+        owner.write_text(f"{self.owner} since {time.strftime('%H:%M:%S')}")
+        return self
+
+    # --- through a tracking server ----------------------------------------------------------
+
+    def _acquire_version(self, wait: float) -> Lease:
+        api = client()
+        run_id = _lease_run()
+        mine = api.create_model_version(
+            LEASES, f"runs:/{run_id}/lease", run_id=run_id, tags=self._tags(), description=self.key
+        )
+        self._version = str(mine.version)
+        self._beat = threading.Thread(target=self._heartbeat, name=f"lease {self.key}", daemon=True)
+        self._beat.start()
+        deadline = self.clock() + wait
+        while True:
+            holder = self._holder()
+            if holder is None or str(holder.version) == self._version:
+                return self
+            if self.clock() >= deadline:
+                self.release()
+                expires = float(holder.tags["lease.expires"]) - self.clock()
+                raise LeaseHeld(
+                    f"{self.key} is held by {holder.tags['lease.owner']}; if that process died, its lease "
+                    f"lapses within {max(expires, 0):.0f} s"
+                )
+            time.sleep(self.poll)
+
+    def _tags(self) -> dict[str, str]:
+        return {"lease.key": self.key, "lease.owner": self.owner, "lease.expires": f"{self.clock() + self.ttl:.3f}"}
+
+    def _holder(self):
+        """The lowest live claim on the key; claims that lapsed are removed on the way."""
+        api = client()
+        claims = [v for v in api.search_model_versions(f"name='{LEASES}'") if v.tags.get("lease.key") == self.key]
+        live = []
+        for v in sorted(claims, key=lambda v: int(v.version)):
+            if float(v.tags.get("lease.expires", 0)) > self.clock() or str(v.version) == self._version:
+                live.append(v)
+            else:
+                with contextlib.suppress(MlflowException):
+                    api.delete_model_version(LEASES, str(v.version))
+        return live[0] if live else None
+
+    def _heartbeat(self) -> None:
+        last_ok = self.clock()
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                client().set_model_version_tag(LEASES, self._version, "lease.expires", self._tags()["lease.expires"])
+                last_ok = self.clock()
+            except MlflowException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # removed as lapsed: another may hold it now
+                    self.lost.set()
+                    return
+            except Exception:  # the server does not answer
+                pass
+            if self.clock() - last_ok > self.ttl:
+                self.lost.set()
+                return
+
+
+def _lease_run() -> str:
+    """The run lease versions point into, made with the LEASES model on first use (two processes may
+    each make one; either serves)."""
+    api = client()
+    with contextlib.suppress(MlflowException):
+        api.create_registered_model(
+            LEASES, description="Leases of brecahad-detection: the lowest live version of a key holds it. No model."
+        )
+    run_id = api.get_registered_model(LEASES).tags.get("lease_run")
+    if run_id is None:
+        run_id = api.create_run(use_experiment(LEASES), run_name="leases").info.run_id
+        api.set_terminated(run_id, "FINISHED")
+        api.set_registered_model_tag(LEASES, "lease_run", run_id)
+    return run_id
 
 
 @contextlib.contextmanager
-def lease_lock(name: str, timeout: float = 1800, lease: float = 900) -> Iterator[None]:
-    api = client()
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + timeout
-
-    def holder() -> dict | None:
-        text = api.get_registered_model(name).tags.get(LEASE_TAG)
-        return json.loads(text) if text else None
-
-    while True:
-        current = holder()
-        if current is None or current["expires"] < time.time():
-            # A concurrent writer's tag may land first; the re-read below decides.
-            with contextlib.suppress(MlflowException):
-                api.set_registered_model_tag(
-                    name, LEASE_TAG, json.dumps({"owner": owner, "expires": time.time() + lease})
-                )
-            time.sleep(0.5)  # let a concurrent writer land, then see whose tag stayed
-            if (holder() or {}).get("owner") == owner:
-                break
-        if time.monotonic() > deadline:
-            raise TrackingError(
-                f"the promotion lease on {name!r} is held by {current and current['owner']}; "
-                f"waited {timeout:.0f} s. If that process died, the lease expires by itself"
-            )
-        time.sleep(0.5 + random.random())
-    try:
-        yield
-    finally:
-        if (holder() or {}).get("owner") == owner:
-            api.delete_registered_model_tag(name, LEASE_TAG)
+def registry_lock(name: str, timeout: float = 1800, ttl: float = 60.0) -> Iterator[Lease]:
+    """Hold `name`'s promotion lease while the champion is re-read, compared and the aliases move."""
+    with Lease(f"promotion:{name}", ttl=ttl).acquire(wait=timeout) as lease:
+        yield lease
 
 
 def register(model_uri: str, name: str, alias: str, tags: dict[str, Any], description: str = "") -> int:

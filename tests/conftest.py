@@ -144,8 +144,33 @@ def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240)
                 time.sleep(1)
         yield server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def tracking_server(folder: Path):
+    """`mlflow server` on a free port of 127.0.0.1, its store and served artifacts in `folder`;
+    yields its URI once /health answers."""
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination",
+        str(folder / "served-artifacts"),
+        "--workers",
+        "1",
+    ]
+    with serving(command, f"http://127.0.0.1:{port}/health", folder, timeout=180) as server:
+        server.uri = f"http://127.0.0.1:{port}"
+        yield server
 
 
 @contextlib.contextmanager
@@ -166,3 +191,40 @@ def post_json(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
         return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def versions(trained):
+    """One registered model with versions that differ only in what they keep:
+    `all` keeps every box (high detection rate), `none` keeps nothing above 0.99, `tie` = `all`,
+    `other_split` records a different test split."""
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from detection import tracking
+    from detection.train import log_detector
+
+    os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
+    mlflow.set_tracking_uri(trained["uri"])
+    client = MlflowClient()
+    source = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
+    detector = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{source.version}").unwrap_python_model()
+    split = mlflow.artifacts.load_dict(f"runs:/{source.run_id}/split.json")
+    other = dict(split, test=split["val"], val=split["test"])
+    name = "promo"
+    made = {}
+    for key, overrides, recorded in (
+        ("none", ["model.box_score_thresh=0.99"], split),
+        ("all", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+        ("tie", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
+        ("other_split", ["model.box_score_thresh=0.0"], other),
+    ):
+        mlflow.set_experiment("promo-versions")
+        with mlflow.start_run(run_name=key):
+            mlflow.log_text(json.dumps(recorded), "split.json")
+            uri = log_detector(detector.config.replace(*overrides), detector.model)
+        made[key] = tracking.register(uri, name, "challenger", {"case": key})
+    os.environ.pop("MLFLOW_TRACKING_URI")
+    return {"name": name, **made}

@@ -17,40 +17,10 @@ from mlflow.tracking import MlflowClient
 from detection import tracking
 from detection.data import load_dataset
 from detection.predict import encode_png
-from detection.train import log_detector
 from tests.conftest import model_server, post_json, run_cli
 
 pytestmark = pytest.mark.slow
 SOURCE = "models:/brecahad-faster-rcnn@challenger"
-
-
-@pytest.fixture(scope="module")
-def versions(trained):
-    """One registered model with versions that differ only in what they keep:
-    `all` keeps every box (high detection rate), `none` keeps nothing above 0.99, `tie` = `all`,
-    `other_split` records a different test split."""
-    os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
-    mlflow.set_tracking_uri(trained["uri"])
-    client = MlflowClient()
-    source = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
-    detector = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{source.version}").unwrap_python_model()
-    split = mlflow.artifacts.load_dict(f"runs:/{source.run_id}/split.json")
-    other = dict(split, test=split["val"], val=split["test"])
-    name = "promo"
-    made = {}
-    for key, overrides, recorded in (
-        ("none", ["model.box_score_thresh=0.99"], split),
-        ("all", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
-        ("tie", ["model.box_score_thresh=0.0", "model.box_detections_per_img=1000"], split),
-        ("other_split", ["model.box_score_thresh=0.0"], other),
-    ):
-        mlflow.set_experiment("promo-versions")
-        with mlflow.start_run(run_name=key):
-            mlflow.log_text(json.dumps(recorded), "split.json")
-            uri = log_detector(detector.config.replace(*overrides), detector.model)
-        made[key] = tracking.register(uri, name, "challenger", {"case": key})
-    os.environ.pop("MLFLOW_TRACKING_URI")
-    return {"name": name, **made}
 
 
 def _aliases(name):
@@ -298,7 +268,8 @@ def test_promotions_started_together_crown_the_better_version(in_store, synth_di
     assert client.get_model_version(name, str(aliases["champion"])).tags["promotion.decision"] == "promoted"
 
 
-def test_the_registry_lease_lets_one_holder_in_at_a_time(in_store):
+def test_the_registry_lock_lets_one_holder_in_at_a_time(in_store):
+    """Beside a sqlite store the promotion lock is a file lock (tests/test_leases.py: a server's)."""
     import threading
 
     client = MlflowClient()
@@ -306,7 +277,7 @@ def test_the_registry_lease_lets_one_holder_in_at_a_time(in_store):
     inside, overlaps, entered = [], [], []
 
     def hold():
-        with tracking.lease_lock("leased", timeout=120, lease=60):
+        with tracking.registry_lock("leased", timeout=120):
             inside.append(1)
             entered.append(1)
             if len(inside) > 1:
@@ -319,7 +290,7 @@ def test_the_registry_lease_lets_one_holder_in_at_a_time(in_store):
         t.start()
     for t in threads:
         t.join()
-    assert len(entered) == 3 and overlaps == [] and "promotion.lease" not in client.get_registered_model("leased").tags
+    assert len(entered) == 3 and overlaps == []
 
 
 def test_the_server_answers_concurrent_requests_without_a_5xx(in_store, synth_dir, monkeypatch):

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from detection import tracking
 from detection.data import load_dataset
-from tests.conftest import ROOT, SMOKE, TINY, free_port, run_cli, serving, tiny_args, train_tiny
+from tests.conftest import ROOT, SMOKE, TINY, free_port, run_cli, tiny_args, tracking_server, train_tiny
 
 pytestmark = pytest.mark.slow
 MODEL = "brecahad-faster-rcnn"
@@ -198,23 +198,8 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
 
 
 def test_training_against_a_real_tracking_server(tmp_path, synth_dir, monkeypatch):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "served-artifacts"),
-        "--workers",
-        "1",
-    ]
-    with serving(command, f"{uri}/health", tmp_path, timeout=180):
+    with tracking_server(tmp_path) as server:
+        uri = server.uri
         work, scratch = tmp_path / "client", tmp_path / "client-tmp"
         work.mkdir()
         scratch.mkdir()
