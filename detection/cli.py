@@ -481,12 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "stack",
-        help="start, inspect or stop the team stack on this machine (PostgreSQL, S3, mlflow server)",
-        description="The team stack on one machine: PostgreSQL (databases mlflow, mlflow_auth, optuna), an S3 "
-        "object store (moto) and `mlflow server --app-name basic-auth` with artifacts in S3, all on "
-        "127.0.0.1 with free ports and data in one folder. `up` starts what is not running and prints "
-        "the environment clients need; `down` stops each service by its process group. Needs the "
-        "team extra: pip install -e '.[team]'.",
+        help="start, inspect or stop the team stack on this machine (PostgreSQL, mlflow server)",
+        description="The team stack on one machine: PostgreSQL (databases mlflow, mlflow_auth, optuna; a password "
+        "on every connection, a role per service, none of them a superuser) and `mlflow server --app-name "
+        "basic-auth` with its artifacts in the folder, reached only through the server's logins; all on "
+        "127.0.0.1 with free ports and every byte in one folder, so down then up keeps every run, version "
+        "and artifact. `up` starts what is not running and prints the environment clients need; `down` "
+        "stops each service by its process group. Needs the team extra: pip install -e '.[team]'.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='example:\n  python -m detection stack up && eval "$(python -m detection stack env)"\n'
         "  python -m detection train --data-dir data/demo -o train.epochs=1\n"
@@ -885,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
 def _fail_launched_run(error: Exception) -> None:
     """Mark the run `mlflow run` launched for this command FAILED, with the error, unless the
     command already ended it. A store that cannot be reached must not hide the first error."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    if not os.environ.get("MLFLOW_RUN_ID") or getattr(error, "offline", False):
         return
     from . import tracking
 

@@ -25,6 +25,7 @@ import mlflow
 import pandas as pd
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
 
 from . import config as config_mod
 from . import figures, tracking
@@ -125,9 +126,12 @@ class Checkpoints:
     the last one: a paper.yaml checkpoint is ~1.7 GB, and an upload per GPU epoch would dominate.
 
     The state is copied to host memory and written in a background thread while the next epoch
-    trains; training waits only for the copy (and for a previous write still under way). Uploads
-    alternate between two files and `latest.json` names the one last written in full, so a process
-    killed while uploading leaves the previous one intact; locally the file is replaced atomically.
+    trains; training waits only for that copy and for the previous local write, never for an upload:
+    an upload still under way when the next is due is skipped (`train/checkpoint_uploads_skipped`),
+    and one to a server that stopped answering cannot stall the local checkpoint. Uploads alternate
+    between two slots and `latest.json` names the one last written in full, so a process killed
+    while uploading leaves the other; locally the file is replaced atomically. A finished run keeps
+    one slot, its last.
     """
 
     def __init__(self, tr: tracking.Tracker, every: int, epochs: int):
@@ -135,43 +139,56 @@ class Checkpoints:
         self.dir = local_checkpoints(tr.run_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self.pending: tuple[int, Future] | None = None
+        self.uploader = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+        self.local: tuple[int, Future] | None = None
+        self.upload: tuple[int, Future] | None = None
+        self.abandon_uploads = False  # set when the server is gone: nothing waits for it
+        self.skipped = 0
 
     def save(self, state: dict) -> None:
         start = time.perf_counter()
-        self.wait()
+        self._finish(self.local, "train/checkpoint_seconds")
         snapshot = _on_host(state)  # training goes on changing the tensors in place
-        epoch = state["epoch"] + 1
-        upload = epoch % self.every == 0 or epoch == self.epochs
-        self.pending = state["epoch"], self.writer.submit(self._write, snapshot, upload)
-        self.tr.log_metrics({"train/checkpoint_wait_seconds": time.perf_counter() - start}, state["epoch"])
+        epoch, last = state["epoch"], state["epoch"] + 1 == self.epochs
+        due = (epoch + 1) % self.every == 0 or last
+        if due and self.upload and not self.upload[1].done() and not last:
+            self.skipped, due = self.skipped + 1, False
+            self.tr.log_metrics({"train/checkpoint_uploads_skipped": self.skipped}, epoch)
+        slot = self.dir / f"slot-{epoch % 2}.pt" if due else None
+        self.local = epoch, self.writer.submit(self._write, snapshot, slot)
+        if slot is not None:
+            self._finish(self.upload, "train/checkpoint_upload_seconds")
+            self.upload = epoch, self.uploader.submit(self._upload, self.local[1], slot, state)
+        self.tr.log_metrics({"train/checkpoint_wait_seconds": time.perf_counter() - start}, epoch)
 
-    def wait(self) -> None:
-        """Finish the write under way (raising its error) and log how long it took."""
-        if self.pending:
-            epoch, future = self.pending
-            self.pending = None
-            self.tr.log_metrics({"train/checkpoint_seconds": future.result()}, epoch)
+    def _finish(self, pending: tuple[int, Future] | None, metric: str) -> None:
+        """Wait for a write or upload under way (raising its error) and log how long it took."""
+        if pending:
+            epoch, future = pending
+            self.tr.log_metrics({metric: future.result()}, epoch)
 
     def close(self) -> None:
         try:
-            self.wait()
+            self._finish(self.local, "train/checkpoint_seconds")
+            if not self.abandon_uploads:
+                self._finish(self.upload, "train/checkpoint_upload_seconds")
         finally:
             self.writer.shutdown()
+            self.uploader.shutdown(wait=not self.abandon_uploads)
 
-    def _write(self, state: dict, upload: bool) -> float:
+    def _write(self, state: dict, slot: Path | None) -> float:
         start = time.perf_counter()
         torch.save(state, self.dir / "latest.pt.tmp")
         os.replace(self.dir / "latest.pt.tmp", self.dir / "latest.pt")
         _write_json(self.dir / "latest.json", {"epoch": state["epoch"], "step": state["step"]})
-        if upload:
-            self._upload(state)
+        if slot is not None:  # the upload takes this file's name: no second copy, and no later write changes it
+            slot.unlink(missing_ok=True)
+            os.link(self.dir / "latest.pt", slot)
         return time.perf_counter() - start
 
-    def _upload(self, state: dict) -> None:
-        slot = self.dir / f"slot-{state['epoch'] % 2}.pt"
-        slot.unlink(missing_ok=True)
-        os.link(self.dir / "latest.pt", slot)  # the upload takes the file's name; no second copy
+    def _upload(self, written: Future, slot: Path, state: dict) -> float:
+        written.result()
+        start = time.perf_counter()
         try:
             self.tr.client.log_artifact(self.tr.run_id, slot, CHECKPOINT_DIR)
         finally:
@@ -181,6 +198,7 @@ class Checkpoints:
             json.dumps({"epoch": state["epoch"], "step": state["step"], "file": slot.name}),
             f"{CHECKPOINT_DIR}/latest.json",
         )
+        return time.perf_counter() - start
 
 
 def _on_host(state):
@@ -237,8 +255,11 @@ def fit(
     prep: Prepared,
     resume_from: Path | None,
     on_epoch: Callable[[int, Validation], None] | None = None,
+    lease: tracking.Lease | None = None,
 ) -> torch.nn.Module:
-    """Train for the remaining epochs; `on_epoch(epoch, validation)` may stop early by raising."""
+    """Train for the remaining epochs; `on_epoch(epoch, validation)` may stop early by raising.
+    Training stops, at the step it is in, when the tracking server stops answering (its checkpoint
+    kept locally, the message saying how to resume) or when the run's lease is lost."""
     cfg, model = prep.cfg, prep.model
     device = pick_device(cfg.train.device)
     dtype = autocast_dtype(device, cfg.train.amp)
@@ -276,13 +297,19 @@ def fit(
     checkpoints = Checkpoints(tr, cfg.train.checkpoint_every, cfg.train.epochs)
     remaining = (cfg.train.epochs - start_epoch) * (per_epoch + len(val_set))
     # Closing waits for the last write: a failed epoch still leaves the previous checkpoint complete.
-    with Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar, contextlib.closing(checkpoints):
+    with (
+        Bar(remaining, "train", every=max(1, per_epoch // 4)) as bar,
+        contextlib.closing(checkpoints),
+        tracking.ServerWatch() as watch,
+        _stopping_when_lost(tr, watch, checkpoints),
+    ):
         for epoch in range(start_epoch, cfg.train.epochs):
             bar.describe(f"epoch {epoch + 1}/{cfg.train.epochs}")
             order.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
 
-            def on_step(s: int, losses: dict[str, float]) -> None:
+            def on_step(s: int, losses: dict[str, float], epoch=epoch) -> None:
+                _alive(tr, watch, lease, checkpoints, epoch, s)
                 tr.log_metrics({"train/loss": losses["loss"]} | {f"train/{k}": losses[k] for k in LOSS_NAMES}, s)
                 bar.advance(loss=losses["loss"])
 
@@ -297,6 +324,7 @@ def fit(
                 cfg.model.num_classes,
                 on_patch=lambda: bar.advance(phase="val"),
             )
+            _alive(tr, watch, lease, checkpoints, epoch, step)
             tr.log_metrics(
                 {
                     "val/loss": val.loss,
@@ -322,6 +350,44 @@ def fit(
             if on_epoch:
                 on_epoch(epoch, val)
     return model
+
+
+def _server_lost(tr: tracking.Tracker, checkpoints: Checkpoints, where: str = "") -> tracking.TrackingLost:
+    saved = checkpoints.dir / "latest.json"
+    kept = (
+        f"the checkpoint of epoch {json.loads(saved.read_text())['epoch'] + 1} is kept in {checkpoints.dir}"
+        if saved.exists()
+        else "no epoch had finished, so the run starts over"
+    )
+    return tracking.TrackingLost(
+        f"the tracking server {mlflow.get_tracking_uri()} stopped answering{where}; {kept}. "
+        f"When it answers again, resume with: python -m detection train --resume {tr.run_id}"
+    )
+
+
+def _alive(tr, watch: tracking.ServerWatch, lease, checkpoints: Checkpoints, epoch: int, step: int) -> None:
+    """Stop at this step if the server is gone or another process may now hold the run."""
+    if watch.down.is_set():
+        checkpoints.abandon_uploads = True
+        raise _server_lost(tr, checkpoints, f" during epoch {epoch + 1} (step {step})")
+    if lease is not None and lease.lost.is_set():
+        raise tracking.TrackingError(
+            f"run {tr.run_id} lost its lease (its heartbeat went unanswered): another process may resume it, "
+            f"so this one stops"
+        )
+
+
+@contextlib.contextmanager
+def _stopping_when_lost(tr, watch: tracking.ServerWatch, checkpoints: Checkpoints):
+    """A request that failed because the server is gone is the server's loss, not a bug: such a
+    failure may come before the watch's verdict, so it is given the watch's grace to decide."""
+    try:
+        yield
+    except (MlflowException, OSError) as e:
+        if not (watch.remote and watch.down.wait(watch.grace + 2 * watch.every)):
+            raise
+        checkpoints.abandon_uploads = True
+        raise _server_lost(tr, checkpoints) from e
 
 
 def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch: int) -> None:
@@ -420,25 +486,52 @@ def train(cfg: Config | None, data_dir: Path, resume: str | None = None) -> tupl
             f"second-look` on the registered version"
         )
     tracking.check_reachable()
-    recorded = None
-    if resume:
-        refuse_finished(resume)
-        cfg, recorded = recorded_run(resume)
-    prep = prepare(cfg, data_dir, recorded)
-    with tracking.run(
-        cfg.tracking.experiment, resume, cfg.tracking.system_metrics, name=None if resume else f"train {cfg.name}"
-    ) as tr:
-        if not resume:
-            log_setup(tr, prep)
-        with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
-            # A run interrupted in its first epoch has no checkpoint yet and starts over.
-            found = latest_checkpoint(resume, Path(tmp)) if resume else None
-            if found:
-                tr.set_tags({"resumed_from": found[1]})
-            model = fit(tr, prep, found and found[0])
-        version = finish(tr, prep, model)
+    tracking.bound_requests()
+    with contextlib.ExitStack() as held:
+        recorded = None
+        if resume:
+            lease = held.enter_context(claim(resume))  # before anything of the run is touched
+            refuse_finished(resume)
+            cfg, recorded = recorded_run(resume)
+        prep = prepare(cfg, data_dir, recorded)
+        with tracking.run(
+            cfg.tracking.experiment, resume, cfg.tracking.system_metrics, name=None if resume else f"train {cfg.name}"
+        ) as tr:
+            if not resume:
+                lease = held.enter_context(claim(tr.run_id))
+                log_setup(tr, prep)
+            tidy_checkpoints(tr.run_id)
+            with tempfile.TemporaryDirectory(prefix="brecahad-resume-") as tmp:
+                # A run interrupted in its first epoch has no checkpoint yet and starts over.
+                found = latest_checkpoint(resume, Path(tmp)) if resume else None
+                if found:
+                    tr.set_tags({"resumed_from": found[1]})
+                model = fit(tr, prep, found and found[0], lease=lease)
+            version = finish(tr, prep, model)
+            tidy_checkpoints(tr.run_id, keep=f"slot-{(cfg.train.epochs - 1) % 2}.pt")
     discard_local(tr.run_id)  # the run finished; its checkpoint is uploaded
     return tr.run_id, version
+
+
+def claim(run_id: str) -> tracking.Lease:
+    """The run's lease, held while this process trains it: a second process resuming the same run
+    is refused, not run beside it (two resumes at once registered twice and logged steps twice)."""
+    try:
+        return tracking.Lease(f"run:{run_id}").acquire(wait=0)
+    except tracking.LeaseHeld as e:
+        raise tracking.TrackingError(
+            f"run {run_id} is being trained by another process ({e}); wait for it to end, or stop it, then resume"
+        ) from None
+
+
+def tidy_checkpoints(run_id: str, keep: str | None = None) -> None:
+    """Remove what a kill mid-upload leaves in the run (a half-written checkpoint) and, with `keep`,
+    every checkpoint slot but that one: a finished run needs its last checkpoint only."""
+    tracking.remove_partial_uploads(run_id, CHECKPOINT_DIR)
+    if keep:
+        names = [Path(a.path).name for a in tracking.client().list_artifacts(run_id, CHECKPOINT_DIR)]
+        others = [n for n in names if n.startswith("slot-") and n != keep]
+        tracking.delete_artifacts(run_id, [f"{CHECKPOINT_DIR}/{n}" for n in others])
 
 
 def train_nested(
@@ -458,7 +551,9 @@ def train_nested(
             model = fit(tr, prep, None, on_epoch)
         finally:  # a trial is re-run from scratch, never resumed
             discard_local(tr.run_id)
-        return tr.run_id, log_detector(cfg, model), model
+        model_uri = log_detector(cfg, model)
+        tidy_checkpoints(tr.run_id, keep=f"slot-{(cfg.train.epochs - 1) % 2}.pt")
+        return tr.run_id, model_uri, model
 
 
 def reregister(uri: str) -> tuple[str, int]:
