@@ -12,6 +12,7 @@ champion. Every decision is a run with a side-by-side table and figure, and tags
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -135,19 +136,19 @@ def promote(req: PromoteRequest) -> dict:
     config = tracking.load_model(cand_ref).config  # refuses a version whose artifacts do not load
     req = replace(req, match_radius_um=req.match_radius_um or config.eval.match_radius_um)  # one radius for both
     cand = judged(req, cand_ref)
-    with tracking.registry_lock(cand_ref.name):
+    with tracking.registry_lock(cand_ref.name) as lease:
+        settle(cand_ref.name)  # a promotion killed part-way is finished before this one looks
         champ_ref = tracking.alias_version(cand_ref.name, CHAMPION)
         if champ_ref is not None and champ_ref.version == cand_ref.version:
             raise PromotionError(f"{cand_ref.pinned} is already the champion")
         champ = judged(req, champ_ref) if champ_ref else None
         decision = decide(req, cand, champ)
-        run_id = record(req, cand, champ, decision)
-        if decision.outcome == "promoted":
-            if champ:
-                tracking.client().set_registered_model_alias(cand_ref.name, PREVIOUS, str(champ.ref.version))
-            tracking.client().set_registered_model_alias(cand_ref.name, CHAMPION, str(cand_ref.version))
+        plan = record(req, cand, champ, decision)
+        if lease.lost.is_set():
+            raise PromotionError(f"lost the promotion lease of {cand_ref.name!r} while deciding; nothing moved")
+        carry_out(cand_ref.name, plan)
         final = tracking.alias_version(cand_ref.name, CHAMPION)
-    return {"decision": decision.outcome, "reason": decision.reason, "run_id": run_id, "champion": final.version}
+    return {"decision": decision.outcome, "reason": decision.reason, "run_id": plan["run"], "champion": final.version}
 
 
 def decide(req: PromoteRequest, cand: Judged, champ: Judged | None) -> Decision:
@@ -175,39 +176,33 @@ TEST_DECISIONS = "test_decisions"  # promotion.test_decisions: decisions made on
 _TEST_LINE = re.compile(r"\n*Promotion decisions made on its test images: \d+\.?$")
 
 
-def count_test_use(ref: tracking.ModelRef, decided_on_test: bool) -> int:
-    """How many promotion decisions have used the version's test images, counting this one; kept as a
-    version tag and as the last line of its description (test figures chosen among many are optimistic)."""
+def test_decisions(ref: tracking.ModelRef) -> int:
+    """How many promotion decisions have used the version's test images so far."""
     version = tracking.client().get_model_version(ref.name, str(ref.version))
-    n = int(version.tags.get(f"promotion.{TEST_DECISIONS}", "0")) + int(decided_on_test)
-    if decided_on_test:
-        tracking.tag_version(ref.name, ref.version, "promotion.", {TEST_DECISIONS: n})
-        text = _TEST_LINE.sub("", version.description or "").rstrip()
-        line = f"Promotion decisions made on its test images: {n}."
-        tracking.client().update_model_version(ref.name, str(ref.version), description=f"{text}\n\n{line}".lstrip())
-    return n
+    return int(version.tags.get(f"promotion.{TEST_DECISIONS}", "0"))
 
 
-def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: Decision) -> str:
-    """The decision as a run (table and figure) and as tags on both versions."""
+def describe_test_decisions(name: str, version: int, n: int) -> None:
+    """The count as the last line of the version's description (test figures chosen among many are
+    optimistic), once there is one; written as a total, so repeating it changes nothing."""
+    if n == 0:
+        return
+    current = tracking.client().get_model_version(name, str(version)).description or ""
+    text = _TEST_LINE.sub("", current).rstrip()
+    line = f"Promotion decisions made on its test images: {n}."
+    tracking.client().update_model_version(name, str(version), description=f"{text}\n\n{line}".lstrip())
+
+
+def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: Decision) -> dict:
+    """The decision's run (table, figure, params; RUNNING until carried out) and its plan: the aliases
+    to move, the tags each version and the run get. Test decisions are counted here, as totals."""
     table = side_by_side(req, cand, champ)
     on_test = req.split == "test"
-    with tracking.run(EXPERIMENT, name=f"promote v{cand.ref.version}") as tr:
-        uses = {f"candidate_{TEST_DECISIONS}": count_test_use(cand.ref, on_test)} | (
-            {f"champion_{TEST_DECISIONS}": count_test_use(champ.ref, on_test)} if champ else {}
-        )
-        tr.set_tags(
-            {
-                "promotion": "true",
-                "decision": decision.outcome,
-                "reason": decision.reason,
-                "candidate_version": cand.ref.version,
-                "champion_version": champ.ref.version if champ else "",
-                "metric": req.metric,
-                "decided_on_test": str(on_test).lower(),
-            }
-            | uses
-        )
+    run_id = tracking.create_run(
+        EXPERIMENT, f"promote v{cand.ref.version}", {"promotion": "true", "decision": "pending"}
+    )
+    try:
+        tr = tracking.Tracker(run_id)
         tr.log_params(
             {
                 "promote.candidate": cand.ref.pinned,
@@ -219,36 +214,92 @@ def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: De
                 "promote.data_dir": str(req.data_dir),
             }
         )
-        tr.client.log_table(tr.run_id, table, "side_by_side.json")
+        tr.client.log_table(run_id, table, "side_by_side.json")
         fig = figures.side_by_side(table[table.decides], req.metric, decision.outcome)
-        tr.client.log_figure(tr.run_id, fig, "side_by_side.png")
+        tr.client.log_figure(run_id, fig, "side_by_side.png")
         figures.close(fig)
-        tags = {
-            "decision": decision.outcome,
-            "metric": req.metric,
-            "candidate_value": decision.candidate_value,
-            "champion_value": "" if decision.champion_value is None else decision.champion_value,
-            "candidate_eval_run": cand.decisive.run_id,
-            "champion_eval_run": champ.decisive.run_id if champ else "",
-            "candidate_test_eval_run": cand.test.run_id,
-            "promotion_run": tr.run_id,
+    except BaseException:
+        tracking.client().set_terminated(run_id, "FAILED")
+        raise
+    counts = {cand.ref.version: test_decisions(cand.ref) + on_test} | (
+        {champ.ref.version: test_decisions(champ.ref) + on_test} if champ else {}
+    )
+    promotion = {
+        "decision": decision.outcome,
+        "metric": req.metric,
+        "candidate_value": decision.candidate_value,
+        "champion_value": "" if decision.champion_value is None else decision.champion_value,
+        "candidate_eval_run": cand.decisive.run_id,
+        "champion_eval_run": champ.decisive.run_id if champ else "",
+        "candidate_test_eval_run": cand.test.run_id,
+        "promotion_run": run_id,
+    }
+    tags = {cand.ref.version: {f"promotion.{k}": v for k, v in promotion.items()}}
+    if champ:  # the champion's own promotion.* tags keep saying how it became champion
+        tags[champ.ref.version] = {
+            "promotion.challenge.by_version": cand.ref.version,
+            "promotion.challenge.decision": decision.outcome,
+            "promotion.challenge.promotion_run": run_id,
         }
-        tracking.tag_version(cand.ref.name, cand.ref.version, "promotion.", tags)
-        if champ:
-            # The champion's own promotion.* tags keep saying how it became champion.
-            tracking.tag_version(
-                champ.ref.name,
-                champ.ref.version,
-                "promotion.challenge.",
-                {"by_version": cand.ref.version, "decision": decision.outcome, "promotion_run": tr.run_id},
-            )
-        return tr.run_id
+    for version, n in counts.items() if on_test else ():
+        tags[version][f"promotion.{TEST_DECISIONS}"] = n
+    aliases = {}
+    if decision.outcome == "promoted":
+        aliases = ({PREVIOUS: champ.ref.version} if champ else {}) | {CHAMPION: cand.ref.version}
+    return {
+        "run": run_id,
+        "aliases": aliases,
+        "tags": {str(v): {k: str(x) for k, x in t.items()} for v, t in tags.items()},
+        "test_decisions": {str(v): n for v, n in counts.items()} if on_test else {},
+        "run_tags": {
+            "decision": decision.outcome,
+            "reason": decision.reason,
+            "candidate_version": cand.ref.version,
+            "champion_version": champ.ref.version if champ else "",
+            "metric": req.metric,
+            "decided_on_test": str(on_test).lower(),
+            f"candidate_{TEST_DECISIONS}": counts[cand.ref.version],
+        }
+        | ({f"champion_{TEST_DECISIONS}": counts[champ.ref.version]} if champ else {}),
+    }
+
+
+PENDING = "promotion.pending"  # a registered-model tag: the plan of a promotion not yet carried out
+
+
+def carry_out(name: str, plan: dict) -> None:
+    """Write the plan down, move its aliases, tag its versions and run, end the run FINISHED, then
+    clear the plan. Every step may be repeated, so a process killed part-way leaves a plan that the
+    next promotion or rollback carries out (`settle`): no tag or run tells what did not happen."""
+    api = tracking.client()
+    api.set_registered_model_tag(name, PENDING, json.dumps(plan))
+    for alias, version in plan["aliases"].items():
+        api.set_registered_model_alias(name, alias, str(version))
+    for version, tags in plan["tags"].items():
+        tracking.tag_version(name, int(version), "", tags)
+    for version, n in plan.get("test_decisions", {}).items():
+        describe_test_decisions(name, int(version), n)
+    tracking.Tracker(plan["run"]).set_tags(plan["run_tags"])
+    api.set_terminated(plan["run"], "FINISHED")
+    api.delete_registered_model_tag(name, PENDING)
+
+
+def settle(name: str) -> str | None:
+    """Carry out the plan a killed promotion or rollback left; returns its run, or None."""
+    text = tracking.client().get_registered_model(name).tags.get(PENDING)
+    if not text:
+        return None
+    plan = json.loads(text)
+    plan["run_tags"] = plan["run_tags"] | {"settled": "its process was killed; the next promotion carried it out"}
+    carry_out(name, plan)
+    return plan["run"]
 
 
 def rollback(req: PromoteRequest) -> dict:
     """Swap `champion` and `previous` back; the registry always has a champion while it happens."""
     name = tracking.resolve_model(req.candidate).name
     with tracking.registry_lock(name):
+        settle(name)
         return _rollback(name)
 
 
@@ -259,22 +310,25 @@ def _rollback(name: str) -> dict:
             f"rollback needs both aliases {CHAMPION!r} and {PREVIOUS!r} on {name!r}; "
             f"found champion={champ and champ.version}, previous={prev and prev.version}"
         )
-    with tracking.run(EXPERIMENT, name=f"rollback to v{champ.version}") as tr:
-        tr.set_tags(
-            {
-                "promotion": "true",
+    run_id = tracking.create_run(
+        EXPERIMENT, f"rollback to v{prev.version}", {"promotion": "true", "decision": "pending"}
+    )
+    carry_out(
+        name,
+        {
+            "run": run_id,
+            "aliases": {CHAMPION: prev.version, PREVIOUS: champ.version},
+            "tags": {
+                str(ref.version): {"promotion.decision": "rolled back", "promotion.promotion_run": run_id}
+                for ref in (champ, prev)
+            },
+            "run_tags": {
                 "decision": "rolled back",
                 "candidate_version": prev.version,
                 "champion_version": champ.version,
-            }
-        )
-        tracking.client().set_registered_model_alias(name, CHAMPION, str(prev.version))
-        tracking.client().set_registered_model_alias(name, PREVIOUS, str(champ.version))
-        for ref in (champ, prev):
-            tracking.tag_version(
-                name, ref.version, "promotion.", {"decision": "rolled back", "promotion_run": tr.run_id}
-            )
-        run_id = tr.run_id
+            },
+        },
+    )
     return {
         "decision": "rolled back",
         "reason": f"champion v{champ.version} -> v{prev.version}",

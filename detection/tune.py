@@ -662,30 +662,23 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
             )
             report = judge(test_cache, test_pp, "greedy", radius)
             log_report(tr, "test", report, test_cache, [], test_pp)
-            overrides = pp.as_overrides() + ([f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else [])
-            cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
-            from .train import log_detector
-
-            model_uri = log_detector(cfg, s.model)
-            # The tuned version's run is this one: it carries the split so the version can be judged.
-            tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")
             test_metrics = report.metrics
         else:
-            model_uri = chosen.user_attrs["model_uri"]
             test_metrics, chosen_params = None, chosen.params
-        version = tracking.register(
-            model_uri,
-            s.ref.name,
-            "challenger",
-            {
-                "study": s.req.study,
-                "trial": chosen.number,
-                "study_kind": s.req.kind,
-                "objective": s.req.objective,
-                "source_version": s.ref.version,
-                "tune_run_id": s.parent,
-            },
-        )
+        tags = {
+            "study": s.req.study,
+            "trial": chosen.number,
+            "study_kind": s.req.kind,
+            "objective": s.req.objective,
+            "source_version": s.ref.version,
+            "tune_run_id": s.parent,
+        }
+        # A worker killed after registering, before the study recorded it, registered this trial already.
+        version = tracking.version_with_tags(s.ref.name, {"tune_run_id": s.parent, "trial": chosen.number})
+        if version is None:
+            version = tracking.register(_chosen_model(s, chosen, tr), s.ref.name, "challenger", tags)
+        else:
+            tracking.client().set_registered_model_alias(s.ref.name, "challenger", str(version))
         if test_metrics is None:
             _, test_metrics = evaluate(
                 Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol), parent=s.parent
@@ -701,6 +694,22 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
         "version": version,
         "test": {k: test_metrics[k] for k in ("detection_rate", "fdr", "f1")},
     }
+
+
+def _chosen_model(s: Study, chosen: optuna.trial.FrozenTrial, tr: tracking.Tracker) -> str:
+    """The chosen trial's model: a training trial logged its own; a postprocess study logs the source
+    detector with the chosen settings, in the study's run, which carries the split to judge it by."""
+    if s.req.kind != "postprocess":
+        return chosen.user_attrs["model_uri"]
+    from .train import log_detector
+
+    tta_thresh = trial_tta_thresh(chosen)
+    overrides = trial_postprocess(chosen).as_overrides()
+    overrides += [f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else []
+    cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
+    model_uri = log_detector(cfg, s.model)
+    tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")
+    return model_uri
 
 
 def describe(s: Study, chosen: optuna.trial.FrozenTrial, params: dict, test: dict) -> str:
