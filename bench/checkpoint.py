@@ -4,8 +4,8 @@
 
 A checkpoint is what `train.fit` writes: the model, Adam's two moments (after one step, so they
 exist), the scheduler and the scaler. The local save goes to a temp folder; the upload goes through
-MLflow to the team stack's server and S3 store (`--stack`, started with `python -m detection stack
-up`), else to a local file store. Epoch seconds come from measured step times (README, Benchmarks):
+MLflow to the team stack's server and its artifact folder (`--stack`, started with `python -m
+detection stack up`), else to a local file store. Epoch seconds come from measured step times (README, Benchmarks):
 an epoch is 138 training images at batch 1. Prints one JSON line per config.
 """
 

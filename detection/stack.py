@@ -1,14 +1,18 @@
 """The team stack on one machine, to try the team setup and to test against it.
 
-  python -m detection stack up      PostgreSQL, an S3 object store (moto) and `mlflow server` with logins
+  python -m detection stack up      PostgreSQL and `mlflow server` with logins, artifacts in the folder
   python -m detection stack status  what runs, and the environment a client needs
   python -m detection stack down    stop every process, each by its process group
 
-Everything binds to 127.0.0.1 on free ports and keeps its data in one folder (default `.stack`).
-PostgreSQL holds three databases: `mlflow` (runs and registry), `mlflow_auth` (logins) and
-`optuna` (studies). The admin password is random, in `<folder>/admin-password` (mode 0600); it is
-never printed, logged or passed on a command line. A real deployment replaces moto with any S3
-endpoint and this folder's PostgreSQL with the lab's: see the README's "Team setup".
+Everything binds to 127.0.0.1 on free ports and keeps its data in one folder (default `.stack`),
+so a `down` then an `up` finds every run, version and artifact again. PostgreSQL checks a password
+on every connection (scram-sha-256), local ones too, and holds three databases, each owned by a
+role that is no superuser: `mlflow` (runs and registry) and `mlflow_auth` (logins) by `mlflow`,
+`optuna` (studies) by `optuna`; clients get the `optuna` role alone. Artifacts live in
+`<folder>/artifacts` (mode 0700), reachable only through the server, which checks every login.
+Every password is random, in a file of the folder (mode 0600), and is never printed, logged or
+passed on a command line. A real deployment uses the lab's PostgreSQL and an S3 store: see the
+README's "Team setup".
 """
 
 from __future__ import annotations
@@ -31,10 +35,9 @@ from .tracking import TrackingError
 
 DEFAULT_DIR = Path(".stack")
 ADMIN = "admin"
-BUCKET = "mlflow"
-DATABASES = ("mlflow", "mlflow_auth", "optuna")
-ORDER = ("postgres", "s3", "mlflow")  # started in this order, stopped in reverse
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+SUPERUSER = "postgres"
+OWNERS = {"mlflow": "mlflow", "mlflow_auth": "mlflow", "optuna": "optuna"}  # database -> its role
+ORDER = ("postgres", "mlflow")  # started in this order, stopped in reverse
 TEAM_EXTRA = "pip install -e '.[team]'"
 
 
@@ -56,27 +59,40 @@ class Stack:
 
     # --- what clients use -----------------------------------------------------------------------
     def database(self, name: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.ports['postgres']}/{name}"
+        """The database's URL for its owning role, without a password (libpq reads PGPASSWORD)."""
+        return f"postgresql+psycopg2://{OWNERS[name]}@127.0.0.1:{self.ports['postgres']}/{name}"
 
     @property
     def tracking_uri(self) -> str:
         return f"http://127.0.0.1:{self.ports['mlflow']}"
 
     @property
-    def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
 
     @property
     def password_file(self) -> Path:
         return self.dir / "admin-password"
 
+    def secret(self, name: str) -> str:
+        """A secret of the stack (the `admin` login, the server's `flask` key, a PostgreSQL role's
+        password), made on first use, mode 0600."""
+        path = {ADMIN: self.password_file, "flask": self.dir / "flask-secret"}.get(
+            name, self.dir / f"{name}-db-password"
+        )
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(18))
+        return path.read_text().strip()
+
     def client_env(self) -> dict[str, str]:
-        """What a client process needs: the server, its login and the study database."""
+        """What a client process needs: the server, its login and the study database (as `optuna`)."""
         return {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": ADMIN,
-            "MLFLOW_TRACKING_PASSWORD": self.password_file.read_text().strip(),
+            "MLFLOW_TRACKING_PASSWORD": self.secret(ADMIN),
             "BRECAHAD_OPTUNA_STORAGE": self.database("optuna"),
+            "PGPASSWORD": self.secret("optuna"),
         }
 
     # --- state ------------------------------------------------------------------------------------
@@ -170,60 +186,117 @@ def _start_postgres(stack: Stack) -> None:
                 f"enter (e.g. under /tmp or the repository), with --dir"
             )
     if not (data / "PG_VERSION").exists():
-        out = subprocess.run(
-            _as_postgres([_pg_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode:
-            raise StackError(f"initdb {data} failed: {out.stderr.strip()[-1000:]}")
+        _initdb(stack, data)
     port = stack.ports.setdefault("postgres", free_port())
     proc = _spawn(
         stack,
         "postgres",
         _as_postgres([_pg_binary("postgres"), "-D", str(data), "-k", str(data), "-h", "127.0.0.1", "-p", str(port)]),
     )
+    _wait(stack, "postgres", proc, lambda: bool(_superuser(stack).close() or True), 60)
+    _provision(stack, data)
+
+
+def _initdb(stack: Stack, data: Path) -> None:
+    """A cluster that asks every connection, local ones too, for a password (scram-sha-256)."""
+    pwfile = data / "superuser-password"  # readable by the postgres user alone, removed at once
+    pwfile.write_text(stack.secret(SUPERUSER))
+    pwfile.chmod(0o600)
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, "postgres", "postgres")
+    try:
+        out = subprocess.run(
+            _as_postgres(
+                [_pg_binary("initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "scram-sha-256", f"--pwfile={pwfile}"]
+            ),
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if out.returncode:
+        raise StackError(f"initdb {data} failed: {out.stderr.strip()[-1000:]}")
+
+
+def _superuser(stack: Stack):
     import psycopg2
 
-    def ready() -> bool:
-        psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres").close()
-        return True
+    return psycopg2.connect(
+        host="127.0.0.1",
+        port=stack.ports["postgres"],
+        user=SUPERUSER,
+        dbname="postgres",
+        password=stack.secret(SUPERUSER),
+    )
 
-    _wait(stack, "postgres", proc, ready, 60)
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+
+def _provision(stack: Stack, data: Path) -> None:
+    """Every role, database, owner and grant the stack needs, made idempotently: a role per service
+    that is no superuser, its databases closed to everyone else. A cluster an earlier release made
+    with `trust` gets its passwords and scram-sha-256 here, then reloads."""
+    from psycopg2 import sql
+
+    conn = _superuser(stack)
     conn.autocommit = True
     with conn.cursor() as cur:
+        cur.execute(sql.SQL("ALTER ROLE {} PASSWORD %s").format(sql.Identifier(SUPERUSER)), [stack.secret(SUPERUSER)])
+        cur.execute("SELECT rolname FROM pg_roles")
+        roles = {row[0] for row in cur.fetchall()}
+        for role in sorted(set(OWNERS.values())):
+            verb = "ALTER" if role in roles else "CREATE"
+            cur.execute(
+                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s").format(
+                    sql.Identifier(role)
+                ),
+                [stack.secret(role)],
+            )
         cur.execute("SELECT datname FROM pg_database")
         have = {row[0] for row in cur.fetchall()}
-        for name in DATABASES:
+        for name, owner in OWNERS.items():
+            ident = {"db": sql.Identifier(name), "role": sql.Identifier(owner)}
             if name not in have:
-                cur.execute(f'CREATE DATABASE "{name}"')
+                cur.execute(sql.SQL("CREATE DATABASE {db} OWNER {role}").format(**ident))
+            cur.execute(sql.SQL("ALTER DATABASE {db} OWNER TO {role}").format(**ident))
+            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {db} FROM PUBLIC").format(**ident))
+            cur.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role}").format(**ident))
+        hba = data / "pg_hba.conf"
+        if os.access(hba, os.R_OK) and " trust" in hba.read_text():  # made by an earlier release
+            hba.write_text(hba.read_text().replace(" trust", " scram-sha-256"))
+            cur.execute("SELECT pg_reload_conf()")
     conn.close()
+    for name in OWNERS:  # tables an earlier release made as the superuser now belong to the service
+        _own_tables(stack, name)
 
 
-def _start_s3(stack: Stack) -> None:
-    port = stack.ports.setdefault("s3", free_port())
-    proc = _spawn(stack, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], S3_KEYS)
-    _wait(stack, "s3", proc, lambda: urllib.request.urlopen(stack.s3_endpoint, timeout=2).status == 200, 60)
-    import boto3
+def _own_tables(stack: Stack, name: str) -> None:
+    import psycopg2
+    from psycopg2 import sql
 
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=stack.ports["postgres"], user=SUPERUSER, dbname=name, password=stack.secret(SUPERUSER)
     )
-    if BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
-        s3.create_bucket(Bucket=BUCKET)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tableowner <> %s", [OWNERS[name]])
+        for (table,) in cur.fetchall():
+            cur.execute(
+                sql.SQL("ALTER TABLE public.{} OWNER TO {}").format(sql.Identifier(table), sql.Identifier(OWNERS[name]))
+            )
+        cur.execute("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'")
+        for (seq,) in cur.fetchall():
+            cur.execute(
+                sql.SQL("ALTER SEQUENCE public.{} OWNER TO {}").format(
+                    sql.Identifier(seq), sql.Identifier(OWNERS[name])
+                )
+            )
+    conn.close()
 
 
 def _start_mlflow(stack: Stack) -> None:
     port = stack.ports.setdefault("mlflow", free_port())
-    for secret in (stack.password_file, stack.dir / "flask-secret"):
-        if not secret.exists():
-            secret.touch(mode=0o600)
-            secret.write_text(secrets.token_urlsafe(18))
+    stack.secret(ADMIN)
+    stack.artifacts.mkdir(mode=0o700, exist_ok=True)
+    stack.artifacts.chmod(0o700)  # no local user but this one reaches them except through the server
     ini = stack.dir / "basic_auth.ini"
     ini.write_text(
         "[mlflow]\ndefault_permission = READ\n"
@@ -242,18 +315,19 @@ def _start_mlflow(stack: Stack) -> None:
         "--backend-store-uri",
         stack.database("mlflow"),
         "--artifacts-destination",
-        f"s3://{BUCKET}/artifacts",
+        str(stack.artifacts),
         "--app-name",
         "basic-auth",
         "--workers",
         "2",
     ]
-    # The first start creates the admin from MLFLOW_AUTH_ADMIN_PASSWORD: in the environment, not argv.
-    env = S3_KEYS | {
-        "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
+    # Secrets in the environment, never in argv: libpq reads PGPASSWORD, MLflow creates the admin
+    # from MLFLOW_AUTH_ADMIN_PASSWORD on its first start.
+    env = {
+        "PGPASSWORD": stack.secret("mlflow"),
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": stack.password_file.read_text().strip(),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": (stack.dir / "flask-secret").read_text().strip(),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": stack.secret(ADMIN),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.secret("flask"),
     }
     proc = _spawn(stack, "mlflow", command, env)
     _wait(
@@ -265,14 +339,12 @@ def _start_mlflow(stack: Stack) -> None:
     )
 
 
-STARTERS = {"postgres": _start_postgres, "s3": _start_s3, "mlflow": _start_mlflow}
+STARTERS = {"postgres": _start_postgres, "mlflow": _start_mlflow}
 
 
 def up(folder: Path = DEFAULT_DIR) -> Stack:
     """Start what is not running yet; on any failure, stop what this call started."""
     try:
-        import boto3  # noqa: F401
-        import moto  # noqa: F401
         import psycopg2  # noqa: F401
     except ImportError as e:
         raise StackError(f"the team stack needs {e.name}, which is not installed: {TEAM_EXTRA}") from None
@@ -331,4 +403,5 @@ def exports(stack: Stack) -> list[str]:
         f"export MLFLOW_TRACKING_USERNAME={ADMIN}",
         f'export MLFLOW_TRACKING_PASSWORD="$(cat {stack.password_file})"',
         f"export BRECAHAD_OPTUNA_STORAGE={stack.database('optuna')}",
+        f'export PGPASSWORD="$(cat {stack.dir / "optuna-db-password"})"',
     ]

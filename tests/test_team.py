@@ -1,6 +1,7 @@
-"""The team stack, for real: PostgreSQL, an S3 store (moto) and `mlflow server` with logins, all
-started by `python -m detection stack` on 127.0.0.1; tune workers that start together and die.
-Marked slow; skipped where PostgreSQL or the team extra is missing."""
+"""The team stack, for real: PostgreSQL (a password on every connection, a role per service) and
+`mlflow server` with logins and artifacts in the stack's folder, started by `python -m detection
+stack` on 127.0.0.1; tune workers that start together and die; a restart that keeps everything;
+and the S3 code path against moto. Marked slow; skipped where PostgreSQL or the team extra is missing."""
 
 import os
 import shutil
@@ -27,6 +28,7 @@ if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/i
 from detection import stack as stack_mod  # noqa: E402
 
 MODEL = "brecahad-faster-rcnn"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +62,14 @@ def team(stack, tmp_path, monkeypatch):
 
 
 def _database(stack, name):
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=stack.ports["postgres"], user="postgres", dbname="postgres")
+    """A fresh study database owned by the clients' role (`optuna`), and its URL."""
+    conn = stack_mod._superuser(stack)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cur.execute(f'CREATE DATABASE "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}" OWNER optuna')
     conn.close()
-    return stack.database(name)
+    return stack.database("optuna").rsplit("/", 1)[0] + f"/{name}"
 
 
 FIRST_USE = """
@@ -88,6 +89,7 @@ def test_workers_starting_together_on_a_fresh_postgresql_database_all_succeed(st
         workers = [
             subprocess.Popen(
                 [sys.executable, "-c", FIRST_USE, url, str(at)],
+                env=dict(os.environ) | {"PGPASSWORD": stack.secret("optuna")},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -97,28 +99,15 @@ def test_workers_starting_together_on_a_fresh_postgresql_database_all_succeed(st
         for w in workers:
             _, err = w.communicate(timeout=120)
             assert w.returncode == 0, f"attempt {attempt}: {err[-2000:]}"
-        assert len(optuna.get_all_study_summaries(url)) == 1
+        assert len(optuna.get_all_study_summaries(url.replace("optuna@", f"optuna:{stack.secret('optuna')}@"))) == 1
 
 
 def _runs(client):
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def _s3_objects(stack):
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        **{k.lower(): v for k, v in stack_mod.S3_KEYS.items() if k != "AWS_DEFAULT_REGION"},
-        region_name="us-east-1",
-    )
-    keys = [
-        o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack_mod.BUCKET)
-        for o in page.get("Contents", [])
-    ]
-    return s3, keys
+def _artifact_files(stack):
+    return [p for p in stack.artifacts.rglob("*") if p.is_file()]
 
 
 def _tune_worker(workdir, synth_dir, storage, n_trials):
@@ -215,11 +204,11 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
         )
         assert status == 200 and "predictions" in body
 
-    # Artifacts are in the bucket, none on local disk.
-    s3, keys = _s3_objects(stack)
+    # Artifacts are in the stack's folder, through the server: none in the client's folder.
+    files = _artifact_files(stack)
     run_id = client.get_model_version(MODEL, "1").run_id
-    assert any(k.endswith(f"{run_id}/artifacts/checkpoints/latest.json") for k in keys)
-    assert any(k.endswith(f"{champion.run_id}/artifacts/model/MLmodel") or "/models/" in k for k in keys)
+    assert any(str(p).endswith(f"{run_id}/artifacts/checkpoints/latest.json") for p in files)
+    assert any(p.name == "MLmodel" for p in files)
     assert not list(team.rglob("mlruns")) and not list(team.rglob("*.db"))
     # No run is left RUNNING; one champion.
     runs = _runs(client)
@@ -233,10 +222,20 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     # The password is nowhere: not in params, tags, artifacts or anything printed.
     for r in runs:
         assert password not in repr(r.data.params) + repr(r.data.tags)
-    for key in keys:
-        assert password.encode() not in s3.get_object(Bucket=stack_mod.BUCKET, Key=key)["Body"].read(), key
+    for path in files:
+        assert password.encode() not in path.read_bytes(), path
     assert not [o for o in outputs if password in o]
-    print(f"team end-to-end: {time.monotonic() - start:.0f} s, {len(runs)} runs, {len(keys)} objects in S3")
+    print(f"team end-to-end: {time.monotonic() - start:.0f} s, {len(runs)} runs, {len(files)} artifact files")
+
+    # Issue 21: `stack down` then `stack up` lost every artifact (moto kept them in memory).
+    from detection import tracking
+
+    stack_mod.down(stack.dir)
+    restarted = time.monotonic()
+    stack_mod.up(stack.dir)
+    print(f"stack up again in {time.monotonic() - restarted:.1f} s")
+    for version in client.search_model_versions(f"name='{MODEL}'"):
+        assert tracking.load_model(tracking.resolve_model(f"models:/{MODEL}/{version.version}")).config
 
 
 def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team, synth_dir, monkeypatch):
@@ -288,8 +287,9 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
     ]
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(stack.dir / "basic_auth.ini"))
-    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", (stack.dir / "flask-secret").read_text())
-    for k, v in stack_mod.S3_KEYS.items():
+    monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", stack.secret("flask"))
+    monkeypatch.setenv("PGPASSWORD", stack.secret("mlflow"))  # the server's role, read by libpq
+    for k, v in S3_KEYS.items():
         monkeypatch.setenv(k, v)
     with serving(command, f"http://127.0.0.1:{port}/health", team):
         bad_s3 = run_cli(
@@ -303,3 +303,73 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
         )
     assert bad_s3.returncode == 2 and "cannot reach its artifact store" in bad_s3.stderr.strip().splitlines()[-1]
     assert len(_runs(client)) == before
+
+
+def test_postgresql_asks_everyone_for_a_password_and_clients_get_no_superuser(stack):
+    """Issue 21: `trust` let any local user (`nobody` too) in as the superuser, make a user an admin in
+    mlflow_auth and run programs as postgres (COPY ... TO PROGRAM); clients were handed that superuser."""
+    import psycopg2
+
+    port = stack.ports["postgres"]
+    as_nobody = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    for database in ("mlflow_auth", "postgres"):
+        refused = subprocess.run(
+            [*as_nobody, stack_mod._pg_binary("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+            + ["-d", database, "-w", "-c", "SELECT 1"],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ["PATH"]},
+        )
+        assert refused.returncode != 0 and "password" in refused.stderr, refused.stderr
+    client = stack.client_env()
+    assert "postgres@" not in client["BRECAHAD_OPTUNA_STORAGE"]  # the study URL is the optuna role's
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="optuna", dbname="optuna", password=client["PGPASSWORD"])
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user")
+        assert cur.fetchone() == (False, False)
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+    conn.close()
+    with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+        psycopg2.connect(
+            host="127.0.0.1", port=port, user="optuna", dbname="mlflow_auth", password=client["PGPASSWORD"]
+        )
+    for secret in stack.dir.glob("*password*"):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+    assert stack.artifacts.stat().st_mode & 0o077 == 0  # reached only through the server's logins
+    if as_nobody:
+        assert subprocess.run([*as_nobody, "ls", str(stack.artifacts)], capture_output=True).returncode != 0
+
+
+def test_the_s3_artifact_path_against_moto(tmp_path, synth_dir):
+    """A server whose artifacts go to S3 (a lab's deployment): moto stands in for S3 here only."""
+    import boto3
+
+    from detection import tracking
+
+    s3_port, port = free_port(), free_port()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    env = dict(os.environ) | S3_KEYS | {"MLFLOW_S3_ENDPOINT_URL": endpoint}
+    moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
+    server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    server += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination"]
+    server += ["s3://lab/artifacts", "--workers", "1"]
+    old = dict(os.environ)
+    os.environ.update(S3_KEYS | {"MLFLOW_S3_ENDPOINT_URL": endpoint})
+    try:
+        with serving(moto, endpoint, tmp_path):
+            s3 = boto3.client("s3", endpoint_url=endpoint)
+            s3.create_bucket(Bucket="lab")
+            with serving(server, f"http://127.0.0.1:{port}/health", tmp_path, timeout=180):
+                uri = f"http://127.0.0.1:{port}"
+                trained = run_cli(*tiny_args(synth_dir), cwd=tmp_path, env=env | {"MLFLOW_TRACKING_URI": uri})
+                assert trained.returncode == 0, trained.stderr[-3000:]
+                keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lab").get("Contents", [])]
+                assert any(k.endswith("checkpoints/latest.json") for k in keys) and any("MLmodel" in k for k in keys)
+                os.environ["MLFLOW_TRACKING_URI"] = uri
+                mlflow.set_tracking_uri(uri)
+                assert tracking.load_model(tracking.resolve_model(f"models:/{MODEL}@challenger")).config
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
