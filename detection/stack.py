@@ -199,7 +199,8 @@ def _start_postgres(stack: Stack) -> None:
 
 def _initdb(stack: Stack, data: Path) -> None:
     """A cluster that asks every connection, local ones too, for a password (scram-sha-256)."""
-    pwfile = data / "superuser-password"  # readable by the postgres user alone, removed at once
+    # Beside the data folder, which initdb wants empty; readable by the postgres user alone, removed at once.
+    pwfile = data.parent / ".initdb-password"
     pwfile.write_text(stack.secret(SUPERUSER))
     pwfile.chmod(0o600)
     if os.geteuid() == 0:

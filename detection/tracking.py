@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -83,6 +84,9 @@ def stop_trying_the_server() -> None:
     handler ends the active run through the server, and would hang on one that is gone."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "3"
+    # The queue of metrics not yet sent is flushed at exit and fails; what it would print ("Failed
+    # to log run data", after the line that says how to resume) is what that line already says.
+    logging.getLogger("mlflow").setLevel(logging.CRITICAL)
 
 
 class ServerWatch:
@@ -231,7 +235,8 @@ def load_model(ref: ModelRef):
     try:
         pyfunc = load_pyfunc(ref.pinned)
     except TrackingError as e:
-        raise TrackingError(f"model {ref.uri} (version {ref.version}) {str(e).split(' is refused: ', 1)[-1]}") from None
+        problem = str(e).split(" is refused: ", 1)[-1]
+        raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {problem}") from None
     except Exception as e:
         raise TrackingError(f"model {ref.uri} (version {ref.version}) does not load: {type(e).__name__}: {e}") from e
     return pyfunc.unwrap_python_model()

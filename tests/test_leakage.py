@@ -78,9 +78,9 @@ def test_a_lightly_edited_copy_of_a_training_image_is_found_and_named(fields, ba
 
 
 def test_two_different_real_fields_stay_apart(fields):
-    names = list(fields)
-    for a in names:
-        others = leakage.banks({b: leakage.encode(leakage.thumbnail(fields[b])) for b in names if b != a})
+    codes = {b: leakage.encode(leakage.thumbnail(image)) for b, image in fields.items()}
+    for a in codes:
+        others = leakage.banks({b: code for b, code in codes.items() if b != a})
         name, similarity = leakage.most_like(fields[a], others)
         if {a, name} == CAVEAT:
             assert similarity > 0.99  # the caveat: one field annotated twice is one image to the guard

@@ -26,27 +26,31 @@ def _lock_file_in_a_new_process(seed: str) -> str:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow  # two fresh interpreters that import the package and torch
 def test_workers_of_a_mysql_study_lock_the_same_file(tmp_path):
     """Issue 21: the lock's path came from hash(), which Python salts per process."""
-    assert _lock_file_in_a_new_process("1") == _lock_file_in_a_new_process("2")
-    # A worker holding the lock keeps another out until it lets go.
+    # Two workers with different hash salts: the holder (salt 1) writes the path it locked, and keeps
+    # another out until it lets go.
     ready, release = tmp_path / "ready", tmp_path / "release"
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import pathlib, time\n"
-            "from detection.tune import storage_lock\n"
-            "with storage_lock('mysql://db.lab/optuna', 'brecahad-study:s'):\n"
-            f"    pathlib.Path({str(ready)!r}).touch()\n"
+            "from detection.tune import lock_file, storage_lock\n"
+            "where = ('mysql://db.lab/optuna', 'brecahad-study:s')\n"
+            "with storage_lock(*where):\n"
+            f"    pathlib.Path({str(ready)!r}).write_text(lock_file(*where) + '\\n')\n"
             f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)\n",
         ],
         cwd=ROOT,
+        env=dict(os.environ) | {"PYTHONHASHSEED": "1"},
     )
     try:
-        while not ready.exists():
+        while not (ready.exists() and ready.read_text().endswith("\n")):
             assert holder.poll() is None, "the holder died"
             time.sleep(0.05)
+        assert ready.read_text() == _lock_file_in_a_new_process("2")
         from filelock import Timeout
 
         from detection.tune import storage_lock
@@ -195,6 +199,7 @@ def test_the_default_journal_sits_beside_the_tracking_store(tmp_path, monkeypatc
         default_storage()
 
 
+@pytest.mark.slow  # runs the tune command in a fresh interpreter
 def test_a_refused_study_creates_no_journal_and_no_lock(store, tmp_path):
     """Issue 21: `tune --model models:/nope/1` still created optuna-journal.log and mlflow.db.lock."""
     from detection import tracking
@@ -238,6 +243,7 @@ def _smoke_detector():
     return cfg, build_model(cfg.model)
 
 
+@pytest.mark.slow  # logs and registers four versions of a model
 def test_a_version_that_could_run_its_own_code_is_refused_before_it_loads(store, tmp_path):
     """Issue 21: a registered model was a cloudpickled object: a crafted python_model.pkl ran its code
     on whoever evaluated, predicted or served it, before any check."""

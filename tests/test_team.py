@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import SMOKE, free_port, model_server, post_json, run_cli, serving, tiny_args
 
 pytestmark = pytest.mark.slow
-for module in ("psycopg2", "moto", "boto3"):
+for module in ("psycopg2", "boto3"):
     pytest.importorskip(module, reason="the team extra is not installed: pip install -e '.[team]'")
 if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
     pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql)", allow_module_level=True)
@@ -344,6 +344,7 @@ def test_postgresql_asks_everyone_for_a_password_and_clients_get_no_superuser(st
 
 def test_the_s3_artifact_path_against_moto(tmp_path, synth_dir):
     """A server whose artifacts go to S3 (a lab's deployment): moto stands in for S3 here only."""
+    pytest.importorskip("moto", reason="moto is in the test extra: pip install -e '.[test]'")
     import boto3
 
     from detection import tracking
