@@ -293,6 +293,14 @@ def _own_tables(stack: Stack, name: str) -> None:
     conn.close()
 
 
+def server_command(port: int, store: str, artifacts: str, workers: int = 1, logins: bool = False) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, serving its artifacts (clients upload through it);
+    with `logins`, behind MLflow's basic-auth app."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", store, "--artifacts-destination", artifacts, "--workers", str(workers)]
+    return command + (["--app-name", "basic-auth"] if logins else [])
+
+
 def _start_mlflow(stack: Stack) -> None:
     port = stack.ports.setdefault("mlflow", free_port())
     stack.secret(ADMIN)
@@ -304,24 +312,7 @@ def _start_mlflow(stack: Stack) -> None:
         f"database_uri = {stack.database('mlflow_auth')}\nadmin_username = {ADMIN}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        stack.database("mlflow"),
-        "--artifacts-destination",
-        str(stack.artifacts),
-        "--app-name",
-        "basic-auth",
-        "--workers",
-        "2",
-    ]
+    command = server_command(port, stack.database("mlflow"), str(stack.artifacts), workers=2, logins=True)
     # Secrets in the environment, never in argv: libpq reads PGPASSWORD, MLflow creates the admin
     # from MLFLOW_AUTH_ADMIN_PASSWORD on its first start.
     env = {

@@ -153,21 +153,10 @@ def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240)
 def tracking_server(folder: Path):
     """`mlflow server` on a free port of 127.0.0.1, its store and served artifacts in `folder`;
     yields its URI once /health answers."""
+    from detection.stack import server_command
+
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{folder / 'server.db'}",
-        "--artifacts-destination",
-        str(folder / "served-artifacts"),
-        "--workers",
-        "1",
-    ]
+    command = server_command(port, f"sqlite:///{folder / 'server.db'}", str(folder / "served-artifacts"))
     with serving(command, f"http://127.0.0.1:{port}/health", folder, timeout=180) as server:
         server.uri = f"http://127.0.0.1:{port}"
         yield server

@@ -267,24 +267,7 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
 
     # A server whose S3 endpoint is wrong: found before any epoch, not after an epoch's work.
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        stack.database("mlflow"),
-        "--artifacts-destination",
-        "s3://mlflow/artifacts",
-        "--app-name",
-        "basic-auth",
-        "--workers",
-        "1",
-    ]
+    command = stack_mod.server_command(port, stack.database("mlflow"), "s3://mlflow/artifacts", logins=True)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(stack.dir / "basic_auth.ini"))
     monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", stack.secret("flask"))
@@ -353,9 +336,7 @@ def test_the_s3_artifact_path_against_moto(tmp_path, synth_dir):
     endpoint = f"http://127.0.0.1:{s3_port}"
     env = dict(os.environ) | S3_KEYS | {"MLFLOW_S3_ENDPOINT_URL": endpoint}
     moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
-    server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    server += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination"]
-    server += ["s3://lab/artifacts", "--workers", "1"]
+    server = stack_mod.server_command(port, f"sqlite:///{tmp_path / 'server.db'}", "s3://lab/artifacts")
     old = dict(os.environ)
     os.environ.update(S3_KEYS | {"MLFLOW_S3_ENDPOINT_URL": endpoint})
     try:
