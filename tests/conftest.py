@@ -53,13 +53,25 @@ def store(tmp_path, monkeypatch) -> Path:
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    point_mlflow_at(f"sqlite:///{workdir / 'mlflow.db'}", monkeypatch)
+    return workdir
+
+
+def point_mlflow_at(uri: str, monkeypatch, env: dict | None = None) -> None:
+    """This test's process and its children talk to `uri` and no earlier test's experiment or run.
+
+    The fluent API keeps the experiment an earlier in-process `mlflow.set_experiment` chose (detection's
+    own commands call it) in a module global, and a later `mlflow.start_run()` on a fresh store then asks
+    for an experiment id that store never had."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return workdir
+    for key, value in ({"MLFLOW_TRACKING_URI": uri} | (env or {})).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(uri)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -105,13 +117,8 @@ def trained(tmp_path_factory, synth_dir) -> dict:
 @pytest.fixture
 def in_store(trained, monkeypatch):
     """Point this test's MLflow client at the trained model's store."""
-    import mlflow
-
     monkeypatch.chdir(trained["workdir"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(var, raising=False)
-    mlflow.set_tracking_uri(trained["uri"])
+    point_mlflow_at(trained["uri"], monkeypatch)
     return trained
 
 

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import SMOKE, free_port, model_server, post_json, run_cli, serving, tiny_args
+from tests.conftest import SMOKE, free_port, model_server, point_mlflow_at, post_json, run_cli, serving, tiny_args
 
 pytestmark = pytest.mark.slow
 for module in ("psycopg2", "boto3"):
@@ -53,11 +53,7 @@ def team(stack, tmp_path, monkeypatch):
     workdir = tmp_path / "work"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    for k, v in stack.client_env().items():
-        monkeypatch.setenv(k, v)
-    mlflow.set_tracking_uri(stack.tracking_uri)
+    point_mlflow_at(stack.tracking_uri, monkeypatch, stack.client_env())
     return workdir
 
 

@@ -20,6 +20,21 @@ def test_one_client_per_store(store, tmp_path):
     assert other is not first and other.tracking_uri.endswith("other.db")
 
 
+def test_a_fresh_store_starts_without_the_experiment_an_earlier_command_chose(store, tmp_path, monkeypatch):
+    """CI, issue 21: `tracking.run` calls `mlflow.set_experiment` in-process; the next test's fresh
+    store then got `start_run()` into experiment 3, which it never had."""
+    from tests.conftest import point_mlflow_at
+
+    with tracking.run("tracking-test", name="first"):
+        pass
+    with tracking.run("another-experiment", name="second"):
+        pass
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    point_mlflow_at(fresh, monkeypatch)
+    with mlflow.start_run() as active:
+        assert active.info.experiment_id == "0"
+
+
 def test_a_tracker_logs_into_its_own_run_while_another_is_active(store):
     with (
         tracking.run("tracking-test", name="mine") as tr,
