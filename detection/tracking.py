@@ -72,11 +72,13 @@ class TrackingLost(TrackingError):
     offline = True  # nothing may try the server again on the way out
 
 
-def bound_requests(timeout: int = 30, retries: int = 3) -> None:
+def bound_requests(timeout: int = 30, retries: int = 3, backoff: int = 1) -> None:
     """Unless the user set them: a request to a server that hangs fails after `timeout` s and
-    `retries` tries, not MLflow's 120 s and 7 tries (14 minutes for one call)."""
+    `retries` tries, not MLflow's 120 s and 7 tries (14 minutes for one call); retries wait 0, 2, 4 s
+    instead of 0, 4, 8 s, so a request under way when the server goes gives up ~6 s sooner."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(backoff))
 
 
 def stop_trying_the_server() -> None:
@@ -678,7 +680,8 @@ class Lease:
     claimant adds a version of LEASES tagged with the key; the lowest live one holds the lease, so
     no write latency can let two in (ZooKeeper's lock recipe). A heartbeat thread renews the claim's
     expiry every `ttl / 4` s; a claim not renewed for `ttl` s belongs to a dead process and is
-    skipped. `lost` is set when the claim vanishes or the server stops answering for `ttl` s.
+    skipped, as is at once one whose process on this machine is gone. `lost` is set when the claim
+    vanishes or the server stops answering for `ttl` s.
     """
 
     def __init__(self, key: str, ttl: float = 60.0, clock=time.time, poll: float = 1.0):
@@ -761,7 +764,8 @@ class Lease:
         claims = [v for v in api.search_model_versions(f"name='{LEASES}'") if v.tags.get("lease.key") == self.key]
         live = []
         for v in sorted(claims, key=lambda v: int(v.version)):
-            if float(v.tags.get("lease.expires", 0)) > self.clock() or str(v.version) == self._version:
+            mine = str(v.version) == self._version
+            if mine or (float(v.tags.get("lease.expires", 0)) > self.clock() and _owner_may_live(v.tags)):
                 live.append(v)
             else:
                 with contextlib.suppress(MlflowException):
@@ -783,6 +787,23 @@ class Lease:
             if self.clock() - last_ok > self.ttl:
                 self.lost.set()
                 return
+
+
+def _owner_may_live(tags: dict[str, str]) -> bool:
+    """False only for a claim made on this machine by a process that is gone: a training that lost
+    its server exits without reaching it to withdraw its claim, and its own resume must not wait a
+    `ttl` for it. Another machine's claim, or a live (or reused) pid, waits for its expiry."""
+    host, _, pid = tags.get("lease.owner", "").partition(":")
+    pid = pid.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _lease_run() -> str:

@@ -89,3 +89,29 @@ def test_a_dead_holders_claim_lapses_and_a_removed_claim_is_noticed(server, monk
         assert time.monotonic() < deadline, "the heartbeat never noticed"
         time.sleep(0.1)
     taker.release()
+
+
+def test_a_claim_whose_process_on_this_machine_is_gone_is_taken_at_once(server, tmp_path, monkeypatch):
+    """Issue 21: a training that lost its server exited 24 s after it died, without withdrawing its
+    claim; its resume, once the server was back, was refused for up to a minute ('lapses within 17 s')."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    mlflow.set_tracking_uri(server)
+    holder = textwrap.dedent(
+        """
+        import os, sys, mlflow
+        from detection import tracking
+        mlflow.set_tracking_uri(sys.argv[1])
+        tracking.Lease("run:gone", ttl=600).acquire()
+        os._exit(1)  # dies holding it, as a process whose server went away
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", holder, server], cwd=ROOT, timeout=300).returncode == 1
+    taker = tracking.Lease("run:gone", ttl=600).acquire(wait=0)  # not "lapses within 600 s"
+    taker.release()
+    elsewhere = tracking.Lease("run:elsewhere", ttl=600).acquire()
+    elsewhere._stop.set()
+    api = MlflowClient(tracking_uri=server)
+    api.set_model_version_tag(tracking.LEASES, elsewhere._version, "lease.owner", "another-host:1:abcd")
+    with pytest.raises(tracking.LeaseHeld, match="held by another-host:1:abcd"):  # another machine's waits
+        tracking.Lease("run:elsewhere", ttl=600).acquire(wait=0)
+    api.delete_model_version(tracking.LEASES, elsewhere._version)

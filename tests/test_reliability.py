@@ -65,3 +65,22 @@ def test_a_hung_upload_never_stalls_the_local_checkpoint(tmp_path, monkeypatch):
     ckpt.save({"epoch": 3, "step": 20} | state)  # the last epoch's upload is never skipped
     ckpt.close()
     assert tr.uploaded == ["slot-0.pt", "checkpoints/latest.json", "slot-1.pt", "checkpoints/latest.json"]
+
+
+def test_requests_give_up_in_seconds_unless_the_user_chose_otherwise(monkeypatch):
+    """A request under way when the server dies retried with MLflow's backoff (0, 4, 8 s) and kept a
+    training alive 42.6 s after its server was killed; with backoff 1 (0, 2, 4 s) it ends in 24 s."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    for var in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(var, raising=False)
+    tracking.bound_requests()
+    assert (MLFLOW_HTTP_REQUEST_TIMEOUT.get(), MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()) == (30, 3)
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "5")
+    tracking.bound_requests()
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 5
