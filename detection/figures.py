@@ -36,13 +36,15 @@ def loss_curve(train: list[tuple[int, float]], val: list[tuple[int, float]], ste
 
 
 def overlay(image: np.ndarray, gt_boxes: np.ndarray, boxes: np.ndarray, scores: np.ndarray, title: str):
-    """Ground truth in red, predictions in green, as in the paper's figures."""
+    """Ground truth in red, predictions in green, as in the paper's figures; without ground truth
+    (predict's overlays) the title names predictions only."""
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
     ax.imshow(image)
     ax.add_collection(_outlines(gt_boxes, "red", 1.2), autolim=False)
     ax.add_collection(_outlines(boxes, "lime", 1.0, alpha=0.4 + 0.6 * np.asarray(scores, dtype=float)), autolim=False)
-    ax.set_title(f"{title}: ground truth red, predictions green", fontsize=9)
+    legend = "ground truth red, predictions green" if len(gt_boxes) else "predictions green"
+    ax.set_title(f"{title}: {legend}", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     return fig

@@ -68,6 +68,17 @@ def test_an_overlay_without_boxes_is_the_image_and_its_title(real_image):
     matplotlib.pyplot.close(fig)
 
 
+def test_an_overlay_without_ground_truth_does_not_claim_to_draw_it(real_image):
+    """Issue 22: predict's overlays said "ground truth red" with no ground truth drawn."""
+    name, image, truth, boxes, scores = real_image
+    drawn = figures.overlay(image, truth[:0], boxes, scores, name)
+    assert "ground truth" not in drawn.axes[0].get_title() and "predictions green" in drawn.axes[0].get_title()
+    both = figures.overlay(image, truth, boxes, scores, name)
+    assert "ground truth red" in both.axes[0].get_title()
+    matplotlib.pyplot.close(drawn)
+    matplotlib.pyplot.close(both)
+
+
 def test_the_froc_figures_draw_from_a_curve_table():
     import pandas as pd
 

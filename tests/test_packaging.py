@@ -1,5 +1,6 @@
 import dataclasses
 import re
+import subprocess
 
 import yaml
 
@@ -128,3 +129,11 @@ def test_the_readme_parameter_table_matches_mlproject():
                 assert _same(declared["default"], shown), (name, param, shown, declared["default"])
                 compared += 1
     assert compared >= 25
+
+
+def test_the_locks_commands_leave_beside_their_stores_are_ignored():
+    """Issue 22: mlflow.db.lock, promotion and journal locks showed up in `git status` of the clone."""
+    left = ["mlflow.db.lock", "mlflow.db.leases/0123456789abcdef.lock", "mlflow.db.leases/0123456789abcdef.owner"]
+    left += ["optuna-journal.log.brecahad.lock", "optuna.db.brecahad.lock"]
+    shown = subprocess.run(["git", "check-ignore", "--no-index", "-v", *left], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(line.split("\t")[-1] for line in shown.stdout.splitlines()) == sorted(left), shown.stdout

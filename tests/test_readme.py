@@ -1,0 +1,68 @@
+"""README.md's commands as printed (issue 22): what a new user types is what is tested."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLE, need_shared, serving
+
+README = ROOT / "README.md"
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def block_with(needle: str) -> str:
+    found = [b for b in bash_blocks(README.read_text()) if needle in b]
+    assert len(found) == 1, f"README.md has {len(found)} bash blocks with {needle!r}"
+    return found[0]
+
+
+def test_every_mlflow_run_line_runs_in_the_venv():
+    """Before: the validate, download, cv, second-look and compare lines had no `--env-manager local`
+    and failed with "Could not find Conda executable", leaving a RUNNING run."""
+    files = [README, ROOT / "Makefile", *sorted((ROOT / "docs").glob("**/*.md"))]
+    for path in files:
+        for line in path.read_text().splitlines():
+            for entry in re.findall(r"mlflow run \. -e ([\w-]+)(.*)", line):
+                name, rest = entry
+                assert rest.startswith(" --env-manager local"), f"{path.name}: `mlflow run . -e {name}{rest[:40]}`"
+
+
+@pytest.mark.slow  # a model server starts and runs a whole image
+def test_the_readmes_serving_commands_work_as_printed(trained, tmp_path, monkeypatch):
+    """Before: the README's `curl -d "$(base64 -w0 image.tif)"` failed with "Argument list too long"
+    for every real 1360×1024 image."""
+    from mlflow.tracking import MlflowClient
+
+    image = need_shared(SAMPLE) / "images" / "Case_101-01.tif"  # a real 1360×1024 field
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(image, work / "image.tif")
+    (work / ".venv").symlink_to(Path(sys.prefix))  # the README's commands start in the clone
+    store = tmp_path / "mlflow.db"
+    shutil.copy(Path(trained["uri"].removeprefix("sqlite:///")), store)
+    uri = f"sqlite:///{store}"
+    client = MlflowClient(tracking_uri=uri)
+    champion = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger").version
+    client.set_registered_model_alias("brecahad-faster-rcnn", "champion", champion)  # as promote would
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    serve, request = (
+        block_with("source .venv/bin/activate\npython -m detection serve --model"),
+        block_with("--data-binary @-"),
+    )
+    assert "curl" not in serve  # the server holds its terminal; the request is sent from another
+    with serving(["bash", "-c", serve], "http://127.0.0.1:5001/ping", work, timeout=300):
+        sent = subprocess.run(["bash", "-e", "-c", request], cwd=work, capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0, sent.stderr
+    rows = json.loads((work / "detections.json").read_text())["predictions"]
+    assert isinstance(rows, list)  # an error would be {"error_code": ..., "message": ...}
+    for r in rows:
+        assert {"image", "x1", "y1", "x2", "y2", "score", "cx", "cy"} <= set(r)
+        assert r["image"] == 0 and 0 <= r["cx"] <= 1360 and 0 <= r["cy"] <= 1024
