@@ -745,7 +745,9 @@ def cmd_predict(args) -> int:
         os.environ["BRECAHAD_DEVICE"] = args.device  # read by the pyfunc when it loads
     detector = tracking.load_model(ref)
     print(f"{ref.pinned} on {detector.runtime.describe()}", file=sys.stderr)
+    launched = tracking.name_launched_run(f"predict v{ref.version}", {tracking.TAG + "model": ref.pinned})
     args.out.mkdir(parents=True, exist_ok=True)
+    outputs: list[Path] = []
     for path, image in images:
         table = detector.predict(None, pd.DataFrame({"image": [image]}))
         written = []
@@ -764,7 +766,11 @@ def cmd_predict(args) -> int:
         fig = figures.overlay(image, boxes[:0], boxes, table["score"].to_numpy(), f"{path.name}, {ref.pinned}")
         fig.savefig(args.out / f"{path.stem}.png")
         figures.close(fig)
+        outputs += [*written, args.out / f"{path.stem}.png"]
         print(f"{path}: {len(table)} detections -> {', '.join(str(w) for w in written)}")
+    if launched:  # under `mlflow run` the run holds what it predicted
+        for path in outputs:
+            tracking.client().log_artifact(launched, str(path), "predictions")
     return 0
 
 

@@ -327,15 +327,32 @@ def get_run(run_id: str):
         ) from None
 
 
+def name_launched_run(name: str, tags: dict[str, str] | None = None) -> str | None:
+    """Under `mlflow run`, give the run MLflow made (named at random, like `bald-whale-695`) the
+    project's name for what it does, and `tags`; its id, or None outside `mlflow run`."""
+    run_id = launched_run_id()
+    if run_id:
+        api = client()
+        api.set_tag(run_id, "mlflow.runName", name)
+        for key, value in (tags or {}).items():
+            api.set_tag(run_id, key, value)
+    return run_id
+
+
 def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:
-    """Record why a run launched by `mlflow run` failed before its work began, and mark it FAILED.
-    A run that already ended (the `run` context ends its own on errors) is left as it is."""
+    """Record why a run launched by `mlflow run` failed before its work began, and mark it FAILED,
+    named for its entry point (`train failed`) rather than MLflow's random name. A run that already
+    ended (the `run` context ends its own on errors) is left as it is."""
     run_id = launched_run_id()
     if not run_id:
         return
     api = client()
-    if api.get_run(run_id).info.status != "RUNNING":
+    run = api.get_run(run_id)
+    if run.info.status != "RUNNING":
         return
+    entry = run.data.tags.get("mlflow.project.entryPoint")
+    if entry and not run.data.tags.get("mlflow.runName", "").startswith(entry):
+        api.set_tag(run_id, "mlflow.runName", f"{entry} failed")
     api.set_tag(run_id, TAG + "error", str(error)[:5000])
     api.log_text(run_id, "\n".join(problems) if problems else str(error), "problems.txt")
     api.set_terminated(run_id, status="FAILED")

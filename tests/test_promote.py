@@ -190,6 +190,35 @@ def test_predict_command_writes_json_and_overlay(in_store, synth_dir, tmp_path):
     assert bad.returncode == 2 and "Case_1-01.json" in bad.stderr
 
 
+def test_predict_under_mlflow_run_names_its_run_and_keeps_what_it_wrote(in_store, synth_dir, tmp_path):
+    """Issue 22: under `mlflow run` predict's run kept MLflow's random name (`bald-whale-695`) and
+    nothing of what it wrote; so did every launch that failed."""
+    from mlflow.tracking import MlflowClient
+
+    api = MlflowClient()
+
+    def launched() -> str:  # what `mlflow run . -e predict` makes before it starts the command
+        tags = {"mlflow.runName": "bald-whale-695", "mlflow.project.entryPoint": "predict"}
+        return api.create_run("0", tags=tags).info.run_id
+
+    path = synth_dir / "images" / "Case_1-01.tif"
+    run_id = launched()
+    args = ("predict", str(path), "--model", SOURCE, "--out", str(tmp_path / "out"))
+    result = run_cli(*args, cwd=in_store["workdir"], env={"MLFLOW_RUN_ID": run_id})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = api.get_run(run_id)
+    version = MlflowClient().get_model_version_by_alias("brecahad-faster-rcnn", "challenger").version
+    assert run.info.run_name == f"predict v{version}"
+    assert run.data.tags["detection.model"] == f"models:/brecahad-faster-rcnn/{version}"
+    kept = {f.path for f in api.list_artifacts(run_id, "predictions")}
+    assert kept == {"predictions/Case_1-01.json", "predictions/Case_1-01.png"}
+    failed = launched()
+    missing = run_cli("predict", str(tmp_path / "nope.tif"), cwd=in_store["workdir"], env={"MLFLOW_RUN_ID": failed})
+    assert missing.returncode != 0 and "nope.tif" in missing.stderr
+    run = api.get_run(failed)
+    assert (run.info.status, run.info.run_name) == ("FAILED", "predict failed")
+
+
 def _race(in_store, synth_dir, name, candidates):
     """Start one promotion per candidate at the same moment; (version, stdout) of each."""
     import subprocess
