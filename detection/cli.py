@@ -875,6 +875,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports, so --help answers at once
+    # MLflow's tqdm "Downloading artifacts" bars would cut through the project's own progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
         return COMMANDS[args.command](args)

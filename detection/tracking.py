@@ -448,11 +448,14 @@ class Tracker:
 
     def log_dataset(self, table: pd.DataFrame, source: str, digest: str, name: str, context: str) -> None:
         """The images a run used, as an MLflow dataset input with its context (training, testing...)."""
-        with warnings.catch_warnings():  # a local folder resolves to two equivalent source types
+        # A local folder resolves to two equivalent source types, and the schema (inferred when the
+        # entity is made) hints that integer columns cannot hold missing values: cell counts never miss.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(table, source=source, name=name, digest=digest)
+            entity = dataset._to_mlflow_entity()
         context_tag = InputTag(key="mlflow.data.context", value=context)  # what mlflow.log_input sets
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), [context_tag])])
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [context_tag])])
 
 
 @contextlib.contextmanager

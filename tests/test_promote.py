@@ -206,6 +206,7 @@ def test_predict_under_mlflow_run_names_its_run_and_keeps_what_it_wrote(in_store
     args = ("predict", str(path), "--model", SOURCE, "--out", str(tmp_path / "out"))
     result = run_cli(*args, cwd=in_store["workdir"], env={"MLFLOW_RUN_ID": run_id})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Downloading artifacts" not in result.stderr  # MLflow's tqdm bars amid the project's lines
     run = api.get_run(run_id)
     version = MlflowClient().get_model_version_by_alias("brecahad-faster-rcnn", "challenger").version
     assert run.info.run_name == f"predict v{version}"

@@ -81,3 +81,17 @@ def test_an_error_ends_the_run_failed_with_the_error(store):
         raise KeyError("no such key")
     run = tracking.get_run(tr.run_id)
     assert run.info.status == "FAILED" and "KeyError" in run.data.tags["detection.error"]
+
+
+def test_logging_a_split_with_cell_counts_prints_no_warning(store):
+    """Issue 22: every training printed MLflow's "integer column(s)" hint three times, once per split."""
+    import json
+    import warnings
+
+    table = pd.DataFrame({"name": ["Case_1-01", "Case_1-02"], "case": ["Case_1"] * 2, "cells": [12, 40]})
+    with tracking.run("tracking-test", name="datasets") as tr, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.log_dataset(table, "/data", "abc123", "brecahad-train", "training")
+    assert [str(w.message)[:60] for w in caught] == []
+    schema = json.loads(tracking.get_run(tr.run_id).inputs.dataset_inputs[0].dataset.schema)
+    assert {c["name"]: c["type"] for c in schema["mlflow_colspec"]}["cells"] == "long"  # counts stay integers
