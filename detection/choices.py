@@ -43,6 +43,7 @@ BOOLEANS = ("false", "true")  # MLproject passes every parameter as a string
 TUNE_KINDS = ("postprocess", "training")  # replay cached predictions, or train a model per trial
 OBJECTIVES = ("f1", "recall_at_fdr", "pareto", "froc")
 TUNE_TRIALS = 100
+TUNE_STUDY = "postprocess"  # the study name a tune without --study resumes
 TUNE_MAX_FDR = 0.2
 TUNE_HEARTBEAT = 30.0  # seconds; a trial silent 3x this long is failed and run again
 TUNE_STORAGE = "optuna-journal.log"  # beside mlflow.db: a journal file takes several workers

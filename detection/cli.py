@@ -179,7 +179,11 @@ def _add_tune(sub) -> None:
     )
     _model_option(p, choices.CHALLENGER)
     p.add_argument("--data-dir", required=True, type=Path, help="the BreCaHAD folder the model was trained on")
-    p.add_argument("--study", required=True, help="study name; an existing study of that name is resumed")
+    p.add_argument(
+        "--study",
+        default=choices.TUNE_STUDY,
+        help="study name; an existing study of that name is resumed (default: %(default)s)",
+    )
     p.add_argument(
         "--n-trials", type=int, default=choices.TUNE_TRIALS, help="trials this worker runs (default: %(default)s)"
     )

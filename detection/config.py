@@ -259,7 +259,25 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
     path = locate(path)
     tree = _read_yaml(path)
     tree.setdefault("name", path.stem)
-    return from_dict(_merge(tree, parse_overrides(overrides)), source=str(path))
+    top = parse_overrides(overrides)
+    unknown = _unknown_key(Config, top)
+    if unknown:  # the typo is in the override, not in the file
+        key, valid = unknown
+        raise ConfigError(f"unknown key {key} in the overrides (not in {path}); valid keys here: {', '.join(valid)}")
+    return from_dict(_merge(tree, top), source=str(path))
+
+
+def _unknown_key(cls: type, tree: dict[str, Any], prefix: str = "") -> tuple[str, list[str]] | None:
+    """The first key of an override tree that `cls` has no field for, and the keys valid there."""
+    hints = typing.get_type_hints(cls)
+    for key, value in tree.items():
+        if key not in hints:
+            return prefix + key, sorted(f.name for f in dataclasses.fields(cls))
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            found = _unknown_key(hints[key], value, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
 
 
 # UPGRADES[v] turns a version-v config tree into a version v+1 one. Steps only rename and move keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,10 +173,13 @@ def check_dataset(root: str | Path) -> list[str]:
     """Every problem in a BreCaHAD folder, one line each, naming the file."""
     root = Path(root)
     if not root.is_dir():
+        # Under `mlflow run` (it sets MLFLOW_RUN_ID) the working directory is the project, not the
+        # user's shell: say so only there.
+        where = ", the project directory under `mlflow run`" if os.environ.get("MLFLOW_RUN_ID") else ""
+        relative = "" if root.is_absolute() else f" (relative paths are taken from {Path.cwd()}{where})"
         return [
-            f"{root}: no such folder (relative paths are taken from {Path.cwd()}, the project directory "
-            f"under `mlflow run`); point data_dir at a folder holding images/ and groundTruth/, best as an "
-            f"absolute path"
+            f"{root}: no such folder{relative}; point data_dir at a folder holding images/ and groundTruth/"
+            + ("" if root.is_absolute() else ", best as an absolute path")
         ]
     problems = []
     for sub in ("images", "groundTruth"):

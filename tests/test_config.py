@@ -73,7 +73,9 @@ def test_overrides_are_parsed_as_yaml():
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("train.epoch=1", ["unknown key train.epoch", "epochs"]),
+        # Issue 22: an override's typo was blamed on the config file ("experiments/smoke.yaml: unknown key").
+        ("train.epoch=1", ["unknown key train.epoch in the overrides (not in ", "epochs"]),
+        ("trian.epochs=1", ["unknown key trian in the overrides", "train, version"]),
         ("train.epochs=many", ["train.epochs must be int", "'many'"]),
         ("train.epochs=0", ["train.epochs=0 must be > 0"]),
         ("model.num_classes=3", ["model.num_classes=3", "len(data.classes)+1 = 2"]),

@@ -125,8 +125,17 @@ def test_bad_input_is_named(kind, synth_dir, copy_of):
     assert e.value.problems == problems
 
 
-def test_empty_and_missing_folders(tmp_path):
+def test_empty_and_missing_folders(tmp_path, monkeypatch):
     assert "no such folder" in check_dataset(tmp_path / "nope")[0]
+    # Issue 22: the message spoke of `mlflow run` to users who never ran it.
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert check_dataset("nope") == [
+        f"nope: no such folder (relative paths are taken from {tmp_path}); point data_dir at a folder holding "
+        "images/ and groundTruth/, best as an absolute path"
+    ]
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123")
+    assert "the project directory under `mlflow run`" in check_dataset("nope")[0]
     assert "missing folder" in check_dataset(tmp_path)[0]
     (tmp_path / "images").mkdir()
     (tmp_path / "groundTruth").mkdir()

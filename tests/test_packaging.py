@@ -74,6 +74,22 @@ def test_mlproject_parameters_have_the_cli_defaults_and_choices():
     assert commands["tune"]._option_string_actions["--objective"].choices is choices.OBJECTIVES
 
 
+def test_mlproject_offers_what_the_commands_offer_and_requires_nothing_it_defaults():
+    """Issue 22: `tune --study` was required on the CLI and defaulted in MLproject, and evaluate and
+    predict took `--device` only outside `mlflow run`."""
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    # The CLI asks which images; `mlflow run` defaults to the demo data `make demo` writes.
+    asked = {"data_dir", "out_dir"}
+    for name, entry in spec.items():
+        options = {a.dest: a for a in commands[name]._actions}
+        if "device" in options:
+            assert "device" in entry["parameters"], f"MLproject {name} lacks device"
+        for param, declared in entry["parameters"].items():
+            if "default" in declared and param not in asked:
+                assert not options[param].required, f"{name} --{param} is required on the CLI, defaulted in MLproject"
+
+
 def test_mlproject_comments_list_the_choices_of_choices_py():
     from detection import choices
 

@@ -261,6 +261,7 @@ def test_mlflow_run_from_another_directory(trained, synth_dir, tmp_path):
 
     refused = mlflow_run("data_dir=no/such/folder")  # MLflow itself used to refuse this and leave a RUNNING run
     assert refused.returncode != 0 and "no such folder" in refused.stderr
+    assert "the project directory under `mlflow run`" in refused.stderr
     good = mlflow_run("config=experiments/smoke.yaml", f"data_dir={synth_dir}", f"overrides={TINY} train.epochs=1")
     assert good.returncode == 0, good.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
