@@ -23,9 +23,8 @@ demo: install $(DEMO)/images
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name brecahad \
 		-P config=experiments/smoke.yaml -P data_dir=$(DEMO)
 	@echo
-	@echo "Done. Open the MLflow UI on the local store with:"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
-	@echo "then browse http://127.0.0.1:5000 (experiment 'brecahad' holds the run, 'Models' the registered version)."
+	@echo "Done: the run is in the experiment 'brecahad', its model registered as brecahad-faster-rcnn@challenger."
+	@echo "See it in the MLflow UI with: make ui   (it prints the URL of the runs table)"
 
 # CI runs this: lint and format check first (a second), then the whole suite.
 test: install lint
@@ -45,7 +44,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python -m detection ui
 
 clean-demo:
 	rm -rf $(DEMO) mlflow.db mlruns/[0-9]* mlruns/models

@@ -19,7 +19,7 @@ Typical use:
   python -m detection synth data/demo --images 12       # offline demo data
   python -m detection validate data/demo                # every problem in one pass
   python -m detection train --config experiments/smoke.yaml --data-dir data/demo
-  mlflow ui --backend-store-uri sqlite:///mlflow.db      # look at the runs
+  python -m detection ui                                 # the runs table in the MLflow UI
 """
 
 
@@ -379,6 +379,26 @@ def _add_serve(sub) -> None:
     )
 
 
+def _add_ui(sub) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="start the MLflow UI on the local store and print the URL of the runs table",
+        description="Print the URL that opens the experiment on its runs table in the model-training view "
+        "(a fresh browser would otherwise open MLflow's GenAI overview, with no Models link), then run "
+        "`mlflow ui` on the store until Ctrl-C. A tracking server serves its own UI.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m detection ui            # sqlite:///mlflow.db on http://127.0.0.1:5000\n",
+    )
+    p.add_argument("--store", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument(
+        "--experiment",
+        default=config_mod.TrackingConfig.experiment,
+        help="experiment whose runs the URL opens (default: %(default)s)",
+    )
+    p.add_argument("--host", default=UI_HOST, help="interface to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=UI_PORT, help="(default: %(default)s)")
+
+
 def _add_reregister(sub) -> None:
     p = sub.add_parser(
         "reregister",
@@ -446,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_second_look(sub)
     _add_reregister(sub)
     _add_serve(sub)
+    _add_ui(sub)
 
     p = sub.add_parser(
         "validate",
@@ -523,10 +544,52 @@ def cmd_train(args) -> int:
         print("note: --resume continues with the run's recorded config; overrides are ignored", file=sys.stderr)
     cfg = None if args.resume else config_mod.load(args.config, overrides)
     run_id, version = train(cfg, args.data_dir, args.resume or None)
-    uri = tracking.client().tracking_uri
-    where = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-    print(f"run {run_id} finished; registered version {version}. Look at it with: {where}")
+    experiment = tracking.get_run(run_id).info.experiment_id
+    print(f"run {run_id} finished; registered version {version}. {_ui_hint(experiment)}")
     return 0
+
+
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+
+
+def _ui_hint(experiment_id: str) -> str:
+    """How to look at an experiment's runs: the one UI command, and the URL of its runs table."""
+    from . import tracking
+
+    uri = tracking.client().tracking_uri
+    if uri.startswith("http"):
+        return f"Its runs: {tracking.runs_url(uri, experiment_id)}"
+    default = uri in (DEFAULT_STORE, f"sqlite:///{Path.cwd() / 'mlflow.db'}")  # MLflow makes the default absolute
+    ui = "python -m detection ui" if default else f"python -m detection ui --store {uri}"
+    return f"Start the UI with `{ui}` and open {tracking.runs_url(f'http://{UI_HOST}:{UI_PORT}', experiment_id)}"
+
+
+DEFAULT_STORE = "sqlite:///mlflow.db"
+
+
+def cmd_ui(args) -> int:
+    """`mlflow ui` on a local store, after printing the URL that opens on the experiment's runs."""
+    import subprocess
+
+    from . import tracking
+
+    store = args.store or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    if store.startswith("http"):
+        print(f"{store} is a tracking server, which serves its own UI: open it in a browser", file=sys.stderr)
+        return 0
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    found = tracking.client().get_experiment_by_name(args.experiment)
+    if found is None:
+        raise tracking.TrackingError(
+            f"no experiment {args.experiment!r} in {store}; train first (make demo), or pass --store or --experiment"
+        )
+    url = tracking.runs_url(f"http://{args.host}:{args.port}", found.experiment_id)
+    print(f"MLflow UI of {store}: open {url}  (Ctrl-C stops it)", flush=True)
+    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store]
+    try:
+        return subprocess.call([*command, "--host", args.host, "--port", str(args.port)])
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_cv(args) -> int:
@@ -873,6 +936,7 @@ COMMANDS = {
     "second-look": cmd_second_look,
     "reregister": cmd_reregister,
     "serve": cmd_serve,
+    "ui": cmd_ui,
     "download": cmd_download,
 }
 

@@ -505,6 +505,14 @@ def _ending(active) -> Iterator[Tracker]:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
+def runs_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in its model-training view. MLflow 3.17's UI
+    takes the view from the URL's `workflowType`, else from the browser's local storage
+    (`mlflow.workflowType`, GenAI in a fresh profile), not from the experiment's tags: without the
+    parameter a fresh browser opens the experiment on its GenAI overview, and its sidebar lacks Models."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def tag_experiment(experiment_id: str) -> None:
     key, value = EXPERIMENT_KIND
     if client().get_experiment(experiment_id).tags.get(key) != value:

@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from detection.tracking import runs_url
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("BRECAHAD_CHROMIUM", "/usr/bin/chromium")
 BROWSER_ARGS = [
@@ -122,23 +124,22 @@ def browser():
             b.close()
 
 
-def tidy(page) -> None:
-    """The UI's model-training sidebar instead of the GenAI one, and no assistant panel: what this
-    project's users look at (both are UI preferences, remembered by the browser)."""
-    for action in (
-        lambda: page.get_by_text("Model training", exact=True).first.click(timeout=3000),
-        lambda: page.locator("[aria-label*='lose' i]").last.click(timeout=3000),
-    ):
-        with contextlib.suppress(Exception):
-            action()
+def close_assistant(page) -> None:
+    """Close the MLflow Assistant panel a fresh profile opens beside every page (the browser then
+    remembers it closed, as it does for a user who clicks its ×). The view is the URL's
+    `workflowType`, never a click: these pictures show what the printed links open."""
+    with contextlib.suppress(Exception):
+        page.locator("[aria-label*='lose' i]").last.click(timeout=3000)
 
 
-def shot(page, url: str, wait_for: str, path: Path | None, settle: float = 2.0) -> str:
-    """Open `url`, wait until `wait_for` is on the page, save a screenshot; returns the page's text."""
+def shot(page, url: str, wait_for: str, path: Path | None, settle: float = 2.0, assistant: bool = False) -> str:
+    """Open `url`, wait until `wait_for` is on the page, save a screenshot; returns the page's text.
+    With `assistant`, the Assistant panel stays as a fresh profile shows it."""
     page.goto(url)
     page.reload()  # a single-page app keeps the previous page's state when only the #route changes
     page.wait_for_function("text => document.body.innerText.includes(text)", arg=wait_for, timeout=90_000)
-    tidy(page)
+    if not assistant:
+        close_assistant(page)
     time.sleep(settle)  # charts draw after the text appears
     if path is not None:
         page.screenshot(path=str(path))
@@ -189,19 +190,20 @@ def take(store: Path, out: Path) -> dict[str, float]:
         serving(dashboard, f"http://127.0.0.1:{dash}/", store),
         browser() as page,
     ):
+        view = "workflowType=machine_learning"
         pages = [
-            ("runs", f"{base}/#/experiments/{exp}/runs", "train smoke"),
+            ("runs", runs_url(base, exp), "train smoke"),
             (
                 "compare",
-                f"{base}/#/compare-runs?runs={json.dumps(found['train'])}&experiments={json.dumps([exp])}",
+                f"{base}/#/compare-runs?runs={json.dumps(found['train'])}&experiments={json.dumps([exp])}&{view}",
                 "Parameters",
             ),
             (
                 "study",
-                f"{base}/#/compare-runs?runs={json.dumps(found['trials'])}&experiments={json.dumps([exp])}",
+                f"{base}/#/compare-runs?runs={json.dumps(found['trials'])}&experiments={json.dumps([exp])}&{view}",
                 "pp.score_thresh",
             ),
-            ("versions", f"{base}/#/models/{MODEL}", "champion"),
+            ("versions", f"{base}/#/models/{MODEL}?{view}", "champion"),
             ("dashboard", f"http://127.0.0.1:{dash}/dashboard/studies/0", STUDY),
         ]
         for name, url, wait_for in pages:

@@ -131,14 +131,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240):
+def serving(command: list[str], ready_url: str, cwd: Path, timeout: float = 240, stdout=subprocess.DEVNULL):
     """Start a real server in its own process group, wait until `ready_url` answers, and stop the
     whole group afterwards (mlflow's servers spawn workers of their own)."""
     import urllib.request
 
     env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     server = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         deadline = time.monotonic() + timeout

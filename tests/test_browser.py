@@ -1,5 +1,8 @@
-"""The MLflow UI in a real browser (headless Chromium through Playwright): what a user sees first."""
+"""The MLflow UI in a real browser (headless Chromium through Playwright, a fresh profile each
+time): what a user sees first when opening the link the project prints."""
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,31 +16,48 @@ import screenshots  # noqa: E402  (docs/screenshots.py: the README's pictures ar
 
 pytestmark = pytest.mark.slow
 
+GENAI = ("Overview", "Usage", "Detect Issues", "Training runs")  # what MLflow 3.17 opens for a fresh profile
 
-def test_the_runs_table_lists_named_runs_and_the_model_page_shows_the_champion(store, synth_dir):
+
+def test_the_printed_link_opens_the_runs_table_and_the_model_page_shows_the_champion(store, synth_dir):
+    """Issue 22: clicking the experiment in a fresh profile opened MLflow's GenAI overview, whose
+    sidebar has no Models link; screenshots.py clicked the "Model training" toggle itself."""
     if not Path(screenshots.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {screenshots.CHROMIUM}: apt-get install -y chromium (.ci/run installs it)")
     pytest.importorskip("playwright", reason="pip install -e '.[docs]' brings Playwright")
     result = train_tiny(synth_dir, cwd=store)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Start the UI with `python -m detection ui` and open http://127.0.0.1:5000/#/experiments/" in result.stdout
     client = MlflowClient()
     client.set_registered_model_alias("brecahad-faster-rcnn", "champion", "1")
     experiment = client.get_experiment_by_name("brecahad").experiment_id
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "ui",
-        "--backend-store-uri",
-        f"sqlite:///{store / 'mlflow.db'}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = [sys.executable, "-m", "detection", "ui", "--port", str(port)]  # what `make ui` runs
     base = f"http://127.0.0.1:{port}"
-    with serving(command, f"{base}/health", store), screenshots.browser() as page:
-        runs = screenshots.shot(page, f"{base}/#/experiments/{experiment}/runs", "train smoke", store / "runs.png")
-        assert "train smoke" in runs and "Runs" in runs
-        versions = screenshots.shot(page, f"{base}/#/models/brecahad-faster-rcnn", "champion", None)
-        assert "Version 1" in versions and "champion" in versions
-    assert (store / "runs.png").stat().st_size > 10_000
+    printed = store / "ui.out"
+    with printed.open("w") as out, serving(command, f"{base}/health", store, stdout=out):
+        url = re.search(r"open (\S+)", printed.read_text()).group(1)
+        assert url == f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        with screenshots.browser() as page:  # a fresh profile: nothing chosen, nothing remembered
+            first = screenshots.shot(page, url, "train smoke", store / "first-look.png", assistant=True)
+            sidebar = page.get_by_role("link", name="Models", exact=True)
+            assert sidebar.count() >= 1 and "Runs" in first and "train smoke" in first
+            assert not [w for w in GENAI if w in first], first[:600]
+        with screenshots.browser() as page:  # the bare experiment URL: why the parameter is printed
+            plain = screenshots.shot(page, f"{base}/#/experiments/{experiment}", "Overview", None, assistant=True)
+            assert "Overview" in plain and page.get_by_role("link", name="Models", exact=True).count() == 0
+        with screenshots.browser() as page:
+            versions = screenshots.shot(page, f"{base}/#/models/brecahad-faster-rcnn", "champion", None)
+            assert "Version 1" in versions and "champion" in versions
+    assert (store / "first-look.png").stat().st_size > 10_000
+
+
+def test_the_ui_command_names_a_missing_experiment_and_leaves_tracking_servers_alone(store):
+    missing = subprocess.run(
+        [sys.executable, "-m", "detection", "ui", "--experiment", "nope"], cwd=store, capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "no experiment 'nope'" in missing.stderr
+    remote = subprocess.run(
+        [sys.executable, "-m", "detection", "ui", "--store", "http://127.0.0.1:1"], capture_output=True, text=True
+    )
+    assert remote.returncode == 0 and "serves its own UI" in remote.stderr
