@@ -325,6 +325,11 @@ def fit(
                 on_patch=lambda: bar.advance(phase="val"),
             )
             _alive(tr, watch, lease, checkpoints, epoch, step)
+            bar.note(
+                f"epoch {epoch + 1}/{cfg.train.epochs}: val loss {val.loss:.3f}, detection rate "
+                f"{val.counts.detection_rate:.3f}, FDR {val.counts.false_discovery_rate:.3f} "
+                f"({len(val_set)} val patches)"
+            )
             tr.log_metrics(
                 {
                     "val/loss": val.loss,

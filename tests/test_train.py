@@ -79,6 +79,9 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
     assert params["model.rpn_nms_thresh"] == "0.8" and params["data.split.mode"] == "case"
     assert "train.epochs=1" in params["overrides"]  # the entry point's own params too
     assert _steps(client, run.info.run_id, "train/loss") == [0, 1]  # 2 training images, batch 1
+    val = client.get_metric_history(run.info.run_id, "val/detection_rate")[0].value
+    assert "epoch 1/1: val loss " in result.stderr and f"detection rate {val:.3f}, FDR " in result.stderr
+    assert "integer column" not in result.stderr  # issue 22: MLflow's hint, once per split
     for key in ("train/loss_classifier", "train/loss_box_reg", "train/loss_objectness", "train/loss_rpn_box_reg"):
         assert _steps(client, run.info.run_id, key) == [0, 1]
     for key in ("val/loss", "val/detection_rate", "val/fdr", "lr"):
