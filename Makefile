@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= data/demo
 
-.PHONY: demo test test-fast lint format install install-dev ui clean-demo
+.PHONY: demo test test-fast lint format install install-dev ui docs clean-demo
 
 # The demo and the UI need the package alone; the tests also need its test, team and docs extras.
 install: $(VENV)/.installed
@@ -54,6 +54,11 @@ test-fast: install-dev
 
 ui: install
 	$(BIN)/python -m detection ui
+
+# The docs site in build/site (tests/test_docs.py builds it too); parameters.md is generated.
+docs: install-dev
+	$(BIN)/python docs/gen_parameters.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean-demo:
 	rm -rf $(DEMO) mlflow.db mlruns/[0-9]* mlruns/models

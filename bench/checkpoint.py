@@ -5,7 +5,7 @@
 A checkpoint is what `train.fit` writes: the model, Adam's two moments (after one step, so they
 exist), the scheduler and the scaler. The local save goes to a temp folder; the upload goes through
 MLflow to the team stack's server and its artifact folder (`--stack`, started with `python -m
-detection stack up`), else to a local file store. Epoch seconds come from measured step times (README, Benchmarks):
+detection stack up`), else to a local file store. Epoch seconds come from measured step times (docs/benchmarks.md):
 an epoch is 138 training images at batch 1. Prints one JSON line per config.
 """
 
@@ -25,7 +25,7 @@ from detection import config
 from detection.model import build_model, parameter_count
 from detection.train import _on_host
 
-# Seconds per training image measured on this project's machines (README, Benchmarks).
+# Seconds per training image measured on this project's machines (docs/benchmarks.md).
 EPOCH_IMAGES = 138
 SECONDS_PER_IMAGE = {"smoke": {"cpu-2-core": 2.07}, "paper": {"cpu-2-core": 14.4, "h200-bf16-fast": 1 / 26.4}}
 

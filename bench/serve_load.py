@@ -3,7 +3,7 @@
     python bench/serve_load.py --model models:/brecahad-faster-rcnn@champion --image IMAGE.tif \\
         [--concurrency 4] [--requests 12] [--workers 2] [--timeout 600]
 
-Starts the server in its own process group (workers and request timeout as the README advises),
+Starts the server in its own process group (workers and request timeout as docs/serving.md advises),
 sends `--requests` requests of one image with at most `--concurrency` in flight (<= 20), stops
 after 2 minutes whatever happens, stops the server, and prints one JSON line: requests/s, p50 and
 p95 latency, and the count of each HTTP status. Traffic goes to 127.0.0.1 only.

@@ -61,7 +61,7 @@ TUNE_RANGES = {
 TTA_VIEWS = ("none", "h", "v", "hv")  # the image, left-right, top-bottom and both flips (tta.py)
 
 # Promotion.
-PROMOTE_METRIC = "val/f1"  # test is reported beside it, not decided on (README: Promoting)
+PROMOTE_METRIC = "val/f1"  # test is reported beside it, not decided on (docs/serving.md)
 
 # Everything else.
 CONFIG = "experiments/smoke.yaml"  # train and cv

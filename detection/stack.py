@@ -12,7 +12,7 @@ role that is no superuser: `mlflow` (runs and registry) and `mlflow_auth` (login
 `<folder>/artifacts` (mode 0700), reachable only through the server, which checks every login.
 Every password is random, in a file of the folder (mode 0600), and is never printed, logged or
 passed on a command line. A real deployment uses the lab's PostgreSQL and an S3 store: see the
-README's "Team setup".
+docs/team.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Screenshots of the MLflow UI and optuna-dashboard from a real browser, for the README.
+"""Screenshots of the MLflow UI and optuna-dashboard from a real browser, for the docs (docs/training.md).
 
     python docs/screenshots.py [--store /tmp/brecahad-ui] [--out docs/figures/ui]
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, free_port, serving, train_tiny
 
 sys.path.insert(0, str(ROOT / "docs"))
-import screenshots  # noqa: E402  (docs/screenshots.py: the README's pictures are made the same way)
+import screenshots  # noqa: E402  (docs/screenshots.py: the docs' pictures are made the same way)
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from detection.evaluate import leaked
 from detection.split import Split
 from tests.conftest import SAMPLE, need_shared
 
-CAVEAT = {"Case_101-05", "Case_101-06"}  # one tissue field, annotated twice (README: the leakage guard)
+CAVEAT = {"Case_101-05", "Case_101-06"}  # one tissue field, annotated twice (docs/evaluation.md: the leakage guard)
 
 
 def _jpeg(img, quality):

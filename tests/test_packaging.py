@@ -125,28 +125,6 @@ def test_request_defaults_are_the_cli_defaults():
     assert CompareRequest.__dataclass_fields__["protocol"].default == compare["protocol"].default
 
 
-def test_the_readme_parameter_table_matches_mlproject():
-    """README's table of entry-point parameters is a fourth copy of the defaults: keep it honest."""
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
-    rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
-        m = re.match(r"\| `([a-z-]+)` \| (.*) \|$", line)
-        if m and m.group(1) in spec:
-            rows[m.group(1)] = dict(re.findall(r"`(\w+)`(?: \(([^()]*(?:\([^()]*\))?[^()]*)\))?", m.group(2)))
-    assert set(rows) == set(spec), set(spec) - set(rows)
-    compared = 0
-    for name, entry in spec.items():
-        for param, declared in entry["parameters"].items():
-            assert param in rows[name], f"README's {name} row lacks {param}"
-            shown = rows[name][param].removeprefix("default ").split(";")[0].strip().strip("`")
-            words = " " in shown and not re.fullmatch(r"[\d. ]+", shown)  # prose, not a value
-            simple = shown and not words and (":" not in shown or shown.startswith("models:/"))
-            if "default" in declared and simple and param != "data_dir":
-                assert _same(declared["default"], shown), (name, param, shown, declared["default"])
-                compared += 1
-    assert compared >= 25
-
-
 def test_the_locks_commands_leave_beside_their_stores_are_ignored():
     """Issue 22: mlflow.db.lock, promotion and journal locks showed up in `git status` of the clone."""
     left = ["mlflow.db.lock", "mlflow.db.leases/0123456789abcdef.lock", "mlflow.db.leases/0123456789abcdef.owner"]
