@@ -776,8 +776,10 @@ def cmd_promote(args) -> int:
             match_radius_um=args.match_radius_um,
         )
     )
+    # Before: "(run X)" named the promotion's run as if it were the champion's.
     print(
-        f"{result['decision']}: {result['reason']}; champion is version {result['champion']} (run {result['run_id']})"
+        f"{result['decision']}: {result['reason']}; champion is version {result['champion']} "
+        f"(trained in run {result['champion_run']}); the decision is run {result['run_id']}"
     )
     return 0
 

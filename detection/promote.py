@@ -7,7 +7,9 @@ decide promotion after promotion become a selection set and flatter the champion
 version counts the decisions made on its test images. The alias `champion` moves
 only when the candidate beats the champion by `min_delta`; the former champion keeps `previous`.
 `previous` is moved before `champion`, so a failure part-way never leaves the registry without a
-champion. Every decision is a run with a side-by-side table and figure, and tags on both versions.
+champion. Every decision is one run, `promote vN`, in the experiment every other run of the project
+goes to (the one `mlflow run` launched, or `brecahad`): the evaluations it needs are nested under it
+(or reused), with a side-by-side table and figure, and tags on both versions.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import pandas as pd
 
 from . import figures, tracking
 from .choices import CHAMPION, MATCHERS, PREVIOUS, PROMOTE_METRIC, PROTOCOLS
+from .config import TrackingConfig
 from .errors import DetectionError
 from .evaluate import Request, earlier_evaluation, evaluate
 
-EXPERIMENT = "brecahad-promotions"
+EXPERIMENT = TrackingConfig.experiment  # one place for every run; was brecahad-promotions beside it
 LOWER_IS_BETTER = ("fdr", "fp", "fn")
 COMPARED = ("detection_rate", "fdr", "precision", "f1", "ap", "box_ap50", "box_ap")
 
@@ -85,19 +88,21 @@ class Decision:
     champion_value: float | None
 
 
-def evaluation_of(req: PromoteRequest, ref: tracking.ModelRef, split: str) -> Evaluation:
-    """The version's evaluation on these images with this protocol, matching and radius, made if missing."""
+def evaluation_of(req: PromoteRequest, ref: tracking.ModelRef, split: str, parent: str) -> Evaluation:
+    """The version's evaluation on these images with this protocol, matching and radius: an earlier
+    one, or one made now as a run nested under the promotion's."""
     eval_req = Request(
         ref.pinned, req.data_dir, split, req.protocol, req.matching, req.seed, match_radius_um=req.match_radius_um
     )
     run, digest = earlier_evaluation(eval_req, same_matching=True)
-    run_id = run.info.run_id if run else evaluate(eval_req)[0]
+    run_id = run.info.run_id if run else evaluate(eval_req, parent=parent)[0]
     return Evaluation(run_id, dict(tracking.get_run(run_id).data.metrics), digest)
 
 
-def judged(req: PromoteRequest, ref: tracking.ModelRef) -> Judged:
-    decisive = evaluation_of(req, ref, req.split)
-    return Judged(ref, decisive, decisive if req.split == "test" else evaluation_of(req, ref, "test"))
+def judged(req: PromoteRequest, ref: tracking.ModelRef, parent: str) -> Judged:
+    decisive = evaluation_of(req, ref, req.split, parent)
+    test = decisive if req.split == "test" else evaluation_of(req, ref, "test", parent)
+    return Judged(ref, decisive, test)
 
 
 def beats(metric: str, candidate: float, champion: float, min_delta: float) -> bool:
@@ -135,20 +140,41 @@ def promote(req: PromoteRequest) -> dict:
     cand_ref = tracking.resolve_model(req.candidate)
     config = tracking.load_model(cand_ref).config  # refuses a version whose artifacts do not load
     req = replace(req, match_radius_um=req.match_radius_um or config.eval.match_radius_um)  # one radius for both
-    cand = judged(req, cand_ref)
-    with tracking.registry_lock(cand_ref.name) as lease:
-        settle(cand_ref.name)  # a promotion killed part-way is finished before this one looks
-        champ_ref = tracking.alias_version(cand_ref.name, CHAMPION)
-        if champ_ref is not None and champ_ref.version == cand_ref.version:
-            raise PromotionError(f"{cand_ref.pinned} is already the champion")
-        champ = judged(req, champ_ref) if champ_ref else None
-        decision = decide(req, cand, champ)
-        plan = record(req, cand, champ, decision)
-        if lease.lost.is_set():
-            raise PromotionError(f"lost the promotion lease of {cand_ref.name!r} while deciding; nothing moved")
-        carry_out(cand_ref.name, plan)
-        final = tracking.alias_version(cand_ref.name, CHAMPION)
-    return {"decision": decision.outcome, "reason": decision.reason, "run_id": plan["run"], "champion": final.version}
+    _refuse_the_champion(cand_ref)
+    pending = {"promotion": "true", "decision": "pending"}
+    run_id = tracking.create_run(EXPERIMENT, f"promote v{cand_ref.version}", pending)
+    try:
+        cand = judged(req, cand_ref, run_id)
+        with tracking.registry_lock(cand_ref.name) as lease:
+            settle(cand_ref.name)  # a promotion killed part-way is finished before this one looks
+            champ_ref = _refuse_the_champion(cand_ref)
+            champ = judged(req, champ_ref, run_id) if champ_ref else None
+            decision = decide(req, cand, champ)
+            plan = record(req, cand, champ, decision, run_id)
+            if lease.lost.is_set():
+                raise PromotionError(f"lost the promotion lease of {cand_ref.name!r} while deciding; nothing moved")
+            carry_out(cand_ref.name, plan)
+            final = tracking.alias_version(cand_ref.name, CHAMPION)
+    except BaseException as e:
+        if tracking.get_run(run_id).info.status == "RUNNING":  # nothing was carried out
+            tracking.client().set_tag(run_id, tracking.TAG + "error", f"{type(e).__name__}: {e}"[:5000])
+            tracking.client().set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return {
+        "decision": decision.outcome,
+        "reason": decision.reason,
+        "run_id": run_id,
+        "champion": final.version,
+        "champion_run": final.run_id,
+    }
+
+
+def _refuse_the_champion(cand_ref: tracking.ModelRef) -> tracking.ModelRef | None:
+    """The champion in place; a candidate that already is it is refused before any run is made."""
+    champ_ref = tracking.alias_version(cand_ref.name, CHAMPION)
+    if champ_ref is not None and champ_ref.version == cand_ref.version:
+        raise PromotionError(f"{cand_ref.pinned} is already the champion")
+    return champ_ref
 
 
 def decide(req: PromoteRequest, cand: Judged, champ: Judged | None) -> Decision:
@@ -193,34 +219,27 @@ def describe_test_decisions(name: str, version: int, n: int) -> None:
     tracking.client().update_model_version(name, str(version), description=f"{text}\n\n{line}".lstrip())
 
 
-def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: Decision) -> dict:
-    """The decision's run (table, figure, params; RUNNING until carried out) and its plan: the aliases
-    to move, the tags each version and the run get. Test decisions are counted here, as totals."""
+def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: Decision, run_id: str) -> dict:
+    """What the decision's run holds (table, figure, params; RUNNING until carried out) and its plan:
+    the aliases to move, the tags each version and the run get. Test decisions are counted here."""
     table = side_by_side(req, cand, champ)
     on_test = req.split == "test"
-    run_id = tracking.create_run(
-        EXPERIMENT, f"promote v{cand.ref.version}", {"promotion": "true", "decision": "pending"}
+    tr = tracking.Tracker(run_id)
+    tr.log_params(
+        {
+            "promote.candidate": cand.ref.pinned,
+            "promote.metric": req.metric,
+            "promote.min_delta": req.min_delta,
+            "promote.protocol": req.protocol,
+            "promote.matching": req.matching,
+            "promote.match_radius_um": req.match_radius_um,
+            "promote.data_dir": str(req.data_dir),
+        }
     )
-    try:
-        tr = tracking.Tracker(run_id)
-        tr.log_params(
-            {
-                "promote.candidate": cand.ref.pinned,
-                "promote.metric": req.metric,
-                "promote.min_delta": req.min_delta,
-                "promote.protocol": req.protocol,
-                "promote.matching": req.matching,
-                "promote.match_radius_um": req.match_radius_um,
-                "promote.data_dir": str(req.data_dir),
-            }
-        )
-        tr.client.log_table(run_id, table, "side_by_side.json")
-        fig = figures.side_by_side(table[table.decides], req.metric, decision.outcome)
-        tr.client.log_figure(run_id, fig, "side_by_side.png")
-        figures.close(fig)
-    except BaseException:
-        tracking.client().set_terminated(run_id, "FAILED")
-        raise
+    tr.client.log_table(run_id, table, "side_by_side.json")
+    fig = figures.side_by_side(table[table.decides], req.metric, decision.outcome)
+    tr.client.log_figure(run_id, fig, "side_by_side.png")
+    figures.close(fig)
     counts = {cand.ref.version: test_decisions(cand.ref) + on_test} | (
         {champ.ref.version: test_decisions(champ.ref) + on_test} if champ else {}
     )
@@ -334,4 +353,5 @@ def _rollback(name: str) -> dict:
         "reason": f"champion v{champ.version} -> v{prev.version}",
         "run_id": run_id,
         "champion": prev.version,
+        "champion_run": prev.run_id,
     }

@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -218,6 +219,42 @@ def test_predict_under_mlflow_run_names_its_run_and_keeps_what_it_wrote(in_store
     assert missing.returncode != 0 and "nope.tif" in missing.stderr
     run = api.get_run(failed)
     assert (run.info.status, run.info.run_name) == ("FAILED", "predict failed")
+
+
+def test_a_promotion_under_mlflow_run_is_one_run_named_for_it_with_its_evaluations_nested(
+    trained, synth_dir, tmp_path, monkeypatch
+):
+    """Issue 22: under `mlflow run` a promotion that first needed an evaluation became the run
+    `evaluate v2 test whole` and sent its decision to brecahad-promotions; its last line named the
+    promotion's run as the champion's."""
+    import shutil
+
+    from tests.conftest import point_mlflow_at
+
+    store = tmp_path / "mlflow.db"  # a copy: the session's trained store keeps no champion
+    shutil.copy(Path(trained["uri"].removeprefix("sqlite:///")), store)
+    point_mlflow_at(f"sqlite:///{store}", monkeypatch)
+    api = MlflowClient()
+    experiment = api.get_experiment_by_name("brecahad").experiment_id
+    launched = api.create_run(experiment, tags={"mlflow.runName": "bald-whale-695"}).info.run_id  # as mlflow run
+    version = api.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
+    before = {r.info.run_id for r in api.search_runs([experiment])}
+    result = run_cli(
+        "promote", "--candidate", SOURCE, "--data-dir", str(synth_dir), cwd=tmp_path, env={"MLFLOW_RUN_ID": launched}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = api.get_run(launched)
+    assert run.info.run_name == f"promote v{version.version}" and run.data.tags["detection.decision"] == "promoted"
+    made = [r for r in api.search_runs([experiment]) if r.info.run_id not in before]
+    assert made and all(r.data.tags.get("mlflow.parentRunId") == launched for r in made)  # val and test, nested
+    assert {r.info.run_name for r in made} == {
+        f"evaluate v{version.version} val whole",
+        f"evaluate v{version.version} test whole",
+    }
+    assert api.get_experiment_by_name("brecahad-promotions") is None  # one place
+    assert result.stdout.strip().endswith(
+        f"champion is version {version.version} (trained in run {version.run_id}); the decision is run {launched}"
+    )
 
 
 def _race(in_store, synth_dir, name, candidates):
