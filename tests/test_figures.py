@@ -91,3 +91,19 @@ def test_the_froc_figures_draw_from_a_curve_table():
     for fig in (figures.froc(curve, metrics, "t"), figures.froc_versions({"a": curve, "b": curve}, [10, 300], "t")):
         assert fig.axes[0].get_xscale() == "log" and fig.axes[0].lines
         figures.close(fig)
+
+
+def test_a_curve_without_false_positives_stays_in_view_and_target_labels_keep_off_it():
+    """Issue 22: a compare curve with FDR 0 up to detection rate 0.97 hid on the axis, and the
+    target labels were written over it."""
+    import pandas as pd
+
+    clean = pd.DataFrame({"fdr": [0.0, 0.0, 0.0, 0.2], "detection_rate": [0.1, 0.5, 0.97, 1.0]})
+    fig = figures.dr_vs_fdr({"v1": clean}, [0.5, 0.6, 0.7], "test whole")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] < 0  # the curve at FDR 0 is off the spine
+    (right,) = ax.child_axes  # the targets' own axis, beside the plot rather than on its curves
+    fig.canvas.draw()
+    assert [t.get_text() for t in right.get_yticklabels()] == ["0.5", "0.6", "0.7"]
+    assert not [t for t in ax.texts if t.get_text() in ("0.5", "0.6", "0.7")]
+    matplotlib.pyplot.close(fig)
