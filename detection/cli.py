@@ -685,7 +685,7 @@ def cmd_reregister(args) -> int:
 
 
 def cmd_second_look(args) -> int:
-    from .second_look import SecondLookRequest, second_look
+    from .second_look_train import SecondLookRequest, second_look
 
     run_id, version, summary = second_look(
         SecondLookRequest(

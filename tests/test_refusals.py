@@ -169,7 +169,8 @@ def test_only_promote_moves_champion_and_previous(alias, store):
     version with no evaluation, lock or promotion run."""
     from detection import config, tracking
     from detection.config import ConfigError
-    from detection.second_look import SecondLookError, SecondLookRequest
+    from detection.second_look import SecondLookError
+    from detection.second_look_train import SecondLookRequest
 
     with pytest.raises(ConfigError, match=f"alias '{alias}' is moved only by `promote`"):
         config.load(ROOT / "experiments" / "smoke.yaml", [f"tracking.alias={alias}"])
