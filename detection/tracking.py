@@ -332,10 +332,8 @@ def name_launched_run(name: str, tags: dict[str, str] | None = None) -> str | No
     project's name for what it does, and `tags`; its id, or None outside `mlflow run`."""
     run_id = launched_run_id()
     if run_id:
-        api = client()
-        api.set_tag(run_id, "mlflow.runName", name)
-        for key, value in (tags or {}).items():
-            api.set_tag(run_id, key, value)
+        named = {"mlflow.runName": name} | (tags or {})
+        client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in named.items()])
     return run_id
 
 
@@ -569,7 +567,7 @@ def run(
         if launched:  # `mlflow run` made the run, with a random name, in the experiment it was given
             tag_experiment(active.info.experiment_id)
             if name:
-                client().set_tag(active.info.run_id, "mlflow.runName", name)
+                name_launched_run(name)
     with _ending(active) as tr:
         tr.skip = skip
         yield tr
@@ -591,7 +589,7 @@ def create_run(experiment: str, name: str, tags: dict[str, Any]) -> str:
         run_id = api.create_run(use_experiment(experiment), run_name=name).info.run_id
     else:
         tag_experiment(get_run(run_id).info.experiment_id)
-        api.set_tag(run_id, "mlflow.runName", name)
+        name_launched_run(name)
     api.log_batch(run_id, tags=[RunTag(TAG + k, str(v)) for k, v in tags.items()])
     return run_id
 
@@ -829,8 +827,8 @@ def _owner_may_live(tags: dict[str, str]) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:  # someone else's process, alive
+        pass
     return True
 
 
@@ -846,7 +844,11 @@ def _lease_run() -> str:
     if run_id is None:
         run_id = api.create_run(use_experiment(LEASES), run_name="leases").info.run_id
         api.set_terminated(run_id, "FINISHED")
-        api.set_registered_model_tag(LEASES, "lease_run", run_id)
+        # Two processes on first use may each set it at once; one store write then fails on the
+        # tag's key (sqlite's UNIQUE constraint), and whichever tag landed serves both.
+        with contextlib.suppress(MlflowException):
+            api.set_registered_model_tag(LEASES, "lease_run", run_id)
+        run_id = api.get_registered_model(LEASES).tags.get("lease_run", run_id)
     return run_id
 
 
