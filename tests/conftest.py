@@ -66,7 +66,7 @@ def point_mlflow_at(uri: str, monkeypatch, env: dict | None = None) -> None:
     import mlflow
     import mlflow.tracking.fluent as fluent
 
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     for key, value in ({"MLFLOW_TRACKING_URI": uri} | (env or {})).items():
         monkeypatch.setenv(key, value)
@@ -74,8 +74,19 @@ def point_mlflow_at(uri: str, monkeypatch, env: dict | None = None) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+LAUNCH_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The environment of a command a test starts: the venv first on PATH, and none of the run or
+    experiment an earlier in-process `mlflow.set_experiment` exported (a child would look for that
+    experiment in its own store: "No Experiment with id=2 exists"); `env` on top."""
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return inherited | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
+    full_env = child_env(env)
     return subprocess.run(
         [sys.executable, "-m", "detection", *args],
         cwd=cwd,
@@ -112,6 +123,16 @@ def trained(tmp_path_factory, synth_dir) -> dict:
     result = train_tiny(synth_dir, cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger"}
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path, monkeypatch) -> str:
+    """A copy of the trained model's store (its artifacts stay shared) that this test may promote
+    or alias in, with this test's MLflow aimed at it; returns its URI."""
+    store = tmp_path / "mlflow.db"
+    shutil.copy(Path(trained["uri"].removeprefix("sqlite:///")), store)
+    point_mlflow_at(f"sqlite:///{store}", monkeypatch)
+    return f"sqlite:///{store}"
 
 
 @pytest.fixture

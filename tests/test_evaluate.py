@@ -1,7 +1,6 @@
 """Evaluation of a real (tiny) registered model on real stores; marked slow."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from detection.data import load_dataset
 from detection.evaluate import judge, load_cache
 from detection.postprocess import PostProcess, apply, raw_outputs, replay_tile
 from detection.sampling import validation_patches
-from tests.conftest import ROOT, run_cli, train_tiny
+from tests.conftest import ROOT, child_env, run_cli, train_tiny
 
 pytestmark = pytest.mark.slow
 MODEL = "brecahad-faster-rcnn"
@@ -76,7 +75,7 @@ def test_training_validation_under_bf16_equals_an_evaluation_of_the_same_checkpo
 
 
 def _mlflow(*args, cwd, uri):
-    env = dict(os.environ) | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    env = child_env({"MLFLOW_TRACKING_URI": uri})
     return subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), *args],
         cwd=cwd,

@@ -7,7 +7,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -222,19 +221,12 @@ def test_predict_under_mlflow_run_names_its_run_and_keeps_what_it_wrote(in_store
 
 
 def test_a_promotion_under_mlflow_run_is_one_run_named_for_it_with_its_evaluations_nested(
-    trained, synth_dir, tmp_path, monkeypatch
+    trained_copy, synth_dir, tmp_path
 ):
     """Issue 22: under `mlflow run` a promotion that first needed an evaluation became the run
     `evaluate v2 test whole` and sent its decision to brecahad-promotions; its last line named the
     promotion's run as the champion's."""
-    import shutil
-
-    from tests.conftest import point_mlflow_at
-
-    store = tmp_path / "mlflow.db"  # a copy: the session's trained store keeps no champion
-    shutil.copy(Path(trained["uri"].removeprefix("sqlite:///")), store)
-    point_mlflow_at(f"sqlite:///{store}", monkeypatch)
-    api = MlflowClient()
+    api = MlflowClient()  # in a copy: the session's trained store keeps no champion
     experiment = api.get_experiment_by_name("brecahad").experiment_id
     launched = api.create_run(experiment, tags={"mlflow.runName": "bald-whale-695"}).info.run_id  # as mlflow run
     version = api.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")

@@ -38,7 +38,7 @@ def test_every_mlflow_run_line_runs_in_the_venv():
 
 
 @pytest.mark.slow  # a model server starts and runs a whole image
-def test_the_readmes_serving_commands_work_as_printed(trained, tmp_path, monkeypatch):
+def test_the_readmes_serving_commands_work_as_printed(trained_copy, tmp_path):
     """Before: the README's `curl -d "$(base64 -w0 image.tif)"` failed with "Argument list too long"
     for every real 1360×1024 image."""
     from mlflow.tracking import MlflowClient
@@ -49,13 +49,9 @@ def test_the_readmes_serving_commands_work_as_printed(trained, tmp_path, monkeyp
     shutil.copy(image, work / "image.tif")  # the serving page's own image
     shutil.copy(image, work / "data" / "demo" / "images" / "Case_1-01.tif")  # README's: a demo image's path
     (work / ".venv").symlink_to(Path(sys.prefix))  # the commands start in the clone
-    store = tmp_path / "mlflow.db"
-    shutil.copy(Path(trained["uri"].removeprefix("sqlite:///")), store)
-    uri = f"sqlite:///{store}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=trained_copy)
     champion = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger").version
     client.set_registered_model_alias("brecahad-faster-rcnn", "champion", champion)  # as promote would
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     serve = block_with("source .venv/bin/activate\npython -m detection serve --model")
     assert serve == block_with("source .venv/bin/activate\npython -m detection serve --model", SERVING)
     assert "curl" not in serve  # the server holds its terminal; the request is sent from another

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, child_env, run_cli
 
 pytestmark = pytest.mark.slow
 MODEL = "brecahad-faster-rcnn"
@@ -249,8 +249,7 @@ def test_mlflow_run_from_another_directory(trained, synth_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID"))}
-    env |= {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    env = child_env({"MLFLOW_TRACKING_URI": uri})
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
 
     def mlflow_run(*params):
