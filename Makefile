@@ -9,13 +9,18 @@ DEMO   ?= data/demo
 .PHONY: demo test test-fast lint format install install-dev ui docs clean-demo
 
 # The demo and the UI need the package alone; the tests also need its test, team and docs extras.
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install: $(VENV)/.installed $(VENV)/.mlflow-env
+install-dev: $(VENV)/.installed-dev $(VENV)/.mlflow-env
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e .
+	touch $@
+
+# `mlflow run . -e ENTRY` then runs in this venv as typed: MLflow has no setting for a default env manager.
+$(VENV)/.mlflow-env: python_env.yaml $(VENV)/.installed
+	$(BIN)/python -m detection.mlflow_env
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -29,7 +34,7 @@ demo: install $(DEMO)/images
 	@echo "Training the smoke model on $(DEMO): 5 epochs, each 8 training steps then 20 validation patches"
 	@echo "(the line after each epoch gives its validation detection rate and FDR). About 3 minutes on"
 	@echo "2 CPU cores after the install; the first install of torch adds about 4."
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name brecahad \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --experiment-name brecahad \
 		-P config=experiments/smoke.yaml -P data_dir=$(DEMO)
 	@echo
 	@echo "Done: the run is in the experiment 'brecahad', its model registered as brecahad-faster-rcnn@challenger."

@@ -949,7 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        _name_launched_run(args.command, code)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -959,6 +961,13 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         print(f"error: {e}" + (f"; {e.advice}" if e.advice else ""), file=sys.stderr)
         return e.exit_code
+
+
+def _name_launched_run(command: str, code: int) -> None:
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from . import tracking
+
+        tracking.name_unnamed_launched_run(command if code == 0 else f"{command} failed")
 
 
 def _fail_launched_run(error: Exception) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -335,6 +336,17 @@ def name_launched_run(name: str, tags: dict[str, str] | None = None) -> str | No
         named = {"mlflow.runName": name} | (tags or {})
         client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in named.items()])
     return run_id
+
+
+RANDOM_NAME = re.compile(r"[a-z]+-[a-z]+-\d+")  # MLflow's own names for runs: bald-whale-695
+
+
+def name_unnamed_launched_run(name: str) -> None:
+    """A command that logs nothing of its own (validate, download) still leaves the run `mlflow run`
+    made under the project's name for it, not MLflow's random one; a name the command gave stays."""
+    run_id = launched_run_id()
+    if run_id and RANDOM_NAME.fullmatch(get_run(run_id).data.tags.get("mlflow.runName", "")):
+        client().set_tag(run_id, "mlflow.runName", name)
 
 
 def fail_launched_run(error: BaseException, problems: list[str] | None = None) -> None:

@@ -85,7 +85,7 @@ def page() -> str:
         "",
         "## Entry points",
         "",
-        "`mlflow run . -e NAME --env-manager local --experiment-name brecahad -P key=value`, or",
+        "`mlflow run . -e NAME --experiment-name brecahad -P key=value`, or",
         "`python -m detection NAME --key value` (`python -m detection NAME --help` says the same).",
         "",
     ]

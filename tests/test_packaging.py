@@ -24,7 +24,7 @@ def test_conda_env_and_pyproject_list_the_same_packages():
 
 def test_mlproject_entry_points_match_the_cli():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert (ROOT / spec["conda_env"]).is_file()
+    assert (ROOT / spec["python_env"]).is_file()
     commands = build_parser()._subparsers._group_actions[0].choices
     for name, entry in spec["entry_points"].items():
         assert entry["command"].startswith(f"python -m detection {name}")
