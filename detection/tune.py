@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +30,6 @@ import optuna
 import pandas as pd
 import sqlalchemy
 from filelock import FileLock
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from . import figures, tracking
@@ -276,18 +275,21 @@ def _rdb_storage(url: str, heartbeat: float):
 # --- workers that die -------------------------------------------------------------------------
 
 
-def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a dead worker's trial to run again with the same parameters (at most MAX_RETRIES times)."""
-    retries = trial.user_attrs.get("retries", 0)
-    if retries < MAX_RETRIES:
-        study.enqueue_trial(
-            trial.params,
-            user_attrs={"retry_of": trial.user_attrs.get("retry_of", trial.number), "retries": retries + 1},
-        )
+# Queue a dead worker's trial to run again with the same parameters, at most MAX_RETRIES times
+# (Optuna's own callback: the retry's system_attrs name the trial it retries).
+with warnings.catch_warnings():  # "experimental" since Optuna 2.8, on every import
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+
+def retried_trial(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The first trial of the retries this one belongs to, or None."""
+    return trial.system_attrs.get("failed_trial")
 
 
 def _last_beat(trial: optuna.trial.FrozenTrial) -> float:
-    return trial.user_attrs.get(HEARTBEAT_ATTR) or trial.datetime_start.timestamp()
+    # A retry inherits its dead trial's user attributes, its last beat among them: its own start counts.
+    return max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), trial.datetime_start.timestamp())
 
 
 def _beating(objective, seconds: float):
@@ -313,27 +315,24 @@ def _beating(objective, seconds: float):
     return run
 
 
-def fail_stale(s: Study) -> list[str]:
-    """Fail the running trials whose worker died (no heartbeat for `stale_after`), queue each again,
-    and end its nested MLflow run KILLED. Returns one line per failed trial."""
+def fail_stale(s: Study, now: Callable[[], float] = time.time) -> list[str]:
+    """Fail the running trials whose worker died (no heartbeat for `stale_after` by the clock `now`),
+    queue each again, and end its nested MLflow run KILLED. Returns one line per failed trial."""
     study = s.study
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
         return []
-    if is_heartbeat_enabled(study._storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat; its callback is `retry`
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat, on RDB storages; it calls `retry`
     # Optuna's RDB heartbeat skips a trial that has no heartbeat row yet: a worker killed between
     # creating its trial and its first beat would leave it RUNNING for ever. Our own beat (or the
     # trial's start) covers that window and the journal file, which has no Optuna heartbeat.
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if time.time() - _last_beat(t) > s.req.stale_after:
-            try:
-                if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    retry(study, study._storage.get_trial(t._trial_id))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker failed it first
+        if now() - _last_beat(t) > s.req.stale_after:
+            # Another worker may fail (or finish) it first: Optuna refuses to tell a finished trial.
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+                retry(study, study.tell(t.number, state=TrialState.FAIL))
     dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
     lines = []
     for t in dead:

@@ -63,7 +63,8 @@ def test_the_overlay_draws_what_one_patch_per_box_drew(real_image):
 def test_an_overlay_without_boxes_is_the_image_and_its_title(real_image):
     name, image, truth, boxes, scores = real_image
     fig = figures.overlay(image, truth[:0], boxes[:0], scores[:0], name)
-    assert all(len(c.get_paths()) == 0 for c in fig.axes[0].collections if isinstance(c, PatchCollection))
+    layers = [c for c in fig.axes[0].collections if isinstance(c, PatchCollection)]
+    assert len(layers) == 2 and all(len(c.get_paths()) == 0 for c in layers)  # both layers there, empty
     assert fig.axes[0].get_title().startswith(name) and len(truth) > 10
     matplotlib.pyplot.close(fig)
 
