@@ -24,10 +24,10 @@ from detection.split import Split
 from detection.tune import TuneError, TuneRequest, parse_ranges
 from tests.conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.slow
 MODEL = "brecahad-faster-rcnn"
 
 
+@pytest.mark.slow
 def test_a_trial_equals_running_the_model_with_its_settings(in_store, synth_dir):
     detector = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger").unwrap_python_model()
     model, cfg = detector.model, detector.config
@@ -80,6 +80,7 @@ def _study_runs(client, study: str):
     return parent, trials
 
 
+@pytest.mark.slow
 def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
     client = MlflowClient()
     before = {int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")}
@@ -150,6 +151,7 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         assert np.array_equal(served[["x1", "y1", "x2", "y2"]].to_numpy(np.float32), cache.det_boxes[kept])
 
 
+@pytest.mark.slow
 def test_a_froc_study_maximises_the_mean_detection_rate_at_10_to_300_fp_per_mm2(in_store, synth_dir, tmp_path):
     """Issue 20: the FROC as a tune objective. Each trial's FROC is read off its replayed curve."""
     from detection.metrics import exact_curve, froc
@@ -193,6 +195,7 @@ def test_a_froc_study_maximises_the_mean_detection_rate_at_10_to_300_fp_per_mm2(
     assert again["froc"] == pytest.approx(best.data.metrics["val/froc"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     source = MlflowClient().search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
@@ -249,6 +252,7 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
     assert "pareto_front.json" in files
 
 
+@pytest.mark.slow
 def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
     result = run_cli(
         "tune",
@@ -296,6 +300,7 @@ def test_bad_requests_fail_before_any_trial(change, words, tmp_path):
         TuneRequest(**(base | change)).check()
 
 
+@pytest.mark.slow
 def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tmp_path):
     bad = run_cli(
         "tune", "--data-dir", str(synth_dir), "--study", "x", "--range", "score_thresh=0.9:0.1", cwd=in_store["workdir"]
@@ -321,6 +326,7 @@ def test_unreachable_storage_and_bad_ranges_from_the_cli(in_store, synth_dir, tm
         parse_ranges(["score_thresh=0.1"])
 
 
+@pytest.mark.slow
 def test_a_postprocess_study_of_a_tta_version_searches_the_fused_threshold(in_store, synth_dir, tmp_path):
     """The fused threshold joins the search, replayed from each view's cache; the chosen trial's
     counts are what evaluating the registered version on val gives."""
