@@ -790,7 +790,8 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     from . import figures, tracking
-    from .predict import InputError, as_images, decode_image, to_geojson
+    from .export import to_geojson
+    from .predict import InputError, as_images, decode_image
 
     # `mlflow run` passes several images as one space-separated parameter. Every image is read and
     # checked before the model loads, so a bad file fails in a second with its name.

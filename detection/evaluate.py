@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from . import figures, leakage, second_look, tracking
+from . import figures, leakage, tracking
 from .choices import MATCHERS, PROTOCOLS, SPLITS
 from .config import Config
 from .data import Sample, content_digest, load_dataset
 from .engine import PRECISION_NAMES
 from .errors import DetectionError
-from .inference import Cache, Item, Runtime, cell_coverage, paper_items, raw_inference, whole_items
+from .export import table, to_geojson
+from .inference import Cache, Item, Runtime, cell_coverage, paper_items, whole_items
 from .matching import Counts
 from .metrics import (
-    METRICS_VERSION,
     Intervals,
     Scored,
     area_mm2,
@@ -37,11 +37,10 @@ from .metrics import (
     point_ap,
     score,
 )
+from .pipeline import Pipeline, raw_views
 from .postprocess import PostProcess
-from .predict import to_geojson
-from .progress import Bar
+from .provenance import code_digest
 from .split import Split
-from .tta import flip, fused_cache, fused_postprocess
 
 COUNT_UNITS = {"whole": "cells", "paper": "cell-patch pairs"}
 DATASET_CONTEXTS = {"test": "testing", "val": "validation", "all": "evaluation"}  # MLflow's input contexts
@@ -237,15 +236,6 @@ def class_metrics(cache: Cache, scored: Scored, agnostic: Scored) -> dict[str, f
     return out | {f"any_class/{k}": v for k, v in operating_metrics(any_class).items()}
 
 
-def _items_and_cache(req: Request, cfg: Config, model, samples: list[Sample], rt: Runtime) -> tuple[list[Item], Cache]:
-    items = paper_items(samples, cfg, req.seed) if req.protocol == "paper" else whole_items(samples, cfg)
-    with Bar(
-        len(items), f"infer ({req.protocol}, {rt.device}, {PRECISION_NAMES[rt.dtype]})", every=max(1, len(items) // 10)
-    ) as bar:
-        cache = raw_inference(model, items, cfg, rt, on_item=bar.advance)
-    return items, cache
-
-
 def log_report(
     tr: tracking.Tracker, prefix: str, report: Report, cache: Cache, items: list[Item], pp: PostProcess
 ) -> None:
@@ -294,17 +284,9 @@ def log_geojson(tr: tracking.Tracker, report: Report, cache: Cache, items: list[
     with tempfile.TemporaryDirectory(prefix="brecahad-geojson-") as tmp:
         for i, item in enumerate(items):
             k = report.kept[i]
-            boxes = cache.det_boxes[k]
-            table = pd.DataFrame(
-                {
-                    "cx": (boxes[:, 0] + boxes[:, 2]) / 2,
-                    "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
-                    "score": cache.det_scores[k],
-                    "class": [classes[c - 1] for c in cache.det_labels[k]],
-                }
-            )
+            found = table(cache.det_boxes[k], cache.det_scores[k], cache.det_labels[k], classes)
             path = Path(tmp) / f"{item.name}.geojson"
-            path.write_text(json.dumps(to_geojson(table, model_uri)))
+            path.write_text(json.dumps(to_geojson(found, model_uri)))
             tr.client.log_artifact(tr.run_id, path, "detections")
 
 
@@ -338,7 +320,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
                 "split": req.split,
                 "matching": req.matching,
                 "seed": req.seed,
-                "metrics_version": METRICS_VERSION,
+                "code_digest": code_digest(),  # what made the numbers: reuse needs the same
                 "package_version": tracking.package_version(),
                 "evaluation": "true",
                 "data_digest": content_digest(samples, hashes),
@@ -389,17 +371,11 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
             for view, c in views.items():
                 name = CACHE_NAME if view == "none" else f"predictions_{view}.npz"
                 tr.client.log_artifact(tr.run_id, c.save(Path(tmp) / name), None)
-        cache, pp = pipeline(views, pp, cfg)
+        step = Pipeline.of(cfg, radius, detector.second_look, rt).run(views, [it.image for it in items])
+        cache, pp = step.cache, step.pp
         if cfg.eval.tta_views:
             tr.set_tags({"tta_views": ",".join(views), "tta_thresh": cfg.eval.tta_thresh})
-        if detector.second_look is not None:  # the classifier rescores what the detector keeps
-            cache, pp = second_look.apply(
-                second_look.kept(cache, pp, radius),
-                [it.image for it in items],
-                detector.second_look,
-                cfg,
-                rt,
-            )
+        if detector.second_look is not None:  # the classifier rescored what the detector kept
             tr.set_tags({"second_look_weight": cfg.second_look.weight, "second_look_thresh": cfg.second_look.thresh})
         if cache is not views["none"]:  # what the version reports, for compare and replays
             with tempfile.TemporaryDirectory(prefix="brecahad-eval-") as tmp:
@@ -417,7 +393,9 @@ def infer_views(
 ) -> tuple[list[Item], dict[str, Cache]]:
     """The items of the protocol and the raw cache of the image and of each test-time flip
     (eval.tta_views), each in its own (flipped) pixels."""
-    items, cache = _items_and_cache(req, cfg, model, samples, rt)
+    items = paper_items(samples, cfg, req.seed) if req.protocol == "paper" else whole_items(samples, cfg)
+    views = raw_views(model, items, cfg, rt, f"infer ({req.protocol}, {rt.device}, {PRECISION_NAMES[rt.dtype]})")
+    cache = views["none"]
     cells, uncovered = cell_coverage(samples, items, cfg.data.classes)
     pp = PostProcess.of_config(cfg.model)
     mpp, radius_um = resolution(req, cfg, samples)
@@ -438,21 +416,10 @@ def infer_views(
         "cells": cells,
         "cells_uncovered": uncovered,
     }
-    views = {"none": cache}
-    for view in (v for v in cfg.eval.tta_views if v != "none"):
-        flipped = [replace(it, image=flip(it.image, view)) for it in items]
-        with Bar(len(flipped), f"infer ({req.protocol}, flip {view})", every=max(1, len(items) // 10)) as bar:
-            views[view] = raw_inference(model, flipped, cfg, rt, on_item=bar.advance)
-        views[view].meta = cache.meta | {"view": view}
+    for view, flipped in views.items():
+        if view != "none":
+            flipped.meta = cache.meta | {"view": view}
     return items, views
-
-
-def pipeline(views: dict[str, Cache], pp: PostProcess, cfg: Config) -> tuple[Cache, PostProcess]:
-    """What the version reports before any second look, and how to judge it: the raw cache and its
-    post-processing, or with test-time flips the fused detections and the fused threshold."""
-    if cfg.eval.tta_views:
-        return fused_cache(views, pp, views["none"].meta["match_radius"]), fused_postprocess(cfg.eval.tta_thresh)
-    return views["none"], pp
 
 
 def load_pipeline_cache(run_id: str) -> Cache | None:
@@ -473,7 +440,7 @@ def _optional_split(ref: tracking.ModelRef) -> Split | None:
 
 def earlier_evaluation(req: Request, same_matching: bool):
     """A finished evaluation of the same model version, split, protocol and seed on the same image
-    contents (and, if asked, the same matching), made by the same package and metric code, or None.
+    contents (and, if asked, the same matching), made by the same code (provenance.code_digest), or None.
     Returns (run, image digest)."""
     ref = tracking.resolve_model(req.model)
     split = recorded_split(ref) if req.split != "all" else _optional_split(ref)
@@ -483,8 +450,7 @@ def earlier_evaluation(req: Request, same_matching: bool):
         f"tags.`detection.model_version` = '{ref.version}' and tags.`detection.split` = '{req.split}' and "
         f"tags.`detection.protocol` = '{req.protocol}' and tags.`detection.seed` = '{req.seed}' and "
         f"tags.`detection.data_digest` = '{digest}' and "
-        f"tags.`detection.metrics_version` = '{METRICS_VERSION}' and "
-        f"tags.`detection.package_version` = '{tracking.package_version()}'"
+        f"tags.`detection.code_digest` = '{code_digest()}'"
     )
     if same_matching:
         query += f" and tags.`detection.matching` = '{req.matching}'"

@@ -25,8 +25,6 @@ from .postprocess import PostProcess, PrefixPlan, TileNms, keep
 THRESHOLDS = np.round(np.linspace(0.0, 0.99, 100), 2)
 # The comparison's sweep: fine below 0.1, where a detector trained to find every cell operates.
 SWEEP = np.unique(np.concatenate([np.linspace(0, 0.1, 201), np.linspace(0.1, 0.995, 180)])).astype(np.float32)
-# Bump whenever a metric's definition changes: evaluations are reused only when it matches.
-METRICS_VERSION = 4
 # Below this many cases (or images) with cells, a percentile bootstrap's "95%" interval is the
 # range of the few units, not a 95% interval: none is given.
 MIN_UNITS = 5

@@ -1,4 +1,6 @@
 """The registered model: an MLflow pyfunc holding the weights (a state_dict) and the resolved config.
+It decodes and checks what it is sent and runs the version's pipeline (pipeline.detect); nothing in
+it knows about evaluation.
 
 A state_dict plus config loads on any machine, GPU or not, without pickling torchvision classes.
 Input: a DataFrame whose `image` column holds, per row, an RGB uint8 array (H, W, 3) (nested
@@ -27,14 +29,12 @@ from mlflow.types.schema import AnyType
 
 from . import config as config_mod
 from .errors import DetectionError
-from .inference import Runtime, detect_tiles
+from .inference import Runtime
 from .model import build_model
-from .postprocess import PostProcess, keep, raw_outputs
+from .pipeline import detect
 from .sampling import chw
-from .second_look import build_classifier, fused_score, probabilities
-from .tta import flip, fuse, unflip
+from .second_look import build_classifier
 
-COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "class", "cx", "cy"]
 MIN_SIDE = 32  # px: the smallest FPN anchor; a smaller image holds no cell the model could find
 MAX_PIXELS = 64_000_000  # 8000 x 8000: about 700 tiles, minutes on a CPU; split larger slides first
 
@@ -150,84 +150,6 @@ def encode_png(image: np.ndarray) -> str:
     from torchvision.io import encode_png as _encode
 
     return base64.b64encode(_encode(chw(image)).numpy().tobytes()).decode()
-
-
-def detect(
-    model: torch.nn.Module,
-    images: list[np.ndarray],
-    cfg: config_mod.Config,
-    rt: Runtime | None = None,
-    second_look: torch.nn.Module | None = None,
-) -> pd.DataFrame:
-    """Detections on whole images exactly as the `whole` evaluation protocol replays them: raw
-    outputs of tiles at the training scale, the version's post-processing per tile (top-k per model
-    input), then ownership and the merge across tile cuts; with `eval.tta_views`, the same on each
-    flip, fused per cell and thresholded at `eval.tta_thresh`; with a second look, each kept
-    detection rescored by the classifier and thresholded at `second_look.thresh`."""
-    pp = PostProcess.of_config(cfg.model)
-    rt = rt or Runtime(torch.device("cpu"))
-    rows = []
-    for i, img in enumerate(images):
-        views = []
-        for view in cfg.eval.tta_views or ("none",):
-            with raw_outputs(model):
-                tiles = detect_tiles(model, flip(img, view), cfg.data.patch_size, 2 * cfg.data.box_size, rt)
-            kept = keep(tiles, pp, cfg.match_radius_px)
-            views.append((unflip(tiles.boxes[kept], view, *img.shape[:2]), tiles.scores[kept], tiles.labels[kept]))
-        if cfg.eval.tta_views:
-            fused = fuse(views, cfg.match_radius_px)
-            above = fused.scores > np.float32(cfg.eval.tta_thresh)
-            boxes, scores, labels = fused.boxes[above], fused.scores[above], fused.labels[above]
-        else:
-            boxes, scores, labels = views[0]
-        if second_look is not None:  # the classifier's score fused with the detector's, re-thresholded
-            scores = fused_score(
-                scores, probabilities(second_look, img, boxes, cfg.second_look.crop, rt), cfg.second_look.weight
-            )
-            order = np.argsort(-scores, kind="stable")
-            order = order[scores[order] > np.float32(cfg.second_look.thresh)]
-            boxes, scores, labels = boxes[order], scores[order], labels[order]
-        rows.append(
-            pd.DataFrame(
-                {
-                    "image": i,
-                    "x1": boxes[:, 0],
-                    "y1": boxes[:, 1],
-                    "x2": boxes[:, 2],
-                    "y2": boxes[:, 3],
-                    "score": scores,
-                    "label": labels,
-                    "class": [cfg.data.classes[k - 1] for k in labels],
-                    "cx": (boxes[:, 0] + boxes[:, 2]) / 2,
-                    "cy": (boxes[:, 1] + boxes[:, 3]) / 2,
-                }
-            )
-        )
-    return pd.concat(rows, ignore_index=True)[COLUMNS]
-
-
-# QuPath's colours for the classes it is shown (RGB); others get grey.
-QUPATH_COLOURS = {"tumor": [200, 0, 0], "non_tumor": [0, 120, 200], "mitosis": [255, 140, 0]}
-
-
-def to_geojson(table: pd.DataFrame, source: str) -> dict:
-    """Detections (a `detect` table: cx, cy, score, class) as a GeoJSON FeatureCollection that QuPath
-    imports (File > Import objects): one Point detection per cell, in image pixels (x right, y down),
-    classified, with the score as a measurement."""
-    features = [
-        {
-            "type": "Feature",
-            "geometry": {"type": "Point", "coordinates": [float(row.cx), float(row.cy)]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": row["class"], "color": QUPATH_COLOURS.get(row["class"], [128] * 3)},
-                "measurements": {"score": float(row.score)},
-                "source": source,
-            },
-        }
-        for _, row in table.iterrows()
-    ]
-    return {"type": "FeatureCollection", "features": features}
 
 
 def load_weights(config_path: str | Path, weights_path: str | Path) -> tuple[config_mod.Config, torch.nn.Module]:

@@ -14,11 +14,12 @@ class Bar:
     first one also pays for set-up: an ETA from it read 9,293 s for a 4-minute demo); `note` prints
     a line of its own, such as an epoch's validation figures, above a rich bar."""
 
-    def __init__(self, total: int, description: str, every: int = 10, clock=time.monotonic):
+    def __init__(self, total: int, description: str, every: int = 10, clock=time.monotonic, quiet: bool = False):
         self.total, self.description, self.every, self.clock = total, description, every, clock
         self.done, self.start, self.first, self.fields = 0, clock(), None, ""
+        self.quiet = quiet  # a served request counts its steps and prints nothing
         self.console = Console(stderr=True)
-        self.rich = self.console.is_terminal
+        self.rich = self.console.is_terminal and not quiet
         if self.rich:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -51,7 +52,7 @@ class Bar:
         self.fields = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         if self.rich:
             self.progress.update(self.task, advance=1, info=self.fields)
-        elif self.done % self.every == 0 or self.done == self.total:
+        elif not self.quiet and (self.done % self.every == 0 or self.done == self.total):
             print(
                 f"{self.description} {self.done}/{self.total} {self._times()} {self.fields}",
                 file=sys.stderr,

@@ -82,6 +82,11 @@ class Judged:
 
 @dataclass(frozen=True)
 class Decision:
+    """What `decide` concluded and everything it looked at: `record` writes it down as it is."""
+
+    req: PromoteRequest
+    cand: Judged
+    champ: Judged | None
     outcome: str  # "promoted" | "kept champion"
     reason: str
     candidate_value: float
@@ -150,7 +155,7 @@ def promote(req: PromoteRequest) -> dict:
             champ_ref = _refuse_the_champion(cand_ref)
             champ = judged(req, champ_ref, run_id) if champ_ref else None
             decision = decide(req, cand, champ)
-            plan = record(req, cand, champ, decision, run_id)
+            plan = record(decision, run_id)
             if lease.lost.is_set():
                 raise PromotionError(f"lost the promotion lease of {cand_ref.name!r} while deciding; nothing moved")
             carry_out(cand_ref.name, plan)
@@ -195,7 +200,7 @@ def decide(req: PromoteRequest, cand: Judged, champ: Judged | None) -> Decision:
         if champ is None
         else f"{req.metric} {value:.4f} vs champion v{champ.ref.version} {old:.4f} (min_delta {req.min_delta})"
     )
-    return Decision("promoted" if promoted else "kept champion", reason, value, old)
+    return Decision(req, cand, champ, "promoted" if promoted else "kept champion", reason, value, old)
 
 
 TEST_DECISIONS = "test_decisions"  # promotion.test_decisions: decisions made on the version's test images
@@ -219,9 +224,10 @@ def describe_test_decisions(name: str, version: int, n: int) -> None:
     tracking.client().update_model_version(name, str(version), description=f"{text}\n\n{line}".lstrip())
 
 
-def record(req: PromoteRequest, cand: Judged, champ: Judged | None, decision: Decision, run_id: str) -> dict:
+def record(decision: Decision, run_id: str) -> dict:
     """What the decision's run holds (table, figure, params; RUNNING until carried out) and its plan:
     the aliases to move, the tags each version and the run get. Test decisions are counted here."""
+    req, cand, champ = decision.req, decision.cand, decision.champ
     table = side_by_side(req, cand, champ)
     on_test = req.split == "test"
     tr = tracking.Tracker(run_id)

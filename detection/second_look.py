@@ -123,11 +123,11 @@ def kept(cache: Cache, pp: PostProcess, radius: float) -> Cache:
 
 
 def item_probabilities(
-    net: torch.nn.Module, cache: Cache, images: list[np.ndarray], size: int, rt: Runtime
+    net: torch.nn.Module, cache: Cache, images: list[np.ndarray], size: int, rt: Runtime, progress: bool = True
 ) -> list[np.ndarray]:
     """The classifier's probabilities of each item's kept detections, item by item."""
     out = []
-    with Bar(len(cache), f"second look ({rt.device})", every=max(1, len(cache) // 10)) as bar:
+    with Bar(len(cache), f"second look ({rt.device})", every=max(1, len(cache) // 10), quiet=not progress) as bar:
         for i in range(len(cache)):
             lo, hi = cache.det_range(i)
             out.append(probabilities(net, images[i], cache.det_boxes[lo:hi], size, rt))
@@ -147,10 +147,10 @@ def rescored(cache: Cache, probs: list[np.ndarray], weight: float) -> Cache:
 
 
 def apply(
-    cache: Cache, images: list[np.ndarray], net: torch.nn.Module, cfg: Config, rt: Runtime
+    cache: Cache, images: list[np.ndarray], net: torch.nn.Module, cfg: Config, rt: Runtime, progress: bool = True
 ) -> tuple[Cache, PostProcess]:
     """The version's second look over a kept cache: the rescored cache and what judges it."""
-    probs = item_probabilities(net, cache, images, cfg.second_look.crop, rt)
+    probs = item_probabilities(net, cache, images, cfg.second_look.crop, rt, progress)
     return rescored(cache, probs, cfg.second_look.weight), fused_postprocess(cfg.second_look.thresh)
 
 

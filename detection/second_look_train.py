@@ -15,10 +15,10 @@ from . import figures, tracking
 from .choices import promoted_alias_problem
 from .config import Config, SecondLookConfig
 from .engine import PRECISION_NAMES
-from .evaluate import Request, infer_views, pipeline, recorded_split, renamed, select
+from .evaluate import Request, infer_views, recorded_split, renamed, select
 from .inference import Cache, Item, Runtime
-from .postprocess import PostProcess
-from .second_look import WEIGHTS, Choice, Examples, SecondLookError, choose, examples, fit, item_probabilities, kept
+from .pipeline import Pipeline
+from .second_look import WEIGHTS, Choice, Examples, SecondLookError, choose, examples, fit, item_probabilities
 from .train import log_detector
 
 
@@ -53,8 +53,8 @@ def detections(cfg: Config, model, samples, part: str, rt: Runtime) -> tuple[lis
     """What the version (without a second look) keeps on whole images of one split part."""
     req = Request("", Path("."), part, "whole")
     items, views = infer_views(req, cfg, model, samples, rt, {"split": part})
-    cache, pp = pipeline(views, PostProcess.of_config(cfg.model), cfg)
-    return items, kept(cache, pp, cache.meta["match_radius"])
+    pipe = Pipeline.of(cfg, views["none"].meta["match_radius"])  # second_look.weight=0: no rescoring yet
+    return items, pipe.kept(pipe.run(views, [it.image for it in items]))
 
 
 def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:

@@ -345,16 +345,16 @@ def test_leakage_guard_sees_pixels_not_file_bytes(in_store, synth_dir, tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_evaluations_are_reused_only_by_the_same_metric_code(in_store, synth_dir):
+def test_evaluations_are_reused_only_by_the_same_code(in_store, synth_dir):
     from detection.evaluate import Request, earlier_evaluation, evaluate
-    from detection.metrics import METRICS_VERSION
+    from detection.provenance import code_digest
 
     version = MlflowClient().get_model_version_by_alias(MODEL, "challenger").version
     req = Request(f"models:/{MODEL}/{version}", synth_dir, "val", "whole")
     run_id = earlier_evaluation(req, same_matching=True)[0]
     run_id = run_id.info.run_id if run_id else evaluate(req)[0]
     assert earlier_evaluation(req, same_matching=True)[0].info.run_id == run_id
-    MlflowClient().set_tag(run_id, "detection.metrics_version", "1")  # made by older metric code
+    MlflowClient().set_tag(run_id, "detection.code_digest", "0123456789abcdef")  # made by other code
     assert earlier_evaluation(req, same_matching=True)[0] is None
-    MlflowClient().set_tag(run_id, "detection.metrics_version", str(METRICS_VERSION))
+    MlflowClient().set_tag(run_id, "detection.code_digest", code_digest())
     assert earlier_evaluation(req, same_matching=True)[0].info.run_id == run_id

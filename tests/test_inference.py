@@ -65,7 +65,7 @@ def test_cpu_bf16_finds_about_as_many_cells(in_store, synth_dir):
 
     from detection.data import targets
     from detection.matching import box_centres, greedy_match
-    from detection.predict import detect
+    from detection.pipeline import detect
 
     detector = mlflow.pyfunc.load_model(in_store["model"]).unwrap_python_model()
     cfg, model = detector.config, detector.model

@@ -9,7 +9,7 @@ import torch
 from detection import config
 from detection.data import load_dataset
 from detection.model import build_model
-from detection.predict import detect
+from detection.pipeline import detect
 from detection.tta import flip, fuse, unflip
 from tests.conftest import ROOT
 
