@@ -47,7 +47,7 @@ def tta_version(model: str, alias: str) -> str:
     import mlflow
 
     from detection import tracking
-    from detection.train import log_detector
+    from detection.predict import log_detector
 
     ref = tracking.resolve_model(model)
     detector = tracking.load_model(ref)

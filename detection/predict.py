@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -28,6 +29,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import AnyType
 
 from . import config as config_mod
+from . import tracking
 from .errors import DetectionError
 from .inference import Runtime
 from .model import build_model
@@ -212,3 +214,17 @@ def signature() -> ModelSignature:
 def input_example() -> pd.DataFrame:
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     return pd.DataFrame({"image": [encode_png(image)]})
+
+
+def log_detector(cfg: config_mod.Config, model: torch.nn.Module, second_look: torch.nn.Module | None = None) -> str:
+    """Log weights + config (+ the second look's weights) as the project's pyfunc in the active run,
+    checked by loading it back."""
+    with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
+        weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
+        config_path.write_text(config_mod.dump(cfg))
+        artifacts = {"weights": str(weights), "config": str(config_path)}
+        if second_look is not None:
+            torch.save({k: v.cpu() for k, v in second_look.state_dict().items()}, Path(tmp) / "second_look.pt")
+            artifacts["second_look"] = str(Path(tmp) / "second_look.pt")
+        return tracking.log_model(artifacts, input_example(), signature()).model_uri

@@ -15,11 +15,12 @@ from . import figures, tracking
 from .choices import promoted_alias_problem
 from .config import Config, SecondLookConfig
 from .engine import PRECISION_NAMES
-from .evaluate import Request, infer_views, recorded_split, renamed, select
+from .evaluate import infer_views
+from .heldout import Request, recorded_split, renamed, select
 from .inference import Cache, Item, Runtime
 from .pipeline import Pipeline
+from .predict import log_detector
 from .second_look import WEIGHTS, Choice, Examples, SecondLookError, choose, examples, fit, item_probabilities
-from .train import log_detector
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from .data import Sample, content_digest, load_dataset
 from .engine import LOSS_NAMES, PRECISION_NAMES, Validation, autocast_dtype, pick_device, train_one_epoch, validate
 from .errors import DetectionError
 from .model import build_model, parameter_count
-from .predict import input_example, signature
+from .predict import log_detector
 from .progress import Bar
 from .sampling import EpochOrder, TrainPatches, collate, validation_patches
 from .split import SPLITS, Split, SplitError, make_split
@@ -405,20 +405,6 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
         fig = figures.overlay(patch.image, patch.boxes, det["boxes"], det["scores"], f"{patch.name} at {patch.origin}")
         tr.log_image(fig, f"val_overlay_{k}_{patch.name}", step=epoch + 1)  # one slider per patch
         figures.close(fig)
-
-
-def log_detector(cfg: Config, model: torch.nn.Module, second_look: torch.nn.Module | None = None) -> str:
-    """Log weights + config (+ the second look's weights) as the project's pyfunc in the active run,
-    checked by loading it back."""
-    with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
-        weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
-        config_path.write_text(config_mod.dump(cfg))
-        artifacts = {"weights": str(weights), "config": str(config_path)}
-        if second_look is not None:
-            torch.save({k: v.cpu() for k, v in second_look.state_dict().items()}, Path(tmp) / "second_look.pt")
-            artifacts["second_look"] = str(Path(tmp) / "second_look.pt")
-        return tracking.log_model(artifacts, input_example(), signature()).model_uri
 
 
 def describe(prep: Prepared, run_id: str) -> str:

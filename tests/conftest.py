@@ -221,7 +221,7 @@ def versions(trained):
     from mlflow.tracking import MlflowClient
 
     from detection import tracking
-    from detection.train import log_detector
+    from detection.predict import log_detector
 
     os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
     mlflow.set_tracking_uri(trained["uri"])

@@ -13,7 +13,7 @@ from detection import tracking
 from detection.compare import Units, dr_at_density, interval, reader
 from detection.data import load_dataset
 from detection.metrics import fdr_at
-from detection.train import log_detector
+from detection.predict import log_detector
 from tests.conftest import run_cli
 
 

@@ -12,7 +12,7 @@ from skimage import color, transform
 
 from detection import leakage
 from detection.data import Sample, pixel_sha256
-from detection.evaluate import leaked
+from detection.heldout import leaked
 from detection.split import Split
 from tests.conftest import SAMPLE, need_shared
 

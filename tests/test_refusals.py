@@ -252,8 +252,8 @@ def test_a_version_that_could_run_its_own_code_is_refused_before_it_loads(store,
 
     from detection import config as config_mod
     from detection import tracking
-    from detection.predict import Detector, input_example, signature
-    from detection.train import log_detector, reregister
+    from detection.predict import Detector, input_example, log_detector, signature
+    from detection.train import reregister
 
     cfg, model = _smoke_detector()
     marker = tmp_path / "ran"

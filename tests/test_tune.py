@@ -336,7 +336,7 @@ def test_a_postprocess_study_of_a_tta_version_searches_the_fused_threshold(in_st
 
     from detection import tracking
     from detection.evaluate import evaluate
-    from detection.train import log_detector
+    from detection.predict import log_detector
 
     client = MlflowClient()
     source = client.search_model_versions(f"name='{MODEL}'", order_by=["version_number ASC"])[0]
