@@ -51,6 +51,7 @@ from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer, froc, score
 from .postprocess import PostProcess
+from .predict import log_detector
 from .progress import Bar
 from .tta import fused_cache, fused_postprocess
 
@@ -650,20 +651,8 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
     chosen = choose(s.study)
     with tracking.reopen(s.parent) as tr:
         _log_study_figures(tr, s, chosen)
-        if s.req.kind == "postprocess":
-            pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
-            chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
-            radius = test_views["none"].meta["match_radius"]
-            test_cache, test_pp = (
-                (test_views["none"], pp)
-                if tta_thresh is None
-                else FusedReplay(test_views, radius).judged(pp, tta_thresh)
-            )
-            report = judge(test_cache, test_pp, "greedy", radius)
-            log_report(tr, "test", report, test_cache, [], test_pp)
-            test_metrics = report.metrics
-        else:
-            test_metrics, chosen_params = None, chosen.params
+        kind = KINDS[s.req.kind]
+        test_metrics, chosen_params = kind.chosen_on_test(s, chosen, tr, test_views)
         tags = {
             "study": s.req.study,
             "trial": chosen.number,
@@ -675,7 +664,7 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
         # A worker killed after registering, before the study recorded it, registered this trial already.
         version = tracking.version_with_tags(s.ref.name, {"tune_run_id": s.parent, "trial": chosen.number})
         if version is None:
-            version = tracking.register(_chosen_model(s, chosen, tr), s.ref.name, "challenger", tags)
+            version = tracking.register(kind.chosen_model(s, chosen, tr), s.ref.name, "challenger", tags)
         else:
             tracking.client().set_registered_model_alias(s.ref.name, "challenger", str(version))
         if test_metrics is None:
@@ -695,25 +684,9 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
     }
 
 
-def _chosen_model(s: Study, chosen: optuna.trial.FrozenTrial, tr: tracking.Tracker) -> str:
-    """The chosen trial's model: a training trial logged its own; a postprocess study logs the source
-    detector with the chosen settings, in the study's run, which carries the split to judge it by."""
-    if s.req.kind != "postprocess":
-        return chosen.user_attrs["model_uri"]
-    from .train import log_detector
-
-    tta_thresh = trial_tta_thresh(chosen)
-    overrides = trial_postprocess(chosen).as_overrides()
-    overrides += [f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else []
-    cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
-    model_uri = log_detector(cfg, s.model)
-    tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")
-    return model_uri
-
-
 def describe(s: Study, chosen: optuna.trial.FrozenTrial, params: dict, test: dict) -> str:
     """The registry's description of a tuned version: source, study, chosen settings, test figures."""
-    what = "post-processing" if s.req.kind == "postprocess" else "training"
+    what = KINDS[s.req.kind].what
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return (
         f"Version {s.ref.version} with its {what} tuned by Optuna study `{s.req.study}` (objective "
@@ -770,14 +743,7 @@ def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
     split = recorded_split(ref)
     for part in ("val", "test"):
         select(Request(ref.pinned, req.data_dir, part, req.protocol), split)
-    if req.kind == "training":
-        cfg.replace(*req.train_overrides)
-    elif cfg.second_look.weight > 0:
-        raise TuneError(
-            f"{ref.pinned} carries a second look (second_look.weight={cfg.second_look.weight}), which "
-            f"was fitted to the detections of its source version's post-processing; tune that source "
-            f"version (second_look_of tag), then run `second-look` on the tuned version"
-        )
+    KINDS[req.kind].check(req, ref, cfg)
 
 
 def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
@@ -794,22 +760,95 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
     check_inputs(req, ref, cfg)
     storage = open_storage(url, req.heartbeat)
     tracking.ensure_store()
-    test_views = None
     s = open_study(req, storage, ref, cfg, detector.model)
-    if req.kind == "postprocess":
+    kind = KINDS[req.kind]
+    objective, test_views = kind.prepare(s)
+    lines = run(s, objective)
+    return s.parent, finalize(s, req.data_dir, test_views), lines
+
+
+# --- the two kinds of study -------------------------------------------------------------------
+
+
+class PostprocessStudy:
+    """Thresholds, NMS and top-k (and the fused threshold of a version with flips), replayed from
+    the source version's raw caches: one inference pass on val and one on test, whatever the trials."""
+
+    what = "post-processing"
+
+    @staticmethod
+    def check(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
+        if cfg.second_look.weight > 0:
+            raise TuneError(
+                f"{ref.pinned} carries a second look (second_look.weight={cfg.second_look.weight}), which "
+                f"was fitted to the detections of its source version's post-processing; tune that source "
+                f"version (second_look_of tag), then run `second-look` on the tuned version"
+            )
+
+    @staticmethod
+    def prepare(s: Study):
+        """The objective, and the raw test caches the chosen trial is judged on."""
+        req, ref, cfg = s.req, s.ref, s.config
         # Pinned to the resolved version: an alias may move while the study runs. Workers take
         # turns, so the first one's inference pass serves the others.
         with _study_lock(req):
             val_run, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), s.parent)
             test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
         flips = [v for v in cfg.eval.tta_views if v != "none"]
+        radius = val_cache.meta["match_radius"]
         fused = (
-            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), val_cache.meta["match_radius"])
-            if cfg.eval.tta_views
-            else None
+            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), radius) if cfg.eval.tta_views else None
         )
         test_views = {"none": test_cache} | load_view_caches(test_run, flips)
-        lines = run(s, postprocess_objective(s, Replayer(val_cache, "greedy", val_cache.meta["match_radius"]), fused))
-    else:
-        lines = run(s, training_objective(s, req.data_dir))
-    return s.parent, finalize(s, req.data_dir, test_views), lines
+        return postprocess_objective(s, Replayer(val_cache, "greedy", radius), fused), test_views
+
+    @staticmethod
+    def chosen_on_test(s: Study, chosen, tr: tracking.Tracker, test_views: dict[str, Cache]):
+        """The chosen settings replayed on the test cache, logged in the study's run."""
+        pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
+        chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
+        radius = test_views["none"].meta["match_radius"]
+        test_cache, test_pp = (
+            (test_views["none"], pp) if tta_thresh is None else FusedReplay(test_views, radius).judged(pp, tta_thresh)
+        )
+        report = judge(test_cache, test_pp, "greedy", radius)
+        log_report(tr, "test", report, test_cache, [], test_pp)
+        return report.metrics, chosen_params
+
+    @staticmethod
+    def chosen_model(s: Study, chosen, tr: tracking.Tracker) -> str:
+        """The source detector with the chosen settings, logged in the study's run, which carries
+        the split to judge it by."""
+        tta_thresh = trial_tta_thresh(chosen)
+        overrides = trial_postprocess(chosen).as_overrides()
+        overrides += [f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else []
+        cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
+        model_uri = log_detector(cfg, s.model)
+        tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")
+        return model_uri
+
+
+class TrainingStudy:
+    """Learning rate and the RPN and box heads' IoU thresholds: one nested training run per trial,
+    judged on its validation counts; the chosen model is evaluated on test once registered."""
+
+    what = "training"
+
+    @staticmethod
+    def check(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
+        cfg.replace(*req.train_overrides)  # names a bad override before any trial
+
+    @staticmethod
+    def prepare(s: Study):
+        return training_objective(s, s.req.data_dir), None
+
+    @staticmethod
+    def chosen_on_test(s: Study, chosen, tr: tracking.Tracker, test_views):
+        return None, chosen.params  # evaluated once registered: its own model, not a replay
+
+    @staticmethod
+    def chosen_model(s: Study, chosen, tr: tracking.Tracker) -> str:
+        return chosen.user_attrs["model_uri"]  # the trial logged its own
+
+
+KINDS = {"postprocess": PostprocessStudy, "training": TrainingStudy}

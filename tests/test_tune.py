@@ -283,6 +283,13 @@ def test_training_study_trains_a_model_per_trial(in_store, synth_dir):
     assert any(c.data.tags.get("detection.evaluation") == "true" and "test/f1" in c.data.metrics for c in children)
 
 
+def test_every_kind_of_study_has_its_class():
+    from detection import tune
+    from detection.choices import TUNE_KINDS
+
+    assert set(tune.KINDS) == set(TUNE_KINDS)
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
