@@ -30,12 +30,12 @@ from mlflow.types.schema import AnyType
 
 from . import config as config_mod
 from . import tracking
+from .classifier import build_classifier
 from .errors import DetectionError
 from .inference import Runtime
 from .model import build_model
 from .pipeline import detect
 from .sampling import chw
-from .second_look import build_classifier
 
 MIN_SIDE = 32  # px: the smallest FPN anchor; a smaller image holds no cell the model could find
 MAX_PIXELS = 64_000_000  # 8000 x 8000: about 700 tiles, minutes on a CPU; split larger slides first

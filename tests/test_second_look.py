@@ -10,11 +10,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from detection import config, tracking
+from detection.classifier import crops, fused_score
 from detection.data import load_dataset
 from detection.evaluate import Request, evaluate, load_pipeline_cache
 from detection.predict import encode_png
 from detection.sampling import chw
-from detection.second_look import auc, crops, fused_score
+from detection.second_look_train import auc
 from tests.conftest import ROOT, model_server, need_shared, post_json, run_cli
 
 SAMPLE = ROOT.parent / "shared" / "data" / "brecahad-sample"
