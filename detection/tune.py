@@ -11,31 +11,20 @@ split, registers a version carrying it, and gives that version the alias `challe
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
-import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
-import sqlalchemy
-from filelock import FileLock
 from optuna.trial import TrialState
 
 from . import figures, tracking
-from .choices import OBJECTIVES, PROTOCOLS, TUNE_HEARTBEAT, TUNE_KINDS, TUNE_MAX_FDR, TUNE_RANGES, TUNE_STORAGE
+from .choices import OBJECTIVES, PROTOCOLS, TUNE_HEARTBEAT, TUNE_KINDS, TUNE_MAX_FDR, TUNE_RANGES
 from .config import Config
-from .errors import DetectionError
 from .evaluate import (
     Request,
     cached_evaluation,
@@ -52,16 +41,18 @@ from .matching import Counts
 from .metrics import Replayer, froc, score
 from .postprocess import PostProcess
 from .predict import log_detector
-from .progress import Bar
+from .studies import (
+    Study,
+    TuneError,
+    default_storage,
+    open_storage,
+    redact,
+    run,
+    study_lock,
+)
 from .tta import fused_cache, fused_postprocess
 
-HEARTBEAT_ATTR = "heartbeat"
-MAX_RETRIES = 2  # a trial whose worker died is run again at most this often
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
-
-
-class TuneError(DetectionError, ValueError):
-    """A study that cannot start; raised before any trial runs."""
 
 
 class Pruned(optuna.TrialPruned):
@@ -152,213 +143,6 @@ def parse_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-# --- storage ----------------------------------------------------------------------------------
-
-
-def _lock_path(storage: str) -> str | None:
-    """Our own lock beside a local storage (not Optuna's `<journal>.lock`, which it takes itself)."""
-    if storage.startswith("sqlite:///"):
-        return storage[len("sqlite:///") :] + ".brecahad.lock"
-    if "://" not in storage:
-        return storage + ".brecahad.lock"
-    return None
-
-
-def redact(url: str) -> str:
-    """A storage URL fit for tags and messages: any password in it is masked."""
-    if "://" not in url:
-        return url
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url.split("://", 1)[0] + "://***"
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, key: str, timeout: float = 600) -> Iterator[None]:
-    """One worker at a time on a storage shared by many. Beside a local storage, a file lock; on
-    PostgreSQL, an advisory lock in the database itself, because workers on several machines share
-    no file system. Other databases get a lock on this machine only (schema creation is retried)."""
-    path = _lock_path(url)
-    if path is None and url.startswith("postgresql"):
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout)}s'"))
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
-        finally:
-            engine.dispose()
-    else:
-        with FileLock(path or lock_file(url, key), timeout=timeout):
-            yield
-
-
-def lock_file(url: str, key: str) -> str:
-    """Where workers on this machine lock a storage that is no local file (MySQL and the like): a
-    stable digest of the URL and key, since Python salts str hashes per process (hash() gave each
-    worker a file of its own, so the lock held no one back)."""
-    digest = hashlib.sha256(f"{url}\n{key}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"brecahad-{digest}.lock")
-
-
-def _study_lock(req: TuneRequest):
-    return storage_lock(req.storage_url, f"brecahad-study:{req.study}")
-
-
-DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL"}
-SCHEMA_ATTEMPTS = 3  # workers creating a fresh database's tables together may collide
-
-
-def default_storage() -> str:
-    """A journal file beside the local tracking store (mlflow.db), wherever the command runs: under
-    `mlflow run` from a git URL the working directory is a temporary checkout, and a journal there
-    would be lost with it. A tracking server has no folder of ours beside it: give a storage."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri[len("sqlite:///") :]).resolve().parent / TUNE_STORAGE)
-    raise TuneError(
-        f"the tracking store is {uri}, not a local file, so there is no folder to keep the study's journal "
-        f"beside it: give every worker one Optuna storage with --storage (or BRECAHAD_OPTUNA_STORAGE), "
-        f"e.g. postgresql://optuna@db/optuna"
-    )
-
-
-def open_storage(url: str, heartbeat: float = TUNE_HEARTBEAT):
-    """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
-    RDB storages record Optuna's own trial heartbeats and retry a trial whose worker died.
-    Fails before any trial when the storage cannot be reached."""
-    try:
-        if "://" not in url:
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(url))
-        return _rdb_storage(url, heartbeat)
-    except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
-        module = e.name or getattr(e.__cause__, "name", None) or url.split(":", 1)[0]
-        raise TuneError(
-            f"Optuna storage {redact(url)!r} needs the database driver {module!r}, which is not "
-            f"installed: pip install {DRIVERS.get(module, module)}"
-        ) from None
-    except sqlalchemy.exc.OperationalError as e:
-        cause = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-        raise TuneError(
-            f"Optuna storage {redact(url)!r} cannot be reached: {cause}. Check the host, port, "
-            f"database and credentials (PGPASSWORD), or use a journal file path"
-        ) from None
-    except Exception as e:
-        raise TuneError(f"Optuna storage {redact(url)!r} cannot be opened: {type(e).__name__}: {e}") from None
-
-
-def _rdb_storage(url: str, heartbeat: float):
-    # Workers opening a fresh database together race to create its tables: one at a time, and
-    # on a database without a shared lock, a lost race is retried (the tables exist by then).
-    for attempt in range(SCHEMA_ATTEMPTS):
-        try:
-            with storage_lock(url, "brecahad-optuna-schema"):
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=max(1, round(heartbeat)),
-                    grace_period=max(2, round(3 * heartbeat)),
-                    heartbeat_stale_trial_callback=retry,
-                )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt + 1 == SCHEMA_ATTEMPTS:
-                raise
-            time.sleep(1 + attempt)
-
-
-# --- workers that die -------------------------------------------------------------------------
-
-
-# Queue a dead worker's trial to run again with the same parameters, at most MAX_RETRIES times
-# (Optuna's own callback: the retry's system_attrs name the trial it retries).
-with warnings.catch_warnings():  # "experimental" since Optuna 2.8, on every import
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-
-
-def retried_trial(trial: optuna.trial.FrozenTrial) -> int | None:
-    """The first trial of the retries this one belongs to, or None."""
-    return trial.system_attrs.get("failed_trial")
-
-
-def _last_beat(trial: optuna.trial.FrozenTrial) -> float:
-    # A retry inherits its dead trial's user attributes, its last beat among them: its own start counts.
-    return max(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0), trial.datetime_start.timestamp())
-
-
-def _beating(objective, seconds: float):
-    """The objective, with the trial's heartbeat recorded every `seconds` while it runs. Optuna
-    beats on RDB storages only; this one serves the journal file and tells any storage's trial ages."""
-
-    def run(trial: optuna.Trial):
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.is_set():
-                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
-                stop.wait(seconds)
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
-        thread.start()
-        try:
-            return objective(trial)
-        finally:
-            stop.set()
-            thread.join()
-
-    return run
-
-
-def fail_stale(s: Study, now: Callable[[], float] = time.time) -> list[str]:
-    """Fail the running trials whose worker died (no heartbeat for `stale_after` by the clock `now`),
-    queue each again, and end its nested MLflow run KILLED. Returns one line per failed trial."""
-    study = s.study
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if not running:
-        return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # Optuna's heartbeat, on RDB storages; it calls `retry`
-    # Optuna's RDB heartbeat skips a trial that has no heartbeat row yet: a worker killed between
-    # creating its trial and its first beat would leave it RUNNING for ever. Our own beat (or the
-    # trial's start) covers that window and the journal file, which has no Optuna heartbeat.
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now() - _last_beat(t) > s.req.stale_after:
-            # Another worker may fail (or finish) it first: Optuna refuses to tell a finished trial.
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, ValueError):
-                retry(study, study.tell(t.number, state=TrialState.FAIL))
-    dead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
-    lines = []
-    for t in dead:
-        tracking.end_child_runs(s.parent, f"trial {t.number}", "KILLED")
-        lines.append(
-            f"failed trial {t.number}: no heartbeat for more than {s.req.stale_after:g} s, so its worker "
-            f"died; it is queued to run again"
-        )
-    return lines
-
-
-def settle(s: Study) -> list[str]:
-    """Before deciding whether the study is done: wait while another worker's running trial has
-    missed a heartbeat, until it beats again (that worker lives) or goes stale (it died)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + s.req.stale_after + s.req.heartbeat
-    while True:
-        lines += fail_stale(s)
-        running = s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        alive = all(time.time() - _last_beat(t) < 1.5 * s.req.heartbeat for t in running)
-        if not running or alive or time.monotonic() > deadline:
-            return lines
-        time.sleep(min(s.req.heartbeat, 2.0))
-
-
 # --- objectives -------------------------------------------------------------------------------
 
 
@@ -418,19 +202,9 @@ def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
 # --- the study --------------------------------------------------------------------------------
 
 
-@dataclass
-class Study:
-    req: TuneRequest
-    study: optuna.Study
-    parent: str
-    ref: tracking.ModelRef
-    config: Config
-    model: object  # the source version's torch model
-
-
 def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, model) -> Study:
     """Create or resume the study and its parent run, one worker at a time."""
-    with _study_lock(req):
+    with study_lock(req):
         study = optuna.create_study(
             study_name=req.study,
             storage=storage,
@@ -598,34 +372,12 @@ def training_objective(s: Study, data_dir: Path):
     return objective
 
 
-def _optimize(s: Study, objective, n_trials: int) -> None:
-    with Bar(n_trials, f"study {s.req.study}", every=max(1, n_trials // 10)) as bar:
-        s.study.optimize(
-            _beating(objective, s.req.heartbeat),
-            n_trials=n_trials,
-            catch=(),
-            callbacks=[lambda study, trial: bar.advance(trial=trial.number)],
-        )
-
-
-def run(s: Study, objective) -> list[str]:
-    """This worker's trials, then the retries of trials whose worker died, until none is left
-    that this worker could take; returns what it found of dead workers."""
-    lines = fail_stale(s)
-    _optimize(s, objective, s.req.n_trials)
-    lines += settle(s)
-    while queued := len(s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
-        _optimize(s, objective, queued)
-        lines += settle(s)
-    return lines
-
-
 # --- when the study ends ----------------------------------------------------------------------
 
 
 def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> dict | None:
     """Once no trial runs: test metrics of the chosen point, figures, and a registered version."""
-    with _study_lock(s.req):
+    with study_lock(s.req):
         trials = s.study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials) or not done:
@@ -791,7 +543,7 @@ class PostprocessStudy:
         req, ref, cfg = s.req, s.ref, s.config
         # Pinned to the resolved version: an alias may move while the study runs. Workers take
         # turns, so the first one's inference pass serves the others.
-        with _study_lock(req):
+        with study_lock(req):
             val_run, val_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "val", req.protocol), s.parent)
             test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
         flips = [v for v in cfg.eval.tta_views if v != "none"]

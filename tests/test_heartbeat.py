@@ -9,12 +9,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from detection import tracking, tune
+from detection import studies, tracking, tune
 
 
 def _storage(kind, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(tmp_path / "journal.log")
-    return tune.open_storage(url, heartbeat=1)
+    return studies.open_storage(url, heartbeat=1)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -30,7 +30,7 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(store, 
         run_name=f"trial {dead.number}",
         tags={"mlflow.parentRunId": parent},
     ).info.run_id
-    s = tune.Study(
+    s = studies.Study(
         req=tune.TuneRequest(model="m", data_dir=tmp_path, study="s", n_trials=1, heartbeat=1),
         study=study,
         parent=parent,
@@ -42,9 +42,9 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(store, 
     optuna.storages.fail_stale_trials(study)  # Optuna's own heartbeat misses this trial: it never beat
     assert study.trials[0].state == TrialState.RUNNING
     # The clock, not the machine's speed, says how long the trial has gone without a beat.
-    assert tune.fail_stale(s, now=lambda: started + s.req.stale_after) == []  # its worker may be alive
+    assert studies.fail_stale(s, now=lambda: started + s.req.stale_after) == []  # its worker may be alive
 
-    lines = tune.fail_stale(s, now=lambda: started + s.req.stale_after + 0.5)
+    lines = studies.fail_stale(s, now=lambda: started + s.req.stale_after + 0.5)
 
     assert lines == [
         f"failed trial {dead.number}: no heartbeat for more than 3 s, so its worker died; it is queued to run again"
@@ -52,6 +52,6 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(store, 
     (failed, queued) = study.get_trials(deepcopy=False)
     assert failed.state == TrialState.FAIL
     assert queued.state == TrialState.WAITING and queued.params == failed.params
-    assert tune.retried_trial(queued) == dead.number and queued.system_attrs["retry_history"] == [dead.number]
+    assert studies.retried_trial(queued) == dead.number and queued.system_attrs["retry_history"] == [dead.number]
     assert mlflow.get_run(nested).info.status == "KILLED"
-    assert tune.fail_stale(s, now=lambda: started + 99) == []  # failed once, reported once
+    assert studies.fail_stale(s, now=lambda: started + 99) == []  # failed once, reported once

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detection import tune
+from detection import studies
 from tests.conftest import ROOT, TINY, child_env, run_cli
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_a_killed_worker_does_not_stall_its_study(in_store, synth_dir, tmp_path,
     assert states[dead[0]] == optuna.trial.TrialState.FAIL
     assert RUNNING not in states.values() and optuna.trial.TrialState.WAITING not in states.values()
     # The dead trial was retried with its parameters.
-    retried = [t for t in study.trials if tune.retried_trial(t) == dead[0]]
+    retried = [t for t in study.trials if studies.retried_trial(t) == dead[0]]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["mlflow_run_id"])

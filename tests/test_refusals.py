@@ -21,7 +21,7 @@ def test_promote_refuses_a_min_delta_no_candidate_could_beat():
 
 
 def _lock_file_in_a_new_process(seed: str) -> str:
-    code = "from detection.tune import lock_file; print(lock_file('mysql://db.lab/optuna', 'brecahad-study:s'))"
+    code = "from detection.studies import lock_file; print(lock_file('mysql://db.lab/optuna', 'brecahad-study:s'))"
     env = dict(os.environ) | {"PYTHONHASHSEED": seed}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
 
@@ -37,7 +37,7 @@ def test_workers_of_a_mysql_study_lock_the_same_file(tmp_path):
             sys.executable,
             "-c",
             "import pathlib, time\n"
-            "from detection.tune import lock_file, storage_lock\n"
+            "from detection.studies import lock_file, storage_lock\n"
             "where = ('mysql://db.lab/optuna', 'brecahad-study:s')\n"
             "with storage_lock(*where):\n"
             f"    pathlib.Path({str(ready)!r}).write_text(lock_file(*where) + '\\n')\n"
@@ -53,7 +53,7 @@ def test_workers_of_a_mysql_study_lock_the_same_file(tmp_path):
         assert ready.read_text() == _lock_file_in_a_new_process("2")
         from filelock import Timeout
 
-        from detection.tune import storage_lock
+        from detection.studies import storage_lock
 
         with pytest.raises(Timeout), storage_lock("mysql://db.lab/optuna", "brecahad-study:s", timeout=0.2):
             pass
@@ -186,7 +186,7 @@ def test_the_default_journal_sits_beside_the_tracking_store(tmp_path, monkeypatc
     `mlflow run` from a git URL, where the study was lost."""
     import mlflow
 
-    from detection.tune import TuneError, default_storage
+    from detection.studies import TuneError, default_storage
 
     store = tmp_path / "store"
     store.mkdir()

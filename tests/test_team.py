@@ -70,7 +70,7 @@ def _database(stack, name):
 
 FIRST_USE = """
 import sys, time, optuna
-from detection.tune import open_storage
+from detection.studies import open_storage
 url, at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0, at - time.time()))  # both workers past their imports, then go together
 storage = open_storage(url)
@@ -155,7 +155,7 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     doomed, survivor = _tune_worker(team, synth_dir, storage, 10_000), _tune_worker(team, synth_dir, storage, 30)
     try:
         # Through the project's storage: a plain RDBStorage here would race the workers' table creation.
-        from detection.tune import open_storage
+        from detection.studies import open_storage
 
         watch = open_storage(storage)
         deadline = time.monotonic() + 600
