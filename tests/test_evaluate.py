@@ -87,6 +87,8 @@ def _mlflow(*args, cwd, uri):
 
 
 def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir):
+    from detection.provenance import code_digest
+
     result = _mlflow(
         "run",
         str(ROOT),
@@ -158,7 +160,7 @@ def test_mlflow_run_evaluate_logs_everything_and_recomputes(in_store, synth_dir)
     for k in ("detection_rate", "fdr", "ap", "box_ap50", "fp_per_mm2", "froc"):
         assert again[k] == pytest.approx(m[f"test/{k}"], abs=1e-9)
     assert m["test/tp"] + m["test/fn"] == m["test/cells"] and m["test/cells_uncovered"] == 0
-    assert tags["detection.count_unit"] == "cells" and tags["detection.metrics_version"] == "4"
+    assert tags["detection.count_unit"] == "cells" and tags["detection.code_digest"] == code_digest()
 
     # Named for what it is, in an experiment the UI opens on its runs table, with its images as input.
     assert run.info.run_name == f"evaluate v{version.version} test whole"
