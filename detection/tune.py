@@ -39,6 +39,7 @@ from .evaluate import (
 from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer, froc, score
+from .pipeline import FuseFlips, Pipeline
 from .postprocess import PostProcess
 from .predict import log_detector
 from .studies import (
@@ -50,7 +51,6 @@ from .studies import (
     run,
     study_lock,
 )
-from .tta import fused_cache, fused_postprocess
 
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
 
@@ -291,7 +291,9 @@ class FusedReplay:
         self.views, self.radius = views, radius
 
     def judged(self, pp: PostProcess, tta_thresh: float) -> tuple[Cache, PostProcess]:
-        return fused_cache(self.views, pp, self.radius), fused_postprocess(tta_thresh)
+        """What the version with these settings reports: its pipeline's flip fusion, run on the caches."""
+        step = Pipeline(pp, self.radius, (FuseFlips(tta_thresh, self.radius),)).run(self.views, [])
+        return step.cache, step.pp
 
     def counts(self, pp: PostProcess, tta_thresh: float) -> Counts:
         cache, fused_pp = self.judged(pp, tta_thresh)
@@ -560,11 +562,11 @@ class PostprocessStudy:
         pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
         chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
         radius = test_views["none"].meta["match_radius"]
-        test_cache, test_pp = (
-            (test_views["none"], pp) if tta_thresh is None else FusedReplay(test_views, radius).judged(pp, tta_thresh)
-        )
-        report = judge(test_cache, test_pp, "greedy", radius)
-        log_report(tr, "test", report, test_cache, [], test_pp)
+        # The chosen version's own pipeline (its flips fused when it has them), run on the test caches.
+        stages = () if tta_thresh is None else (FuseFlips(tta_thresh, radius),)
+        step = Pipeline(pp, radius, stages).run(test_views, [])
+        report = judge(step.cache, step.pp, "greedy", radius)
+        log_report(tr, "test", report, step.cache, [], step.pp)
         return report.metrics, chosen_params
 
     @staticmethod
