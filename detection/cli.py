@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -684,14 +685,18 @@ def cmd_reregister(args) -> int:
     return 0
 
 
+def request(cls, args: argparse.Namespace, **given):
+    """A command's request (a dataclass) from the parsed options of its fields' names; `given`
+    holds the fields whose option needs parsing first."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: getattr(args, n) for n in names if n not in given and hasattr(args, n)} | given)
+
+
 def cmd_second_look(args) -> int:
     from .second_look_train import SecondLookRequest, second_look
 
-    run_id, version, summary = second_look(
-        SecondLookRequest(
-            args.model, args.data_dir, tuple(o for o in args.overrides if o.strip()), args.device, args.alias
-        )
-    )
+    overrides = tuple(o for o in args.overrides if o.strip())
+    run_id, version, summary = second_look(request(SecondLookRequest, args, overrides=overrides))
     print(
         f"run {run_id}: weight {summary['weight']:g}, threshold {summary['thresh']:g}; on val at detection rate "
         f"{summary['val_detection_rate']:.4f} the FDR goes from {summary['val_fdr_alone']:.4f} to "
@@ -704,18 +709,7 @@ def cmd_second_look(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import Request, evaluate
 
-    req = Request(
-        args.model,
-        args.data_dir,
-        args.split,
-        args.protocol,
-        args.matching,
-        args.seed,
-        args.allow_overlap == "true",
-        args.device,
-        args.match_radius_um,
-    )
-    run_id, metrics = evaluate(req)
+    run_id, metrics = evaluate(request(Request, args, allow_overlap=args.allow_overlap == "true"))
     keys = ("detection_rate", "fdr", "precision", "f1", "fp_per_mm2", "froc", "ap", "box_ap50")
     print(f"run {run_id}: " + "  ".join(f"{args.split}/{k}={metrics[k]:.4f}" for k in keys))
     return 0
@@ -724,20 +718,12 @@ def cmd_evaluate(args) -> int:
 def cmd_tune(args) -> int:
     from .tune import TuneRequest, parse_ranges, tune
 
-    req = TuneRequest(
-        args.model,
-        args.data_dir,
-        args.study,
-        args.n_trials,
-        args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None,
-        args.kind,
-        args.objective,
-        args.max_fdr,
-        args.protocol,
-        args.seed,
-        parse_ranges(args.range),
-        tuple(args.train_overrides.split()),
-        args.heartbeat,
+    req = request(
+        TuneRequest,
+        args,
+        storage=args.storage or os.environ.get("BRECAHAD_OPTUNA_STORAGE") or None,
+        ranges=parse_ranges(args.range),
+        train_overrides=tuple(args.train_overrides.split()),
     )
     parent, result, recovered = tune(req)
     for line in recovered:

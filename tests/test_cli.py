@@ -91,3 +91,34 @@ def test_check_is_the_dataset_check_under_both_names(synth_dir, capsys):
     # "validate" stays the MLproject entry point; "check" is the same command, named for what it does.
     assert cli.main(["check", str(synth_dir)]) == cli.main(["validate", str(synth_dir)]) == 0
     assert capsys.readouterr().out.count(f"{synth_dir}: valid") == 2
+
+
+def test_each_option_a_user_gives_reaches_the_command_s_request(monkeypatch, tmp_path):
+    """The request is built from the options of its fields' names: none is dropped or shifted."""
+    from detection import evaluate as evaluate_mod
+    from detection import tune as tune_mod
+
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda req: seen.append(req) or ("r", dict.fromkeys(KEYS, 0.0)))
+    monkeypatch.setattr(tune_mod, "tune", lambda req: seen.append(req) or ("p", {}, []))
+    monkeypatch.delenv("BRECAHAD_OPTUNA_STORAGE", raising=False)
+    common = ["--model", "models:/m/3", "--data-dir", str(tmp_path), "--protocol", "paper", "--seed", "7"]
+    cli.main(["evaluate", *common, "--split", "val", "--matching", "hungarian", "--allow-overlap", "true",
+              "--match-radius-um", "4.5", "--device", "cpu"])  # fmt: skip
+    with contextlib.suppress(Exception):  # printing the study's result needs a real one
+        cli.main(["tune", *common, "--study", "s", "--n-trials", "9", "--kind", "training", "--objective", "pareto",
+                  "--max-fdr", "0.3", "--range", "score_thresh=0.1:0.5", "--train-overrides", "train.epochs=2 a=b",
+                  "--heartbeat", "12"])  # fmt: skip
+    ev, tu = seen
+    assert (ev.model, ev.split, ev.protocol, ev.matching, ev.seed) == ("models:/m/3", "val", "paper", "hungarian", 7)
+    assert (ev.allow_overlap, ev.match_radius_um, ev.device, ev.data_dir) == (True, 4.5, "cpu", tmp_path)
+    assert (tu.study, tu.n_trials, tu.kind, tu.objective, tu.max_fdr, tu.seed) == ("s", 9, "training", "pareto", 0.3, 7)
+    assert (tu.ranges, tu.train_overrides, tu.heartbeat) == (
+        {"score_thresh": (0.1, 0.5)},
+        ("train.epochs=2", "a=b"),
+        12,
+    )
+    assert tu.storage is None and tu.protocol == "paper"
+
+
+KEYS = ("detection_rate", "fdr", "precision", "f1", "fp_per_mm2", "froc", "ap", "box_ap50")
