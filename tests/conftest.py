@@ -25,6 +25,41 @@ def need_shared(path: Path) -> Path:
     return path
 
 
+# Fixtures that start the CLI or a server: a test using one pays an interpreter's start.
+SPAWNING_FIXTURES = {"trained", "trained_copy", "in_store", "versions", "server", "stack", "team"}
+# Programs that are a fresh interpreter (the CLI, mlflow's servers, a shell running them).
+INTERPRETERS = ("python", "mlflow", "bash", "sh")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SPAWNING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.subprocess)
+
+
+def starts_interpreter(args) -> bool:
+    argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+    program = Path(os.fsdecode(argv[0])).name if argv else ""
+    return program.startswith(INTERPRETERS)
+
+
+@pytest.fixture(autouse=True)
+def _interpreters_are_marked(request, monkeypatch):
+    """A test that starts a fresh Python (the CLI, a server, a worker) carries the `subprocess`
+    marker, so `-m "not subprocess"` leaves out every test that pays for one."""
+    if request.node.get_closest_marker("subprocess"):
+        return
+    start = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **options):
+        if starts_interpreter(args):
+            shown = " ".join(map(os.fsdecode, args if not isinstance(args, str) else [args]))[:80]
+            pytest.fail(f"{request.node.nodeid} starts `{shown}`: mark it @pytest.mark.subprocess", pytrace=False)
+        start(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """Six synthetic images in three cases of two: enough for a case split."""

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 GENAI = ("Overview", "Usage", "Detect Issues", "Training runs")  # what MLflow 3.17 opens for a fresh profile
 
 
+@pytest.mark.subprocess
 def test_the_printed_link_opens_the_runs_table_and_the_model_page_shows_the_champion(store, synth_dir):
     """Issue 22: clicking the experiment in a fresh profile opened MLflow's GenAI overview, whose
     sidebar has no Models link; screenshots.py clicked the "Model training" toggle itself."""
@@ -52,6 +53,7 @@ def test_the_printed_link_opens_the_runs_table_and_the_model_page_shows_the_cham
     assert (store / "first-look.png").stat().st_size > 10_000
 
 
+@pytest.mark.subprocess
 def test_the_ui_command_names_a_missing_experiment_and_leaves_tracking_servers_alone(store):
     missing = subprocess.run(
         [sys.executable, "-m", "detection", "ui", "--experiment", "nope"], cwd=store, capture_output=True, text=True

@@ -9,6 +9,7 @@ from tests.conftest import ROOT, run_cli, train_tiny
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.subprocess
 def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
     result = train_tiny(synth_dir, cwd=store, extra=("--cases", "Case_1,Case_2"), command="cv")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,6 +31,7 @@ def test_cv_holds_out_each_case_once_and_pools_cells(store, synth_dir):
     assert client.search_registered_models() == []  # folds are judged, never registered
 
 
+@pytest.mark.subprocess
 def test_cv_refuses_an_unknown_case_before_training(store, synth_dir):
     result = run_cli(
         "cv",

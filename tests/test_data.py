@@ -142,6 +142,7 @@ def test_empty_and_missing_folders(tmp_path, monkeypatch):
     assert check_dataset(tmp_path) == [f"{tmp_path}: images/ and groundTruth/ are empty"]
 
 
+@pytest.mark.subprocess
 def test_validate_lists_every_problem_and_exits_nonzero(synth_dir, copy_of, tmp_path):
     root = copy_of(synth_dir)
     bad_image = root / "images" / "Case_2-01.tif"
@@ -156,6 +157,7 @@ def test_validate_lists_every_problem_and_exits_nonzero(synth_dir, copy_of, tmp_
     assert ok.returncode == 0 and "valid" in ok.stdout
 
 
+@pytest.mark.subprocess
 def test_an_implausible_number_of_points_is_refused_before_training(synth_dir, copy_of):
     data = copy_of(synth_dir)
     path = data / "groundTruth" / "Case_1-01.json"
@@ -168,6 +170,7 @@ def test_an_implausible_number_of_points_is_refused_before_training(synth_dir, c
     assert result.returncode == 2 and "more than the 20,000" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_predict_refuses_unusable_images_in_one_line(tmp_path):
     import pandas as pd
 

@@ -63,6 +63,7 @@ def test_every_documented_command_is_one_the_project_accepts():
     assert checked >= 20
 
 
+@pytest.mark.subprocess
 def test_the_parameters_page_is_generated_from_mlproject_and_the_config():
     """Before: a hand-written table in README.md, a fourth copy of the defaults."""
     done = subprocess.run(
@@ -73,6 +74,7 @@ def test_the_parameters_page_is_generated_from_mlproject_and_the_config():
     assert "| `heartbeat` | `30` |" in page and "| `model.box_score_thresh` | `0.05` |" in page
 
 
+@pytest.mark.subprocess
 def test_the_docs_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="pip install -e '.[docs]' brings mkdocs-material")
     site = tmp_path / "site"

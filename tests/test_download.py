@@ -123,6 +123,7 @@ def test_a_corrupted_file_is_named_deleted_and_fetched_again(archive, tmp_path):
     assert len(load_dataset(out)) == 3
 
 
+@pytest.mark.subprocess
 def test_offline_it_says_so_in_one_line_with_the_manual_steps(tmp_path):
     with Figshare(b"", []) as fake:
         dead = fake.api

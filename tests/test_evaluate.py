@@ -281,6 +281,7 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
     client.delete_registered_model("orphan-model")
 
 
+@pytest.mark.subprocess
 def test_mlflow_run_evaluate_on_the_real_sample(tmp_path):
     from tests.conftest import SAMPLE, need_shared
 

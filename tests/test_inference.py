@@ -120,6 +120,7 @@ def test_the_loader_draws_the_same_patches_with_any_worker_count(synth_dir):
     assert sorted(epoch(0, 1)) == sorted(expected)  # every image once per epoch, in the sampler's order
 
 
+@pytest.mark.subprocess
 def test_device_script_says_no_cuda_and_exits_cleanly():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: bench/device.sh would run the full GPU benchmark")

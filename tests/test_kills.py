@@ -33,6 +33,7 @@ def _steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.subprocess
 def test_two_resumes_of_one_killed_run_at_once_train_it_once(store, synth_dir):
     """Before: both ran; the run held versions 2 and 3 and steps 4-5 of train/loss twice."""
     run_id = _killed_training(store, synth_dir)
@@ -114,6 +115,7 @@ def test_a_promotion_killed_between_its_alias_moves_is_settled_by_the_next(in_st
     assert "promotion.pending" not in client.get_registered_model("settled").tags
 
 
+@pytest.mark.subprocess
 def test_a_kill_mid_upload_leaves_nothing_behind_and_a_finished_run_keeps_one_checkpoint(store, synth_dir):
     """Before: .artifact.uploading.* stayed in the run for good, and every finished run kept two."""
     run_id = _killed_training(store, synth_dir, epochs=2)
@@ -130,6 +132,7 @@ def test_a_kill_mid_upload_leaves_nothing_behind_and_a_finished_run_keeps_one_ch
     assert json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/checkpoints/latest.json"))["file"] == "slot-1.pt"
 
 
+@pytest.mark.subprocess
 def test_a_training_whose_server_dies_stops_at_once_and_resumes_without_a_gap(tmp_path, synth_dir):
     """Before: it went on printing 'Failed to log run data', lost that epoch's val/loss for good,
     stopped writing its local checkpoint, hung 12 minutes and ended in a traceback."""

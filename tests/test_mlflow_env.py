@@ -39,6 +39,7 @@ def env_root(tmp_path, monkeypatch):
     return tmp_path / "envs"
 
 
+@pytest.mark.subprocess
 def test_a_bare_mlflow_run_runs_in_the_projects_venv(tmp_path, env_root):
     """Before: "Could not find Conda executable", and the run MLflow made stayed RUNNING."""
     if not (ROOT / ".venv" / "bin" / "activate").is_file():
@@ -55,6 +56,7 @@ def test_a_bare_mlflow_run_runs_in_the_projects_venv(tmp_path, env_root):
     assert run.data.tags["mlflow.project.env"] == "virtualenv"
 
 
+@pytest.mark.subprocess
 def test_a_folder_without_a_venv_fails_in_one_line_and_leaves_no_running_run(tmp_path, env_root):
     project = tmp_path / "clone"
     project.mkdir()

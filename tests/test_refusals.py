@@ -27,6 +27,7 @@ def _lock_file_in_a_new_process(seed: str) -> str:
 
 
 @pytest.mark.slow  # two fresh interpreters that import the package and torch
+@pytest.mark.subprocess
 def test_workers_of_a_mysql_study_lock_the_same_file(tmp_path):
     """Issue 21: the lock's path came from hash(), which Python salts per process."""
     # Two workers with different hash salts: the holder (salt 1) writes the path it locked, and keeps
@@ -94,6 +95,7 @@ def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path):
     assert load_checkpoint(tmp_path / "ok.pt", torch.device("cpu"))["step"] == 1
 
 
+@pytest.mark.subprocess
 def test_predict_refuses_two_images_that_would_write_the_same_files(tmp_path):
     """Issue 21: `predict a/x.tif b/x.tif` wrote both to out/x.json; the first image's were lost."""
     from tests.conftest import run_cli
@@ -201,6 +203,7 @@ def test_the_default_journal_sits_beside_the_tracking_store(tmp_path, monkeypatc
 
 
 @pytest.mark.slow  # runs the tune command in a fresh interpreter
+@pytest.mark.subprocess
 def test_a_refused_study_creates_no_journal_and_no_lock(store, tmp_path):
     """Issue 21: `tune --model models:/nope/1` still created optuna-journal.log and mlflow.db.lock."""
     from detection import tracking

@@ -48,12 +48,14 @@ def test_auc_is_the_chance_a_true_positive_outscores_a_false_one():
     assert auc(np.array([0.9, 0.1, 0.5, 0.5, 0.5]), labels) == pytest.approx(0.5)
 
 
+@pytest.mark.subprocess
 def test_a_training_config_cannot_switch_the_second_look_on(store, synth_dir):
     result = run_cli("train", "--data-dir", str(synth_dir), "-o", "second_look.weight=0.5", cwd=store)
     assert result.returncode == 2 and "second-look" in result.stderr
     assert not any(MlflowClient().search_registered_models())
 
 
+@pytest.mark.subprocess
 def test_second_look_overrides_are_only_second_look_keys(store, synth_dir):
     # Checked before the model is even looked up: this store has none.
     result = run_cli(

@@ -321,6 +321,7 @@ def test_postgresql_asks_everyone_for_a_password_and_clients_get_no_superuser(st
         assert subprocess.run([*as_nobody, "ls", str(stack.artifacts)], capture_output=True).returncode != 0
 
 
+@pytest.mark.subprocess
 def test_the_s3_artifact_path_against_moto(tmp_path, synth_dir):
     """A server whose artifacts go to S3 (a lab's deployment): moto stands in for S3 here only."""
     pytest.importorskip("moto", reason="moto is in the test extra: pip install -e '.[test]'")

@@ -68,6 +68,7 @@ def _mlflow_run(store: Path, data_dir: Path, overrides: str) -> subprocess.Compl
     )
 
 
+@pytest.mark.subprocess
 def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
     result = _mlflow_run(store, synth_dir, f"train.epochs=1 {TINY}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -116,6 +117,7 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
     assert not any(p.is_cuda for p in torch_model.parameters())
 
 
+@pytest.mark.subprocess
 def test_invalid_data_fails_the_mlflow_run_and_creates_no_run_directly(store, synth_dir, copy_of):
     bad = copy_of(synth_dir)
     (bad / "groundTruth" / "Case_1-01.json").write_text("{oops")
@@ -133,6 +135,7 @@ def test_invalid_data_fails_the_mlflow_run_and_creates_no_run_directly(store, sy
     assert len(_runs(client)) == 1
 
 
+@pytest.mark.subprocess
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -143,6 +146,7 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path, synth_dir):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.subprocess
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_dir):
     # An absurd learning rate: the first step is finite, the second (epoch 2) is not.
     result = train_tiny(synth_dir, "train.epochs=2 train.batch_size=2 train.lr=1e30", cwd=store)
@@ -158,6 +162,7 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(store, synth_
     assert not client.search_registered_models()
 
 
+@pytest.mark.subprocess
 def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir):
     env = dict(os.environ)
     proc = subprocess.Popen(
@@ -200,6 +205,7 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
     assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
 
 
+@pytest.mark.subprocess
 def test_training_against_a_real_tracking_server(tmp_path, synth_dir, monkeypatch):
     with tracking_server(tmp_path) as server:
         uri = server.uri
@@ -232,6 +238,7 @@ def _downloads_left(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("torchinductor"))
 
 
+@pytest.mark.subprocess
 def test_a_kill_between_uploads_resumes_from_the_local_checkpoint(store, synth_dir, tmp_path, monkeypatch):
     local = tmp_path / "checkpoints"
     monkeypatch.setenv("BRECAHAD_CHECKPOINTS", str(local))
