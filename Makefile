@@ -8,7 +8,7 @@ DEMO   ?= data/demo
 
 .PHONY: demo test test-fast lint format install install-dev ui docs clean-demo
 
-# The demo and the UI need the package alone; the tests also need its test, team and docs extras.
+# The demo and the UI need the package alone; the tests also need its test, team, docs and slides extras.
 install: $(VENV)/.installed $(VENV)/.mlflow-env
 install-dev: $(VENV)/.installed-dev $(VENV)/.mlflow-env
 
@@ -24,7 +24,7 @@ $(VENV)/.mlflow-env: python_env.yaml $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -e '.[test,team,docs]'
+	$(BIN)/python -m pip install -e '.[test,team,docs,slides]'
 	touch $@
 
 $(DEMO)/images:

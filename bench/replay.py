@@ -62,10 +62,10 @@ def synthetic_cache(items: int = 12, boxes: int = 4000, cells: int = 150, seed: 
 
 def tiled(cache: Cache, rows: int = 3, cols: int = 3) -> Cache:
     """The same boxes cut into rows x cols model inputs per item, as a whole 1360x1024 image is."""
-    from detection.inference import _core_bounds, tile_starts
+    from detection.inference import core_bounds, tile_starts
 
     ys, xs = tile_starts(1024, 512, 64), tile_starts(1360, 680, 64)
-    y_core, x_core = _core_bounds(ys, 512), _core_bounds(xs, 680)
+    y_core, x_core = core_bounds(ys, 512), core_bounds(xs, 680)
     origin = np.array([(x, y) for y in ys for x in xs], np.int64)
     core = np.array([(xl, yl, xh, yh) for (yl, yh) in y_core for (xl, xh) in x_core])
     c = (cache.det_boxes[:, :2] + cache.det_boxes[:, 2:]) / 2

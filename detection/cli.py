@@ -294,6 +294,40 @@ def _add_predict(sub) -> None:
     _device_option(p)
 
 
+def _add_slides(sub) -> None:
+    p = sub.add_parser(
+        "slides",
+        help="count tumour cells on whole-slide images (OpenSlide; Ray for many slides)",
+        description="Read each slide through OpenSlide (tiffslide where OpenSlide cannot), resample it to the "
+        "scale the version was trained at (its data.mpp), skip background found on a low-resolution level, "
+        "and run the version's pipeline (post-processing, flips, second look) region by region, reading ahead "
+        "in a thread. Writes per slide OUT/SLIDE.geojson.gz (QuPath: File > Import objects), SLIDE.parquet "
+        "(every detection in slide px and um), SLIDE.thumbnail.png (a density heatmap) and SLIDE.done.json "
+        "(counts per class per mm2 of tissue), last. A killed job rerun with the same arguments resumes "
+        "at the first region not done. One MLflow run per job, a nested run per slide. Several slides "
+        "run as Ray tasks, on Ray embedded here or on --ray-address.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m detection slides slide1.svs slide2.ndpi --out counts\n"
+        "  python -m detection slides /data/*.svs --ray-address ray://head:10001 --out /shared/counts\n"
+        "  python -m detection slides scan.tiff --mpp 0.25 --out counts   # a slide with no resolution tags\n",
+    )
+    p.add_argument("slides", nargs="+", type=Path, help="slide files: SVS, NDPI, MRXS, tiled TIFF, OME-TIFF")
+    _model_option(p, choices.CHAMPION)
+    p.add_argument("--out", type=Path, default=Path("slides"), help="output folder (default: %(default)s)")
+    p.add_argument("--mpp", type=float, default=None, help="micrometres per pixel of slides that record none")
+    p.add_argument(
+        "--region", type=int, default=2048, help="region side in px at the model's scale (default: %(default)s)"
+    )
+    p.add_argument(
+        "--ray-address",
+        default="auto",
+        help="auto: several slides on Ray embedded here, one slide in this process; off: one by one here; "
+        "else a Ray address such as ray://head:10001 (default: %(default)s)",
+    )
+    _device_option(p)
+
+
 def _add_cv(sub) -> None:
     p = sub.add_parser(
         "cv",
@@ -462,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_promote(sub)
     _add_predict(sub)
+    _add_slides(sub)
     _add_cv(sub)
     _add_compare(sub)
     _add_second_look(sub)
@@ -706,6 +741,18 @@ def cmd_second_look(args) -> int:
     return 0
 
 
+def cmd_slides(args) -> int:
+    from .slide_job import SlidesRequest, slides
+
+    paths = tuple(Path(p) for arg in args.slides for p in str(arg).split())  # `mlflow run` joins them
+    run_id, summaries = slides(request(SlidesRequest, args, slides=paths))
+    for s in summaries:
+        per = ", ".join(f"{k} {v:.1f}/mm2" for k, v in s["per_mm2"].items()) or "no detection"
+        print(f"{s['slide']}: {s['detections']} detections on {s['tissue_mm2']:.3f} mm2 of tissue ({per})")
+    print(f"run {run_id}: {len(summaries)} slide(s) in {args.out}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import Request, evaluate
 
@@ -917,6 +964,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "promote": cmd_promote,
     "predict": cmd_predict,
+    "slides": cmd_slides,
     "validate": cmd_check,
     "check": cmd_check,
     "synth": cmd_synth,

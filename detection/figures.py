@@ -206,5 +206,28 @@ def froc_versions(curves: dict[str, pd.DataFrame], targets: list[float], title: 
     return fig
 
 
+def density(thumb: np.ndarray, x: np.ndarray, y: np.ndarray, title: str, summary: dict):
+    """A slide's thumbnail beside its detections per mm² of tissue, as a heatmap over the same view."""
+    h, w = thumb.shape[:2]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6 * h / max(w, 1) + 1))
+    left.imshow(thumb)
+    left.set_title(title)
+    bins = (max(1, round(h / 16)), max(1, round(w / 16)))  # 16 thumbnail px a bin
+    counts, _, _ = np.histogram2d(y, x, bins=bins, range=[[0, h], [0, w]])
+    px_mm = summary["mpp"] * summary["size"][0] / w / 1000  # mm per thumbnail px
+    bin_mm2 = (16 * px_mm) ** 2
+    right.imshow(thumb, alpha=0.35)
+    shown = right.imshow(
+        np.ma.masked_equal(counts, 0) / bin_mm2, extent=(0, w, h, 0), cmap="magma", alpha=0.85, interpolation="nearest"
+    )
+    fig.colorbar(shown, ax=right, fraction=0.046, label="detections per mm²")
+    per = ", ".join(f"{k} {v:.0f}/mm²" for k, v in summary["per_mm2"].items()) or "no detection"
+    right.set_title(f"{summary['detections']} detections, {summary['tissue_mm2']:.2f} mm² tissue: {per}")
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -201,7 +201,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, length - tile, n)]
 
 
-def _core_bounds(starts: list[int], tile: int) -> list[tuple[float, float]]:
+def core_bounds(starts: list[int], tile: int) -> list[tuple[float, float]]:
     """Each tile owns the span up to the middle of its overlaps with its neighbours."""
     cuts = [(starts[i] + tile + starts[i + 1]) / 2 for i in range(len(starts) - 1)]
     edges = [-np.inf] + cuts + [np.inf]
@@ -299,7 +299,7 @@ def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: in
     th, tw = min(tile_hw[0], h), min(tile_hw[1], w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
     starts = [(x0, y0) for y0 in ys for x0 in xs]
-    cores = [(xlo, ylo, xhi, yhi) for ylo, yhi in _core_bounds(ys, th) for xlo, xhi in _core_bounds(xs, tw)]
+    cores = [(xlo, ylo, xhi, yhi) for ylo, yhi in core_bounds(ys, th) for xlo, xhi in core_bounds(xs, tw)]
     outputs = _run_tiles(model, [image[y0 : y0 + th, x0 : x0 + tw] for x0, y0 in starts], rt)
     parts = []
     for k, ((x0, y0), (boxes, nms_boxes, scores, labels)) in enumerate(zip(starts, outputs)):

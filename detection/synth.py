@@ -134,3 +134,35 @@ def write_dataset(out_dir: str | Path, images: int, seed: int, per_case: int = 4
         written.append(out / "images" / f"{name}.tif")
         on_image()
     return written
+
+
+def mosaic(fields: list[np.ndarray], columns: int, margin: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Fields laid out on a white background, `margin` px around and between them, row by row;
+    the mosaic and each field's (x, y) top-left."""
+    h, w = max(f.shape[0] for f in fields), max(f.shape[1] for f in fields)
+    rows = -(-len(fields) // columns)
+    canvas = np.full((margin + rows * (h + margin), margin + columns * (w + margin), 3), 255, np.uint8)
+    origins = []
+    for k, field in enumerate(fields):
+        x, y = margin + (k % columns) * (w + margin), margin + (k // columns) * (h + margin)
+        canvas[y : y + field.shape[0], x : x + field.shape[1]] = field
+        origins.append((x, y))
+    return canvas, origins
+
+
+def write_slide(path: str | Path, image: np.ndarray, mpp: float | None, levels: int = 3, tile: int = 256) -> Path:
+    """A pyramidal tiled TIFF that OpenSlide opens as `generic-tiff`: each level (halved) a page of
+    the main IFD chain, with its resolution tags when `mpp` is given (none without)."""
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        level = image
+        for k in range(levels):
+            options = {"tile": (tile, tile), "photometric": "rgb", "compression": "zlib"}
+            if k:
+                options["subfiletype"] = 1
+            if mpp is not None:
+                px_per_cm = 1e4 / (mpp * 2**k)
+                options |= {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+            tif.write(level, **options)
+            level = level[::2, ::2] if min(level.shape[:2]) >= 2 * tile else level
+    return path
