@@ -18,3 +18,11 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     PYTHONPATH=. timeout 60 "$PY" tests/test_gpu.py
   fi
 fi
+# Whole slides (issue 24): the paper model's megapixels/s through the slide path on one GPU, where
+# the machine has the project's dependencies and the slides extra (mlflow, openslide-bin, tiffslide).
+if "$PY" -c "import torch, mlflow, openslide, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  PYTHONPATH=. timeout 240 "$PY" bench/slides.py --config experiments/paper-norm.yaml --device cuda --fields 8 \
+    --skip-memory --skip-ray
+else
+  echo '{"figure": "slides", "skipped": "needs CUDA, mlflow and the slides extra"}'
+fi

@@ -35,17 +35,24 @@ def to_geojson(table: pd.DataFrame, source: str) -> dict:
     """Detections (a `table`: cx, cy, score, class) as a GeoJSON FeatureCollection that QuPath
     imports (File > Import objects): one Point detection per cell, in image pixels (x right, y down),
     classified, with the score as a measurement."""
+    grey = [128] * 3
     features = [
         {
             "type": "Feature",
-            "geometry": {"type": "Point", "coordinates": [float(row.cx), float(row.cy)]},
+            "geometry": {"type": "Point", "coordinates": [x, y]},
             "properties": {
                 "objectType": "detection",
-                "classification": {"name": row["class"], "color": QUPATH_COLOURS.get(row["class"], [128] * 3)},
-                "measurements": {"score": float(row.score)},
+                "classification": {"name": name, "color": QUPATH_COLOURS.get(name, grey)},
+                "measurements": {"score": score},
                 "source": source,
             },
         }
-        for _, row in table.iterrows()
+        # Plain columns, not iterrows: a slide's table holds a million rows.
+        for x, y, score, name in zip(
+            table.cx.astype(float).tolist(),
+            table.cy.astype(float).tolist(),
+            table.score.astype(float).tolist(),
+            table["class"].tolist(),
+        )  # fmt: skip
     ]
     return {"type": "FeatureCollection", "features": features}

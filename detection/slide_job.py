@@ -59,8 +59,8 @@ def slides(req: SlidesRequest) -> tuple[str, list[dict]]:
     with tracking.run("slides", name=f"slides v{ref.version}") as tr:
         tr.log_params(
             {
-                "model": ref.pinned,
-                "slides": len(req.slides),
+                "model_version": ref.pinned,  # `mlflow run` logs `model` as given (an alias)
+                "slide_count": len(req.slides),
                 "mpp": req.mpp if req.mpp is not None else "recorded",
                 "region_px": req.region,
                 "device": req.device or os.environ.get("BRECAHAD_DEVICE", "auto"),
@@ -88,8 +88,14 @@ def job_metrics(summaries: list[dict], elapsed: float) -> dict[str, float]:
         "detections": detections,
         "detections_per_mm2": detections / tissue if tissue else 0.0,
         "megapixels_per_s": megapixels / elapsed if elapsed > 0 else 0.0,
+        "tissue_megapixels_per_s": sum(tissue_megapixels(s) for s in summaries) / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
     }
+
+
+def tissue_megapixels(s: dict) -> float:
+    """The slide's tissue in level-0 megapixels: what the model had to look at."""
+    return s["tissue_mm2"] / (s["mpp"] / 1000) ** 2 / 1e6
 
 
 def count_one(path: Path, req: SlidesRequest, parent: str) -> dict:
@@ -127,6 +133,7 @@ def slide_metrics(s: dict) -> dict[str, float]:
         "detections": s["detections"],
         "seconds": s["seconds"],
         "megapixels_per_s": s["size"][0] * s["size"][1] / 1e6 / s["seconds"] if s["seconds"] > 0 else 0.0,
+        "tissue_megapixels_per_s": tissue_megapixels(s) / s["seconds"] if s["seconds"] > 0 else 0.0,
     }
     metrics |= {f"count/{k}": v for k, v in s["counts"].items()}
     metrics |= {f"per_mm2/{k}": v for k, v in s["per_mm2"].items()}

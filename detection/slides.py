@@ -36,6 +36,7 @@ from .progress import Bar
 REGION = 2048  # px a side at the model's scale: ~12 MB of RGB, a few hundred tiles' worth of context
 READ_AHEAD = 2  # regions read while one runs: memory is (READ_AHEAD + 1) regions, whatever the slide
 MASK_SIDE = 1024  # px: the tissue mask's level is the coarsest at least this long a side
+THUMB_SIDE = 1024  # px: the same for the thumbnail of the outputs
 MIN_TISSUE = 0.01  # a region with less tissue than this fraction of its area is background
 
 
@@ -63,12 +64,15 @@ class Slide:
             region = np.asarray(self.handle.read_region((x, y), level, (w, h)).convert("RGBA"))
         except Exception as e:  # a truncated tile, a codec error: name the slide and where
             raise SlideError(f"{self.path}: cannot read {w}x{h} px at ({x}, {y}) of level {level} ({e})") from None
+        if region[..., 3].min() == 255:  # opaque, as inside any scanned area: no blending to pay for
+            return np.ascontiguousarray(region[..., :3])
         rgb, alpha = region[..., :3].astype(np.float32), region[..., 3:].astype(np.float32) / 255
         return (rgb * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
 
-    def overview(self, side: int = MASK_SIDE) -> tuple[np.ndarray, float]:
+    def overview(self, side: int) -> tuple[np.ndarray, float]:
         """The slide's coarsest level that is still `side` px on its longest side (level 0 when
-        none is), read whole, and the level-0 px per overview px."""
+        none is), read whole, and the level-0 px per overview px. Its size follows `side`, not the
+        slide's: a pyramid's levels shrink by 2 to 4 each."""
         dims = [tuple(int(v) for v in d) for d in self.handle.level_dimensions]
         wide = [k for k, (w, h) in enumerate(dims) if max(w, h) >= min(side, max(dims[0]))]
         level = max(wide, key=lambda k: self.handle.level_downsamples[k])
@@ -167,7 +171,7 @@ def tissue_mask(slide: Slide) -> Mask:
     from skimage.filters import threshold_otsu
     from skimage.morphology import closing, disk, remove_small_objects
 
-    thumb, px = slide.overview()
+    thumb, px = slide.overview(MASK_SIDE)
     saturation = rgb2hsv(thumb)[..., 1]
     spread = float(saturation.max() - saturation.min())
     threshold = min(threshold_otsu(saturation), TISSUE_SATURATION) if spread > 1e-3 else TISSUE_SATURATION
@@ -373,7 +377,7 @@ def _write_outputs(o: Outputs, slide: Slide, mask: Mask, table: pd.DataFrame, su
     atomic_write(paths["parquet"], lambda p: table.to_parquet(p, engine="pyarrow", index=False))
     doc = json.dumps(export.to_geojson(table, str(slide.path)))
     atomic_write(paths["geojson"], lambda p: p.write_bytes(gzip.compress(doc.encode(), mtime=0)))
-    thumb, px = slide.overview(1024)
+    thumb, px = slide.overview(THUMB_SIDE)
     fig = figures.density(thumb, table.cx.to_numpy() / px, table.cy.to_numpy() / px, slide.path.name, summary)
     atomic_write(paths["thumbnail"], lambda p: fig.savefig(p, format="png", dpi=100))
     figures.close(fig)

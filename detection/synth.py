@@ -166,3 +166,38 @@ def write_slide(path: str | Path, image: np.ndarray, mpp: float | None, levels: 
             tif.write(level, **options)
             level = level[::2, ::2] if min(level.shape[:2]) >= 2 * tile else level
     return path
+
+
+def write_sparse_slide(
+    path: str | Path, size: tuple[int, int], fields: list[tuple[np.ndarray, int, int]], mpp: float, tile: int = 512
+) -> Path:
+    """A slide of `size` (w, h) px, white but for `fields` (pixels, x, y), written tile by tile at
+    every level down to ~1,000 px a side: a gigapixel-shaped slide in the memory of one tile row."""
+    path = Path(path)
+    levels, (w, h) = [], size
+    while True:
+        levels.append((w, h))
+        if max(w, h) <= 1024:
+            break
+        w, h = max(1, w // 2), max(1, h // 2)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, (lw, lh) in enumerate(levels):
+            shrunk = [(f[:: 2**k, :: 2**k], x // 2**k, y // 2**k) for f, x, y in fields]
+            options = {"tile": (tile, tile), "photometric": "rgb", "compression": "zlib"}
+            px_per_cm = 1e4 / (mpp * 2**k)
+            options |= {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
+            tif.write(_tiles(lw, lh, tile, shrunk), shape=(lh, lw, 3), dtype=np.uint8, subfiletype=1 if k else 0,
+                      **options)  # fmt: skip
+    return path
+
+
+def _tiles(w: int, h: int, tile: int, fields):
+    """The tiles of a white w x h canvas holding `fields`, row by row (what TiffWriter takes)."""
+    for ty in range(0, h, tile):
+        for tx in range(0, w, tile):
+            block = np.full((tile, tile, 3), 255, np.uint8)
+            for f, x, y in fields:
+                x0, y0, x1, y1 = max(x, tx), max(y, ty), min(x + f.shape[1], tx + tile), min(y + f.shape[0], ty + tile)
+                if x1 > x0 and y1 > y0:
+                    block[y0 - ty : y1 - ty, x0 - tx : x1 - tx] = f[y0 - y : y1 - y, x0 - x : x1 - x]
+            yield block

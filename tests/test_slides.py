@@ -98,30 +98,35 @@ def test_cuts_between_regions_report_each_cell_once(detector, fields, tmp_path):
 
 
 def test_background_is_skipped_and_the_tissue_area_is_right(fields, tmp_path):
-    path, _, _ = slide_of(tmp_path / "sparse.tiff", fields, margin=700, columns=2)
+    small = [f[:240, :320] for f in fields]  # a quarter of each field: no model runs here
+    path, _, _ = slide_of(tmp_path / "sparse.tiff", small, margin=400, columns=2)
     read = []
 
     def run(pixels):
         read.append(pixels.shape)
         return nothing_found(pixels)
 
-    summary = count(open_slide(path), Job("m", MPP, 512, 60, None), run, tmp_path / "out")
+    summary = count(open_slide(path), Job("m", MPP, 256, 30, None), run, tmp_path / "out")
     assert summary["background_regions"] > 0 and len(read) == summary["tissue_regions"]
     assert summary["regions"] == summary["tissue_regions"] + summary["background_regions"]
-    truth = 4 * 480 * 640 * (MPP / 1000) ** 2
+    truth = 4 * 240 * 320 * (MPP / 1000) ** 2
     assert abs(summary["tissue_mm2"] - truth) <= 0.05 * truth, (summary["tissue_mm2"], truth)
     assert summary["detections"] == 0 and not (tmp_path / "out" / "sparse.partial").exists()
 
 
-def test_memory_stays_flat_for_a_slide_four_times_larger(fields, tmp_path):
+def test_memory_stays_flat_for_a_slide_four_times_larger(fields, tmp_path, monkeypatch):
+    # The mask's and the thumbnail's levels are sized by these, not by the slide: scaled down with
+    # the slides, so that both slides have a level that small.
+    monkeypatch.setattr(slides, "MASK_SIDE", 256)
+    monkeypatch.setattr(slides, "THUMB_SIDE", 256)
     def peak(path):
         tracemalloc.start()
-        count(open_slide(path), Job("m", MPP, 512, 60, None), nothing_found, tmp_path / path.stem)
+        count(open_slide(path), Job("m", MPP, 256, 30, None), nothing_found, tmp_path / path.stem)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return peak
 
-    small, image, _ = slide_of(tmp_path / "small.tiff", fields)
+    small, image, _ = slide_of(tmp_path / "small.tiff", [f[:240, :320] for f in fields])
     large = write_slide(tmp_path / "large.tiff", np.tile(image, (2, 2, 1)), MPP)
     a, b = peak(small), peak(large)
     print(f"peak traced memory: {a / 1e6:.1f} MB for {image.shape[1]}x{image.shape[0]}, {b / 1e6:.1f} MB for 4x")
