@@ -68,7 +68,11 @@ def slides(req: SlidesRequest) -> tuple[str, list[dict]]:
             }
         )
         start = time.monotonic()
-        summaries = _on_ray(req, tr.run_id) if req.on_ray else [count_one(p, req, tr.run_id) for p in req.slides]
+        if req.on_ray:
+            summaries = _on_ray(req, tr.run_id)
+        else:  # one model for every slide
+            detector = load(req)
+            summaries = [count_one(p, req, tr.run_id, detector) for p in req.slides]
         elapsed = time.monotonic() - start
         tr.log_metrics(job_metrics(summaries, elapsed), step=0)
         table = pd.DataFrame([{k: v for k, v in s.items() if not isinstance(v, dict | list)} for s in summaries])
@@ -98,11 +102,17 @@ def tissue_megapixels(s: dict) -> float:
     return s["tissue_mm2"] / (s["mpp"] / 1000) ** 2 / 1e6
 
 
-def count_one(path: Path, req: SlidesRequest, parent: str) -> dict:
-    """One slide, in this process or a Ray worker: its nested run, its regions, its outputs."""
+def load(req: SlidesRequest):
+    """The version's pyfunc on the request's device."""
     if req.device:
         os.environ["BRECAHAD_DEVICE"] = req.device  # read by the pyfunc when it loads
-    detector = tracking.load_model(tracking.resolve_model(req.model))
+    return tracking.load_model(tracking.resolve_model(req.model))
+
+
+def count_one(path: Path, req: SlidesRequest, parent: str, detector=None) -> dict:
+    """One slide, in this process or a Ray worker (which loads the version itself): its nested
+    run, its regions, its outputs."""
+    detector = detector or load(req)
     slide = open_slide(path, req.mpp)
     overlap = 2 * detector.config.data.box_size  # the tiles' own overlap: a cell on a cut is whole in one
     job = Job(req.model, detector.config.data.mpp, req.region, overlap, req.mpp)

@@ -119,6 +119,7 @@ def test_memory_stays_flat_for_a_slide_four_times_larger(fields, tmp_path, monke
     # the slides, so that both slides have a level that small.
     monkeypatch.setattr(slides, "MASK_SIDE", 256)
     monkeypatch.setattr(slides, "THUMB_SIDE", 256)
+
     def peak(path):
         tracemalloc.start()
         count(open_slide(path), Job("m", MPP, 256, 30, None), nothing_found, tmp_path / path.stem)
