@@ -120,7 +120,9 @@ def count_one(path: Path, req: SlidesRequest, parent: str, detector=None) -> dic
     def run_region(pixels):
         return detector.predict(None, pd.DataFrame({"image": [pixels]}))
 
-    with tracking.run("slides", parent=parent, name=path.name) as tr:
+    # On a GPU, MLflow's system metrics record its use beside the slide's figures (the gpu extra).
+    on_gpu = detector.runtime.device.type == "cuda"
+    with tracking.run("slides", parent=parent, name=path.name, system_metrics=on_gpu) as tr:
         tr.log_params({"slide": str(path), "slide_mpp": slide.mpp, "reader": slide.reader, "model_mpp": job.model_mpp})
         tr.set_tags({"slide": path.name, "model": req.model})
         start = time.monotonic()
