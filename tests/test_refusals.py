@@ -248,6 +248,7 @@ def _smoke_detector():
 
 
 @pytest.mark.slow  # logs and registers four versions of a model
+@pytest.mark.subprocess  # MLflow infers a pickled model's requirements in a fresh interpreter
 def test_a_version_that_could_run_its_own_code_is_refused_before_it_loads(store, tmp_path):
     """Issue 21: a registered model was a cloudpickled object: a crafted python_model.pkl ran its code
     on whoever evaluated, predicted or served it, before any check."""
