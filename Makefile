@@ -1,6 +1,6 @@
 # The two set-up commands of README.md:
 #   make demo   venv + install, synthetic demo data, a tracked smoke training run, registered model
-#   make test   venv + install, ruff check and format check, the test suite (make test-fast: without the slow tests)
+#   make test   venv + install, ruff check and format check, the test suite (make test-fast: in-process, quick tests only)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -53,9 +53,9 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The developers' loop: everything but the tests that train, serve or race real processes.
+# The developers' loop: no test that trains, serves, races real processes or starts the CLI (a fresh interpreter).
 test-fast: install-dev
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not subprocess"
 
 ui: install
 	$(BIN)/python -m detection ui
