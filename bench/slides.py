@@ -61,7 +61,7 @@ def overhead(model_uri: str, slide_path: Path, out: Path) -> dict:
 
     detector = tracking.load_model(tracking.resolve_model(model_uri))
     slide = slides.open_slide(slide_path)
-    job = slides.Job(model_uri, detector.config.data.mpp, slides.REGION, 2 * detector.config.data.box_size, None)
+    job = slides.Job.of(model_uri, detector.config.data)
 
     def run(pixels):
         return detector.predict(None, pd.DataFrame({"image": [pixels]}))
@@ -101,7 +101,7 @@ import resource, sys, pandas as pd
 from detection import slides, tracking
 detector = tracking.load_model(tracking.resolve_model(sys.argv[1]))
 slide = slides.open_slide(sys.argv[2])
-job = slides.Job(sys.argv[1], detector.config.data.mpp, slides.REGION, 2 * detector.config.data.box_size, None)
+job = slides.Job.of(sys.argv[1], detector.config.data)
 slides.count(slide, job, lambda p: detector.predict(None, pd.DataFrame({"image": [p]})), sys.argv[3])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -206,15 +206,15 @@ def froc_versions(curves: dict[str, pd.DataFrame], targets: list[float], title: 
     return fig
 
 
-def density(thumb: np.ndarray, x: np.ndarray, y: np.ndarray, title: str, summary: dict):
-    """A slide's thumbnail beside its detections per mm² of tissue, as a heatmap over the same view."""
+def density(thumb: np.ndarray, x: np.ndarray, y: np.ndarray, px_mm: float, title: str, summary: dict):
+    """A slide's thumbnail beside its detections (x, y in thumbnail px of `px_mm` mm) per mm² of
+    tissue, as a heatmap over the same view."""
     h, w = thumb.shape[:2]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 6 * h / max(w, 1) + 1))
     left.imshow(thumb)
     left.set_title(title)
     bins = (max(1, round(h / 16)), max(1, round(w / 16)))  # 16 thumbnail px a bin
     counts, _, _ = np.histogram2d(y, x, bins=bins, range=[[0, h], [0, w]])
-    px_mm = summary["mpp"] * summary["size"][0] / w / 1000  # mm per thumbnail px
     bin_mm2 = (16 * px_mm) ** 2
     right.imshow(thumb, alpha=0.35)
     shown = right.imshow(

@@ -320,9 +320,15 @@ def detect_tiles(model, image: np.ndarray, tile_hw: tuple[int, int], overlap: in
     )
 
 
+def tile_overlap(data) -> int:
+    """px by which neighbouring tiles (and a slide's regions) overlap: two boxes, so a cell on a cut
+    is whole in one of them."""
+    return 2 * data.box_size
+
+
 def raw_inference(model, items: list[Item], cfg: Config, rt: Runtime, on_item=lambda: None) -> Cache:
     """Every candidate box of every item, with score threshold 0, NMS off and no top-k cut."""
-    overlap = 2 * cfg.data.box_size
+    overlap = tile_overlap(cfg.data)
     tiles = []
     rt.place(model)
     with raw_outputs(model):

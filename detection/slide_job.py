@@ -17,8 +17,6 @@ from . import tracking
 from .errors import DetectionError
 from .slides import REGION, Job, Outputs, SlideError, count, open_slide, stem
 
-RAY_MODES = ("auto", "off")  # or a Ray address: ray://head:10001, auto-detect with `ray start`'s "auto"
-
 
 @dataclass(frozen=True)
 class SlidesRequest:
@@ -114,8 +112,7 @@ def count_one(path: Path, req: SlidesRequest, parent: str, detector=None) -> dic
     run, its regions, its outputs."""
     detector = detector or load(req)
     slide = open_slide(path, req.mpp)
-    overlap = 2 * detector.config.data.box_size  # the tiles' own overlap: a cell on a cut is whole in one
-    job = Job(req.model, detector.config.data.mpp, req.region, overlap, req.mpp)
+    job = Job.of(req.model, detector.config.data, req.region, req.mpp)
 
     def run_region(pixels):
         return detector.predict(None, pd.DataFrame({"image": [pixels]}))

@@ -30,7 +30,7 @@ import pandas as pd
 
 from . import export
 from .errors import DetectionError
-from .inference import core_bounds, tile_starts
+from .inference import core_bounds, tile_overlap, tile_starts
 from .progress import Bar
 
 REGION = 2048  # px a side at the model's scale: ~12 MB of RGB, a few hundred tiles' worth of context
@@ -253,6 +253,11 @@ class Job:
     overlap: int
     mpp: float | None  # given on the command line; None: the slide's own
 
+    @classmethod
+    def of(cls, model: str, data, region: int = REGION, mpp: float | None = None) -> Job:
+        """A job for the version whose config has `data`: its training scale, its tiles' overlap."""
+        return cls(model, data.mpp, region, tile_overlap(data), mpp)
+
     def key(self, slide: Slide) -> str:
         stat = slide.path.stat()
         fields = asdict(self) | {"slide": slide.path.name, "bytes": stat.st_size, "slide_mpp": slide.mpp}
@@ -321,15 +326,16 @@ def prefetched(slide: Slide, regions: list[Region], scale: float) -> Iterator[tu
 def count(slide: Slide, job: Job, run_region: Callable[[np.ndarray], pd.DataFrame], out: Path) -> dict:
     """Count one slide's cells: every tissue region not done yet through `run_region` (the version's
     pipeline on one image), then the outputs. Returns the slide's summary."""
-    o = Outputs(Path(out), stem(slide.path))
-    if o.done.is_file() and json.loads(o.done.read_text()).get("key") == job.key(slide):
+    o, key = Outputs(Path(out), stem(slide.path)), job.key(slide)
+    done = json.loads(o.done.read_text()) if o.done.is_file() else {}
+    if done.get("key") == key:
         shutil.rmtree(o.partial, ignore_errors=True)  # a kill after the summary, before the clean-up
-        return json.loads(o.done.read_text())  # counted already by this job
+        return done  # counted already by this job
     mask = tissue_mask(slide)
     scale = job.model_mpp / slide.mpp  # level-0 px per model px
     regions = plan(slide, mask, scale, job.region, job.overlap)
     tissue = [r for r in regions if r.tissue >= MIN_TISSUE]
-    _start_partial(o, job.key(slide))
+    _start_partial(o, key)
     todo = [r for r in tissue if not o.region_file(r).is_file()]
     resumed = f", {len(tissue) - len(todo)} done before" if len(todo) < len(tissue) else ""
     with Bar(len(todo), f"{slide.path.name}: {len(tissue)} tissue regions{resumed}", every=5) as bar:
@@ -339,8 +345,8 @@ def count(slide: Slide, job: Job, run_region: Callable[[np.ndarray], pd.DataFram
             bar.advance(detections=len(found))
     parts = [pd.read_parquet(o.region_file(r)) for r in tissue]
     table = in_slide_pixels(pd.concat(parts, ignore_index=True) if parts else _empty(), scale, slide.mpp)
-    summary = _summary(slide, job, mask, regions, tissue, table)
-    _write_outputs(o, slide, mask, table, summary)
+    summary = _summary(slide, key, job, mask, regions, tissue, table)
+    _write_outputs(o, slide, table, summary)
     shutil.rmtree(o.partial)
     return summary
 
@@ -349,11 +355,11 @@ def _empty() -> pd.DataFrame:
     return export.table(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), ())
 
 
-def _summary(slide: Slide, job: Job, mask: Mask, regions, tissue, table: pd.DataFrame) -> dict:
+def _summary(slide: Slide, key: str, job: Job, mask: Mask, regions, tissue, table: pd.DataFrame) -> dict:
     area = mask.area_mm2(slide.mpp)
     per_class = table["class"].value_counts().to_dict()
     return {
-        "key": job.key(slide),
+        "key": key,
         "slide": str(slide.path),
         "reader": slide.reader,
         "mpp": slide.mpp,
@@ -370,7 +376,7 @@ def _summary(slide: Slide, job: Job, mask: Mask, regions, tissue, table: pd.Data
     }
 
 
-def _write_outputs(o: Outputs, slide: Slide, mask: Mask, table: pd.DataFrame, summary: dict) -> None:
+def _write_outputs(o: Outputs, slide: Slide, table: pd.DataFrame, summary: dict) -> None:
     from . import figures
 
     paths = o.paths()
@@ -378,7 +384,8 @@ def _write_outputs(o: Outputs, slide: Slide, mask: Mask, table: pd.DataFrame, su
     doc = json.dumps(export.to_geojson(table, str(slide.path)))
     atomic_write(paths["geojson"], lambda p: p.write_bytes(gzip.compress(doc.encode(), mtime=0)))
     thumb, px = slide.overview(THUMB_SIDE)
-    fig = figures.density(thumb, table.cx.to_numpy() / px, table.cy.to_numpy() / px, slide.path.name, summary)
+    x, y, px_mm = table.cx.to_numpy() / px, table.cy.to_numpy() / px, px * slide.mpp / 1000
+    fig = figures.density(thumb, x, y, px_mm, slide.path.name, summary)
     atomic_write(paths["thumbnail"], lambda p: fig.savefig(p, format="png", dpi=100))
     figures.close(fig)
     atomic_write(paths["summary"], lambda p: p.write_text(json.dumps(summary, indent=2)))

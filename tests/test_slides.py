@@ -46,7 +46,7 @@ def detector(in_store):
 
 
 def job(detector, region=4096, mpp=None) -> Job:
-    return Job(MODEL, detector.config.data.mpp, region, 2 * detector.config.data.box_size, mpp)
+    return Job.of(MODEL, detector.config.data, region, mpp)
 
 
 def predictor(detector):
