@@ -40,9 +40,11 @@ demo: install $(DEMO)/images
 	@echo "Done: the run is in the experiment 'brecahad', its model registered as brecahad-faster-rcnn@challenger."
 	@echo "See it in the MLflow UI with: make ui   (it prints the URL of the runs table)"
 
-# CI runs this: lint and format check first (a second), then the whole suite.
+# CI runs this: lint and format check first (a second), then the whole suite on two workers, one per
+# core; each test module stays on one worker, so a module's server or stack starts once.
+WORKERS ?= 2
 test: install-dev lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check .

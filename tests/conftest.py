@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (make test: two workers on two cores) each worker and the commands it starts
+# compute on one thread: two workers of two threads each would fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = SHARED / "brecahad-sample"
