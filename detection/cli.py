@@ -328,6 +328,48 @@ def _add_slides(sub) -> None:
     _device_option(p)
 
 
+def _optional_float(text: str) -> float | None:
+    """A number, or nothing for an empty string (what `mlflow run` passes for an unset parameter)."""
+    return float(text) if text.strip() else None
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser(
+        "import",
+        help="turn your own annotations (QuPath GeoJSON, COCO, CSV points) into a dataset folder",
+        description="Read cell annotations and their images and write the project's dataset layout in OUT: "
+        "images/NAME.tif (with its resolution), groundTruth/NAME.json, and dataset.json (the class map, um per px, "
+        "the source files' SHA-256 and the counts per class). validate, train, evaluate and tune then read OUT as "
+        "they read BreCaHAD (train with -o 'data.classes=[all]' for every class). QuPath: File > Export objects as "
+        "GeoJSON, one file per image named after it; points, and polygons at their centroid. COCO: keypoints, or "
+        "boxes at their centres. CSV: a header with image,x,y,class. Everything is checked before anything is "
+        "written; the import is logged as an MLflow run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m detection import qupath-exports/ --format qupath --images scans/ --out data/lab --mpp 0.25\n"
+        "  python -m detection import cells.json --format coco --images scans/ --out data/lab\n"
+        "  python -m detection train --config experiments/smoke.yaml --data-dir data/lab -o 'data.classes=[all]' \\\n"
+        "      -o 'model.weights=models:/brecahad-faster-rcnn@champion'   # fine-tune a registered version\n",
+    )
+    p.add_argument("src", type=Path, help="the annotations: a GeoJSON file or a folder of them, a COCO JSON, a CSV")
+    p.add_argument("--format", required=True, choices=("qupath", "coco", "csv"), help="the annotations' format")
+    p.add_argument("--images", type=Path, required=True, help="folder of the images (TIFF, PNG, JPEG), by file stem")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (new or empty)")
+    p.add_argument(
+        "--mpp", type=_optional_float, default=None, help="um per pixel of images that record none (BreCaHAD: 0.514)"
+    )
+    p.add_argument(
+        "--classes",
+        default="",
+        help="the class map, comma-separated, in label order (default: every class named, sorted); "
+        "a class outside it is refused",
+    )
+    p.add_argument(
+        "--default-class", default="", help="class of unclassified objects (default: they are skipped and counted)"
+    )
+    p.add_argument("--units", choices=("px", "um"), default="px", help="unit of the coordinates (default: %(default)s)")
+
+
 def _add_cv(sub) -> None:
     p = sub.add_parser(
         "cv",
@@ -497,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_predict(sub)
     _add_slides(sub)
+    _add_import(sub)
     _add_cv(sub)
     _add_compare(sub)
     _add_second_look(sub)
@@ -510,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a dataset folder and list every problem",
         description="The dataset check: every image and ground-truth file of DATA_DIR (readable RGB uint8 "
         "1360x1024 TIFFs, JSON with the seven BreCaHAD keys and points in [0, 1], "
-        "no image without ground truth or the reverse). Exits 1 when any problem is found. "
+        "no image without ground truth or the reverse; a folder written by `import` has its own classes in "
+        "dataset.json and RGB images of any size). Exits 1 when any problem is found. "
         "`validate` is the MLproject entry point's name; `check` is the same command.",
     )
     p.add_argument("data_dir", type=Path, help="BreCaHAD folder with images/ and groundTruth/")
@@ -753,6 +797,23 @@ def cmd_slides(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from .annotations import ImportRequest, run_import
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    run_id, ds = run_import(request(ImportRequest, args, classes=classes))
+    counts = ", ".join(f"{c} {n}" for c, n in ds.counts().items())
+    print(f"{args.out}: {len(ds.images)} images at {ds.mpp:g} um/px; cells {counts}")
+    if ds.unannotated:
+        kept = ", ".join(ds.unannotated[:8])
+        print(f"  {len(ds.unannotated)} image(s) without annotations, kept as images with no cell: {kept}")
+    if ds.skipped:
+        print(f"  {ds.skipped} unclassified object(s) left out; --default-class NAME keeps them")
+    train = f"python -m detection train --config experiments/smoke.yaml --data-dir {args.out} -o 'data.classes=[all]'"
+    print(f"run {run_id}. Next: {train}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import Request, evaluate
 
@@ -965,6 +1026,7 @@ COMMANDS = {
     "promote": cmd_promote,
     "predict": cmd_predict,
     "slides": cmd_slides,
+    "import": cmd_import,
     "validate": cmd_check,
     "check": cmd_check,
     "synth": cmd_synth,

@@ -26,6 +26,7 @@ from .errors import DetectionError
 # every model registered before still loads (detectron2 keeps its configs' VERSION the same way).
 CONFIG_VERSION = 2
 BRECAHAD_CLASSES = ("mitosis", "non_mitosis", "apoptosis", "tumor", "non_tumor", "lumen", "non_lumen")
+ALL_CLASSES = "all"  # data.classes=[all]: every class the dataset names, resolved when the data is read
 MICRONS_PER_PIXEL = 0.514  # BreCaHAD at 40x: 0.514 x 0.527 um per pixel
 
 
@@ -67,7 +68,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet (backbone) | coco (detector) | none | path to a state_dict
+    # imagenet (backbone) | coco (detector) | none | path to a state_dict | models:/NAME@ALIAS (or
+    # /VERSION): fine-tune a registered version (a fresh box predictor when the class count differs).
+    weights: str = "imagenet"
     trainable_backbone_layers: int = 3
     num_classes: int = 2  # background + each class in data.classes
     image_mean: tuple[float, float, float] = (0.75141764, 0.6385864, 0.8118883)
@@ -392,6 +395,11 @@ def _finite(value: float, source: str, key: str) -> float:
     return value
 
 
+def is_registered(weights: str) -> bool:
+    """model.weights names a registered version to fine-tune."""
+    return weights.startswith("models:/") and len(weights) > len("models:/")
+
+
 def check(cfg: Config, source: str = "config") -> None:
     """Cross-field checks; each message names the key, the value and what would be accepted."""
     problems: list[str] = []
@@ -401,14 +409,18 @@ def check(cfg: Config, source: str = "config") -> None:
             problems.append(msg)
 
     d, m, t, s = cfg.data, cfg.model, cfg.train, cfg.data.split
-    for c in d.classes:
-        need(c in BRECAHAD_CLASSES, f"data.classes: {c!r} is not a BreCaHAD class ({', '.join(BRECAHAD_CLASSES)})")
+    # Which names exist is the dataset's to say (BreCaHAD's seven keys, or an imported class map):
+    # data.configured_for checks them against the folder, and [all] takes every one of them.
     need(
-        len(d.classes) > 0 and len(set(d.classes)) == len(d.classes),
+        len(d.classes) > 0 and len(set(d.classes)) == len(d.classes) and all(c.strip() for c in d.classes),
         f"data.classes {list(d.classes)} must be non-empty and unique",
     )
     need(
-        m.num_classes == len(d.classes) + 1,
+        ALL_CLASSES not in d.classes or len(d.classes) == 1,
+        f"data.classes {list(d.classes)}: [{ALL_CLASSES}] stands alone (every class of the dataset)",
+    )
+    need(
+        d.classes == (ALL_CLASSES,) or m.num_classes == len(d.classes) + 1,
         f"model.num_classes={m.num_classes} must be len(data.classes)+1 = {len(d.classes) + 1} "
         f"(background + {list(d.classes)})",
     )
@@ -429,8 +441,9 @@ def check(cfg: Config, source: str = "config") -> None:
         f"model.backbone={m.backbone!r} must be resnet18, resnet34, resnet50 or resnet101",
     )
     need(
-        m.weights in ("imagenet", "coco", "none") or m.weights.endswith((".pt", ".pth")),
-        f"model.weights={m.weights!r} must be imagenet, coco, none or a path to a .pt/.pth state_dict",
+        m.weights in ("imagenet", "coco", "none") or m.weights.endswith((".pt", ".pth")) or is_registered(m.weights),
+        f"model.weights={m.weights!r} must be imagenet, coco, none, a path to a .pt/.pth state_dict or a "
+        f"registered version (models:/NAME@ALIAS or models:/NAME/VERSION)",
     )
     need(
         m.weights != "coco" or m.backbone == "resnet50",

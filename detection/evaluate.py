@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import figures, tracking
 from .config import Config
-from .data import Sample, content_digest
+from .data import Sample, classes_for, content_digest
 from .engine import PRECISION_NAMES
 from .export import table, to_geojson
 from .heldout import EvaluationError, Request, guard, recorded_split, select
@@ -187,6 +187,7 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
     overlap = guard(req, ref, split, samples, hashes)
     detector = tracking.load_model(ref)
     cfg, model = detector.config, detector.model
+    classes_for(cfg.data.classes, req.data_dir)  # the folder annotates every class the version detects
     pp = PostProcess.of_config(cfg.model)
     mpp, radius_um = resolution(req, cfg, samples)
     try:

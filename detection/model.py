@@ -17,7 +17,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
-from .config import ModelConfig
+from .config import ModelConfig, is_registered
 from .errors import DetectionError
 from .postprocess import ExactRoIHeads
 
@@ -39,11 +39,12 @@ def _fetch(weights, what: str) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def build_model(cfg: ModelConfig, pretrained: bool = True) -> FasterRCNN:
+def build_model(cfg: ModelConfig, pretrained: bool = True, start: dict[str, torch.Tensor] | None = None) -> FasterRCNN:
     """Faster R-CNN with every setting of the paper taken from `cfg`.
 
     `pretrained=False` builds the same architecture without loading `cfg.weights`, for a model
-    whose trained state_dict is loaded next.
+    whose trained state_dict is loaded next. With model.weights=models:/..., `start` is that
+    registered version's state_dict (train fetches it from the registry): fine-tuning starts there.
     """
     pretrained_backbone = cfg.weights != "none"
     # Pretrained weights keep their BatchNorm statistics frozen (as the paper's FrozenBatchNorm
@@ -94,7 +95,11 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> FasterRCNN:
     model.roi_heads.nms_class_agnostic = cfg.box_nms_class_agnostic
     if not pretrained or cfg.weights in ("imagenet", "none"):
         return model
-    if cfg.weights == "coco":
+    if is_registered(cfg.weights):
+        if start is None:
+            raise WeightsError(f"model.weights={cfg.weights}: a registered version's weights come from the registry")
+        _load_parent(model, start, cfg.weights)
+    elif cfg.weights == "coco":
         _load_matching(model, _fetch(FasterRCNN_ResNet50_FPN_Weights.COCO_V1, "COCO Faster R-CNN"))
     else:
         _load_file(model, Path(cfg.weights))
@@ -105,6 +110,24 @@ def _load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     """Load every tensor whose name and shape agree. The paper's 21x21 RoI pool and 2-class
     predictor differ from COCO's, so those layers keep their fresh initialisation."""
     own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+PREDICTOR = "roi_heads.box_predictor."
+
+
+def _load_parent(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor of a registered version; the box predictor starts afresh when the class count
+    differs. A parent of another architecture is refused: fine-tuning from a part of it is not."""
+    own = model.state_dict()
+    differ = [
+        k for k, v in own.items() if not k.startswith(PREDICTOR) and (k not in state or state[k].shape != v.shape)
+    ]
+    if differ:
+        raise WeightsError(
+            f"model.weights={source}: {len(differ)} of the model's tensors differ from that version's "
+            f"(first: {differ[0]}); fine-tune with the version's own model settings (its config.yaml)"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 

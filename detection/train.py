@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from . import config as config_mod
 from . import figures, tracking
 from .config import Config
-from .data import Sample, content_digest, load_dataset
+from .data import Sample, configured_for, content_digest, load_dataset
 from .engine import LOSS_NAMES, PRECISION_NAMES, Validation, autocast_dtype, pick_device, train_one_epoch, validate
 from .errors import DetectionError
 from .model import build_model, parameter_count
@@ -51,11 +52,13 @@ class Prepared:
     split: Split
     digest: str
     model: torch.nn.Module
+    parent: tracking.ModelRef | None = None  # the registered version fine-tuning started from
 
 
 def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepared:
     """Validate the data, split it (or reuse a recorded split) and build the model."""
     samples = load_dataset(data_dir)
+    cfg = configured_for(cfg, data_dir)
     prints = {s.name: s.fingerprint() for s in samples}
     hashes = {name: pixels for name, (pixels, _) in prints.items()}
     split = recorded or make_split(samples, cfg.data.split, hashes, {name: t for name, (_, t) in prints.items()})
@@ -69,8 +72,25 @@ def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepa
     by_name = {s.name: s for s in samples}
     parts = {s: [by_name[n] for n in split.names(s)] for s in SPLITS}
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    return Prepared(cfg, data_dir, parts, split, content_digest(samples, hashes), model)
+    parent, start = parent_version(cfg)
+    model = build_model(cfg.model, start=start)
+    return Prepared(cfg, data_dir, parts, split, content_digest(samples, hashes), model, parent)
+
+
+def parent_version(cfg: Config) -> tuple[tracking.ModelRef | None, dict | None]:
+    """The registered version model.weights names (fine-tuning) and its state_dict, or (None, None).
+    A parent trained at another scale than these images is said: its cells would look another size."""
+    if not config_mod.is_registered(cfg.model.weights):
+        return None, None
+    ref = tracking.resolve_model(cfg.model.weights)
+    detector = tracking.load_model(ref)
+    if abs(detector.config.data.mpp - cfg.data.mpp) > 0.1 * cfg.data.mpp:
+        print(
+            f"warning: {ref.pinned} was trained at {detector.config.data.mpp} um/px and these images are "
+            f"{cfg.data.mpp} um/px; import them rescaled to its scale for the best start",
+            file=sys.stderr,
+        )
+    return ref, detector.model.state_dict()
 
 
 def _index(prep: Prepared) -> pd.DataFrame:
@@ -96,6 +116,7 @@ def log_setup(tr: tracking.Tracker, prep: Prepared) -> None:
             "data_digest": prep.digest,
             "parameters": parameter_count(prep.model),
         }
+        | ({"parent_version": prep.parent.pinned} if prep.parent else {})
     )
     index = _index(prep)
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
@@ -412,7 +433,8 @@ def describe(prep: Prepared, run_id: str) -> str:
     cfg, n = prep.cfg, {s: len(prep.samples[s]) for s in SPLITS}
     last = {k: tracking.metric_history(run_id, f"val/{k}") for k in ("detection_rate", "fdr")}
     figures_ = ", ".join(f"{k.replace('_', ' ')} {v[-1][1]:.3f}" for k, v in last.items() if v) or "none logged"
-    return (
+    lineage = f"Fine-tuned from {prep.parent.pinned} (training run {prep.parent.run_id}). " if prep.parent else ""
+    return lineage + (
         f"Faster R-CNN ({cfg.model.backbone} FPN, weights {cfg.model.weights}) trained with config "
         f"`{cfg.name}` for {cfg.train.epochs} epochs on {n['train']} images of {prep.data_dir} "
         f"(split mode {cfg.data.split.mode}, seed {cfg.data.split.seed}: {n['train']} train / {n['val']} val / "
@@ -434,7 +456,8 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
             log_detector(cfg, model),
             name,
             cfg.tracking.alias,
-            {"split_hash": prep.split.digest, "config": cfg.name},
+            {"split_hash": prep.split.digest, "config": cfg.name, "classes": ",".join(cfg.data.classes)}
+            | ({"parent_version": prep.parent.pinned} if prep.parent else {}),
             describe(prep, tr.run_id),
         )
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
