@@ -84,6 +84,9 @@ class ModelConfig:
     box_bg_iou_thresh: float = 0.1
     box_nms_thresh: float = 0.8
     box_score_thresh: float = 0.05
+    # Per-class thresholds, in data.classes order, applied after post-processing (tune's study of a
+    # version with several classes picks them); empty: box_score_thresh alone for every class.
+    class_score_thresh: tuple[float, ...] = ()
     # Per model input: per tile of a whole image and per patch, as torchvision applies it, in every
     # evaluation protocol, in predict and in the served model (the cap grows with the image's area).
     box_detections_per_img: int = 200
@@ -473,6 +476,12 @@ def check(cfg: Config, source: str = "config") -> None:
     need(
         m.box_bg_iou_thresh <= m.box_fg_iou_thresh,
         f"model.box_bg_iou_thresh={m.box_bg_iou_thresh} must be <= box_fg_iou_thresh={m.box_fg_iou_thresh}",
+    )
+    need(
+        all(0.0 <= t <= 1.0 for t in m.class_score_thresh)
+        and (not m.class_score_thresh or d.classes == (ALL_CLASSES,) or len(m.class_score_thresh) == len(d.classes)),
+        f"model.class_score_thresh={list(m.class_score_thresh)} must hold one threshold in [0, 1] per class "
+        f"of data.classes {list(d.classes)}, or none",
     )
     need(m.box_detections_per_img > 0, f"model.box_detections_per_img={m.box_detections_per_img} must be > 0")
     need(

@@ -2,7 +2,8 @@
 
     raw views (the image and each test-time flip, every candidate box kept)
     -> post-processing (the version's score threshold, NMS and top-k, replayed per tile)
-    -> flip fusion (eval.tta_views)  -> second look (a classifier rescoring what is kept)
+    -> flip fusion (eval.tta_views)  -> per-class thresholds (model.class_score_thresh)
+    -> second look (a classifier rescoring what is kept)
 
 built once from the config. Every stage works on caches (inference.Cache), so the evaluation of a
 split and the served model's one image run the same code: `evaluate`, `second-look`, `predict` and
@@ -24,7 +25,7 @@ from .config import Config
 from .inference import Cache, Item, Runtime, raw_inference
 from .postprocess import PostProcess
 from .progress import Bar
-from .tta import flip, fused_cache, fused_postprocess
+from .tta import flip, fused_cache, fused_postprocess, kept_cache
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,38 @@ class FuseFlips:
 
     def __call__(self, views: dict[str, Cache], step: Step, images: list[np.ndarray]) -> Step:
         return Step(fused_cache(views, step.pp, self.radius), fused_postprocess(self.thresh))
+
+
+@dataclass(frozen=True)
+class ClassThresholds:
+    """Each class kept above its own score threshold (label 1 first), after what came before."""
+
+    thresholds: tuple[float, ...]
+    radius: float
+
+    def __call__(self, views: dict[str, Cache], step: Step, images: list[np.ndarray]) -> Step:
+        kept = second_look.kept(step.cache, step.pp, self.radius)
+        bars = np.asarray(self.thresholds, np.float32)
+        parts = []
+        for i in range(len(kept)):
+            k = slice(*kept.det_range(i))
+            sel = kept.det_scores[k] > bars[kept.det_labels[k] - 1]
+            parts.append((kept.det_boxes[k][sel], kept.det_scores[k][sel], kept.det_labels[k][sel]))
+        # What passed is judged as kept: above the lowest threshold, which every survivor clears.
+        return Step(
+            kept_cache(kept, parts, {"class_score_thresh": list(self.thresholds)}), fused_postprocess(min(bars))
+        )
+
+
+def replay_stages(radius: float, tta_thresh: float | None, class_thresh: tuple[float, ...] = ()) -> tuple:
+    """The stages over caches that a version's flips and per-class thresholds add (tune replays
+    each trial's settings through them; Pipeline.of builds the same from a config)."""
+    stages: list[Stage] = []
+    if tta_thresh is not None:
+        stages.append(FuseFlips(tta_thresh, radius))
+    if class_thresh:
+        stages.append(ClassThresholds(tuple(class_thresh), radius))
+    return tuple(stages)
 
 
 @dataclass(frozen=True)
@@ -81,9 +114,8 @@ class Pipeline:
         rt: Runtime | None = None,
         progress: bool = True,
     ) -> Pipeline:
-        stages: list[Stage] = []
-        if cfg.eval.tta_views:
-            stages.append(FuseFlips(cfg.eval.tta_thresh, radius))
+        tta_thresh = cfg.eval.tta_thresh if cfg.eval.tta_views else None
+        stages = list(replay_stages(radius, tta_thresh, cfg.model.class_score_thresh))
         if second_look_net is not None:
             stages.append(SecondLook(second_look_net, cfg, rt or Runtime(torch.device("cpu")), radius, progress))
         return cls(PostProcess.of_config(cfg.model), radius, tuple(stages))

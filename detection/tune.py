@@ -39,7 +39,7 @@ from .evaluate import (
 from .inference import Cache
 from .matching import Counts
 from .metrics import Replayer, froc, score
-from .pipeline import FuseFlips, Pipeline
+from .pipeline import Pipeline, replay_stages
 from .postprocess import PostProcess
 from .predict import log_detector
 from .studies import (
@@ -282,50 +282,63 @@ def _log_trial(
     )
 
 
-class FusedReplay:
-    """Counts of a version with test-time flips, for any post-processing and fused threshold, from
-    the raw cache of each view (inferred once): the views are fused per trial, since what each view
-    keeps decides the fusion."""
+class PipelineReplay:
+    """Counts of a version whose pipeline has stages over caches (test-time flips, per-class
+    thresholds), for any post-processing and stage settings, from the raw cache of each view
+    (inferred once): the stages run per trial, since what post-processing keeps decides them."""
 
     def __init__(self, views: dict[str, Cache], radius: float):
         self.views, self.radius = views, radius
 
-    def judged(self, pp: PostProcess, tta_thresh: float) -> tuple[Cache, PostProcess]:
-        """What the version with these settings reports: its pipeline's flip fusion, run on the caches."""
-        step = Pipeline(pp, self.radius, (FuseFlips(tta_thresh, self.radius),)).run(self.views, [])
+    def judged(self, pp: PostProcess, tta_thresh: float | None, class_thresh=()) -> tuple[Cache, PostProcess]:
+        """What the version with these settings reports: its pipeline, run on the caches."""
+        step = Pipeline(pp, self.radius, replay_stages(self.radius, tta_thresh, class_thresh)).run(self.views, [])
         return step.cache, step.pp
 
-    def counts(self, pp: PostProcess, tta_thresh: float) -> Counts:
-        cache, fused_pp = self.judged(pp, tta_thresh)
-        return sum(score(cache, fused_pp, "greedy", self.radius).counts(), Counts(0, 0, 0))
+    def counts(self, pp: PostProcess, tta_thresh: float | None, class_thresh=()) -> Counts:
+        cache, kept_pp = self.judged(pp, tta_thresh, class_thresh)
+        return sum(score(cache, kept_pp, "greedy", self.radius).counts(), Counts(0, 0, 0))
 
-    def froc(self, pp: PostProcess, tta_thresh: float) -> dict[str, float]:
-        cache, fused_pp = self.judged(pp, tta_thresh)
+    def froc(self, pp: PostProcess, tta_thresh: float | None, class_thresh=()) -> dict[str, float]:
+        cache, kept_pp = self.judged(pp, tta_thresh, class_thresh)
         replayer = Replayer(cache, "greedy", self.radius)
-        return froc(replayer.table(fused_pp, replayer.thresholds(fused_pp)))
+        return froc(replayer.table(kept_pp, replayer.thresholds(kept_pp)))
+
+
+def trial_class_thresh(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    return tuple(trial.user_attrs.get("pp.class_score_thresh", ()))
 
 
 def trial_tta_thresh(trial: optuna.trial.FrozenTrial) -> float | None:
     return trial.user_attrs.get("tta.tta_thresh")
 
 
-def postprocess_objective(s: Study, replayer: Replayer, fused: FusedReplay | None = None):
+def postprocess_objective(s: Study, replayer: Replayer, staged: PipelineReplay | None = None):
+    """Each trial's settings replayed on the val caches: the fast replay for a plain version, the
+    pipeline's stages when the version has flips (whose threshold joins the search) or several
+    classes (a threshold per class joins it)."""
     multiclass = s.config.model.num_classes > 2
     space = s.req.space()
     by_froc = s.req.objective == "froc"
+    classes = s.config.data.classes if multiclass else ()
 
     def objective(trial: optuna.Trial):
         pp = suggest_postprocess(trial, space, multiclass)
         params = {f"pp.{k}": v for k, v in pp.__dict__.items()}
-        if fused is None:
+        if staged is None:
             counts = replayer.counts(pp)
             reading = (lambda: froc(replayer.table(pp, replayer.thresholds(pp)))) if by_froc else dict
-        else:  # the fusion's threshold joins the search
-            tta_thresh = trial.suggest_float("tta_thresh", *space["tta_thresh"])
-            trial.set_user_attr("tta.tta_thresh", tta_thresh)
-            params["tta.tta_thresh"] = tta_thresh
-            counts = fused.counts(pp, tta_thresh)
-            reading = (lambda: fused.froc(pp, tta_thresh)) if by_froc else dict
+        else:
+            tta_thresh = trial.suggest_float("tta_thresh", *space["tta_thresh"]) if s.config.eval.tta_views else None
+            if tta_thresh is not None:
+                trial.set_user_attr("tta.tta_thresh", tta_thresh)
+                params["tta.tta_thresh"] = tta_thresh
+            per_class = tuple(trial.suggest_float(f"score_thresh.{c}", *space["score_thresh"]) for c in classes)
+            if per_class:
+                trial.set_user_attr("pp.class_score_thresh", list(per_class))
+                params |= {f"pp.score_thresh.{c}": t for c, t in zip(classes, per_class, strict=True)}
+            counts = staged.counts(pp, tta_thresh, per_class)
+            reading = (lambda: staged.froc(pp, tta_thresh, per_class)) if by_froc else dict
         curve = reading()  # the FROC of what the trial keeps, over its thresholds (objective froc only)
         _log_trial(s, trial, params, counts, curve=curve)
         if s.req.objective == "pareto" and counts.tp + counts.fp == 0:
@@ -550,21 +563,20 @@ class PostprocessStudy:
             test_run, test_cache = cached_evaluation(Request(ref.pinned, req.data_dir, "test", req.protocol), s.parent)
         flips = [v for v in cfg.eval.tta_views if v != "none"]
         radius = val_cache.meta["match_radius"]
-        fused = (
-            FusedReplay({"none": val_cache} | load_view_caches(val_run, flips), radius) if cfg.eval.tta_views else None
-        )
+        staged = cfg.eval.tta_views or cfg.model.num_classes > 2
+        replay = PipelineReplay({"none": val_cache} | load_view_caches(val_run, flips), radius) if staged else None
         test_views = {"none": test_cache} | load_view_caches(test_run, flips)
-        return postprocess_objective(s, Replayer(val_cache, "greedy", radius), fused), test_views
+        return postprocess_objective(s, Replayer(val_cache, "greedy", radius), replay), test_views
 
     @staticmethod
     def chosen_on_test(s: Study, chosen, tr: tracking.Tracker, test_views: dict[str, Cache]):
         """The chosen settings replayed on the test cache, logged in the study's run."""
-        pp, tta_thresh = trial_postprocess(chosen), trial_tta_thresh(chosen)
+        pp, tta_thresh, per_class = trial_postprocess(chosen), trial_tta_thresh(chosen), trial_class_thresh(chosen)
         chosen_params = pp.__dict__ | ({"tta_thresh": tta_thresh} if tta_thresh is not None else {})
+        chosen_params |= {"class_score_thresh": list(per_class)} if per_class else {}
         radius = test_views["none"].meta["match_radius"]
-        # The chosen version's own pipeline (its flips fused when it has them), run on the test caches.
-        stages = () if tta_thresh is None else (FuseFlips(tta_thresh, radius),)
-        step = Pipeline(pp, radius, stages).run(test_views, [])
+        # The chosen version's own pipeline (flips fused, classes thresholded), run on the test caches.
+        step = Pipeline(pp, radius, replay_stages(radius, tta_thresh, per_class)).run(test_views, [])
         report = judge(step.cache, step.pp, "greedy", radius)
         log_report(tr, "test", report, step.cache, [], step.pp)
         return report.metrics, chosen_params
@@ -576,6 +588,8 @@ class PostprocessStudy:
         tta_thresh = trial_tta_thresh(chosen)
         overrides = trial_postprocess(chosen).as_overrides()
         overrides += [f"eval.tta_thresh={tta_thresh}"] if tta_thresh is not None else []
+        per_class = trial_class_thresh(chosen)
+        overrides += [f"model.class_score_thresh=[{','.join(map(str, per_class))}]"] if per_class else []
         cfg = replace(s.config.replace(*overrides), name=f"{s.config.name}+{s.req.study}")
         model_uri = log_detector(cfg, s.model)
         tr.client.log_text(tr.run_id, recorded_split(s.ref).to_json(), "split.json")

@@ -278,6 +278,19 @@ def test_qupath_round_trip_fine_tunes_a_registered_version_that_records_its_pare
     for c in ("tumor", "non_tumor", "any_class"):
         assert np.isfinite(run.data.metrics[f"test/{c}/detection_rate"])
 
+    # A postprocess study of the two-class version searches a threshold per class, and the version
+    # it registers carries them.
+    studied = run_cli(
+        "tune", "--model", f"models:/brecahad-faster-rcnn/{child.version}", "--data-dir", str(out),
+        "--study", "per-class", "--n-trials", "6", cwd=work, env=env,
+    )  # fmt: skip
+    assert studied.returncode == 0, studied.stderr[-3000:]
+    tuned_version = client.get_model_version_by_alias("brecahad-faster-rcnn", "challenger")
+    assert int(tuned_version.version) > int(child.version)
+    carried = mlflow.pyfunc.load_model(f"models:/brecahad-faster-rcnn/{tuned_version.version}")
+    thresholds = carried.unwrap_python_model().config.model.class_score_thresh
+    assert len(thresholds) == 2 and all(0 <= t <= 1 for t in thresholds)
+
 
 def _near(xy, cells: np.ndarray, radius: float) -> bool:
     return bool(len(cells)) and float(np.min(np.hypot(*(cells - np.asarray(xy)).T))) <= radius

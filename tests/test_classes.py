@@ -1,0 +1,61 @@
+"""Every class (issue 25): per-class thresholds are one pipeline stage, which evaluate, predict
+and tune's replay all run, and a version carries them in its config."""
+
+import numpy as np
+import pytest
+
+from detection.config import ConfigError, load
+from detection.evaluate import judge
+from detection.pipeline import ClassThresholds, Pipeline
+from detection.postprocess import PostProcess
+from tests.conftest import SMOKE
+from tests.test_metrics import make_cache
+
+KEEP_ALL = PostProcess(0.0, 1.0, 1000, False)
+# One image: two tumour cells (label 1) and two lymphocytes (label 2), each found, plus a weak
+# false positive of each class.
+ITEMS = [
+    (
+        [
+            (20, 20, 0.9, 1),
+            (60, 60, 0.5, 1),
+            (100, 100, 0.9, 2),
+            (140, 140, 0.35, 2),
+            (180, 20, 0.3, 1),
+            (20, 180, 0.2, 2),
+        ],
+        [(20, 20, 1), (60, 60, 1), (100, 100, 2), (140, 140, 2)],
+    )
+]
+
+
+def test_each_class_is_kept_above_its_own_threshold():
+    cache = make_cache(ITEMS, classes=("tumor", "lymphocyte"))
+    pooled = judge(cache, PostProcess(0.25, 1.0, 1000, False), "greedy", 10).metrics
+    assert (pooled["tp"], pooled["fp"]) == (4, 1)  # one threshold cannot drop the tumour FP (0.3) and keep 0.35
+    step = Pipeline(KEEP_ALL, 10, (ClassThresholds((0.4, 0.25), 10),)).run({"none": cache}, [])
+    per_class = judge(step.cache, step.pp, "greedy", 10).metrics
+    assert (per_class["tp"], per_class["fp"], per_class["fn"]) == (4, 0, 0)
+    assert per_class["tumor/fp"] == 0 and per_class["lymphocyte/tp"] == 2
+
+
+def test_a_version_carries_its_thresholds_and_the_pipeline_built_from_it_applies_them():
+    cfg = load(SMOKE, ["data.classes=[tumor,lymphocyte]", "model.num_classes=3", "model.class_score_thresh=[0.4,0.25]"])
+    pipe = Pipeline.of(cfg, 10)
+    assert [type(s).__name__ for s in pipe.stages] == ["ClassThresholds"]
+    cache = make_cache(ITEMS, classes=("tumor", "lymphocyte"))
+    step = Pipeline(KEEP_ALL, 10, pipe.stages).run({"none": cache}, [])
+    assert sorted(step.cache.det_scores.tolist()) == pytest.approx([0.35, 0.5, 0.9, 0.9])
+    with pytest.raises(ConfigError, match="one threshold in \\[0, 1\\] per class"):
+        load(SMOKE, ["model.class_score_thresh=[0.4,0.25]"])  # two thresholds, one class
+
+
+def test_tunes_replay_of_per_class_thresholds_is_the_pipelines():
+    from detection.tune import PipelineReplay
+
+    cache = make_cache(ITEMS, classes=("tumor", "lymphocyte"))
+    replay = PipelineReplay({"none": cache}, 10)
+    counts = replay.counts(KEEP_ALL, None, (0.4, 0.25))
+    assert (counts.tp, counts.fp, counts.fn) == (4, 0, 0)
+    assert replay.counts(KEEP_ALL, None, ()).fp == 2
+    assert np.isfinite(replay.froc(KEEP_ALL, None, (0.4, 0.25))["froc"])
