@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .data import DATASET_FILE, MIN_SIDE, tiff_mpp
+from .data import DATASET_FILE, MAX_POINTS_PER_IMAGE, MIN_SIDE, tiff_mpp
 from .errors import DetectionError
 
 FORMATS = ("qupath", "coco", "csv")
@@ -378,6 +378,11 @@ def _place(cells: list[Cell], shapes, mpp: float, req: ImportRequest, problems: 
     by_image: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n in shapes}
     for image, group in _grouped(cells).items():
         h, w = shapes[image]
+        if len(group) > MAX_POINTS_PER_IMAGE:
+            problems.append(
+                f"{image}: {len(group):,} cells, more than the {MAX_POINTS_PER_IMAGE:,} an image's annotation holds"
+            )
+            continue
         xy = np.array([(c.x * scale, c.y * scale) for c in group])
         outside = ~((xy[:, 0] >= 0) & (xy[:, 0] <= w) & (xy[:, 1] >= 0) & (xy[:, 1] <= h)) | ~np.isfinite(xy).all(1)
         for k in np.flatnonzero(outside)[:3]:

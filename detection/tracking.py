@@ -245,9 +245,11 @@ def load_model(ref: ModelRef):
     return pyfunc.unwrap_python_model()
 
 
-def check_reachable(timeout: float = 5.0) -> None:
+def check_reachable(timeout: float = 30.0) -> None:
     """Fail fast, instead of MLflow's minutes of retries, when a tracking server does not answer,
-    refuses the login, or cannot reach its artifact store: before any epoch or trial."""
+    refuses the login, or cannot reach its artifact store: before any epoch or trial. A refused
+    connection fails at once; `timeout` is for a server that accepts and then stalls (a busy
+    server on a loaded machine took over 5 s to answer a search)."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
@@ -272,6 +274,11 @@ def check_reachable(timeout: float = 5.0) -> None:
                 )
             ) from None
         raise TrackingError(f"tracking server {uri} answered HTTP {e.code} to a search: {_reason(e)}") from None
+    except (urllib.error.URLError, OSError) as e:  # a stalled answer (TimeoutError), a dropped connection
+        raise TrackingError(
+            f"tracking server {uri} did not answer a search within {timeout:.0f} s ({e}); check that it is not "
+            f"overloaded and that its backend store (--backend-store-uri) answers"
+        ) from None
     _check_artifact_store(uri)
 
 

@@ -233,6 +233,15 @@ def test_a_promotion_under_mlflow_run_is_one_run_named_for_it_with_its_evaluatio
     pinned = f"models:/brecahad-faster-rcnn/{version.version}"
     tuned = run_cli("evaluate", "--model", pinned, "--data-dir", str(synth_dir), "--split", "test", cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-3000:]  # as tune evaluates the version it registers
+    # An earlier test may have evaluated the version on val in the shared store this copy came from
+    # (under pytest-xdist, another order of tests): this copy forgets it, so promote must make one.
+    everywhere = [e.experiment_id for e in api.search_experiments()]
+    val_runs = (
+        "tags.`detection.evaluation` = 'true' and tags.`detection.split` = 'val' and "
+        f"tags.`detection.model_version` = '{version.version}'"
+    )
+    for earlier in api.search_runs(everywhere, val_runs):
+        api.delete_run(earlier.info.run_id)
     before = {r.info.run_id for r in api.search_runs([experiment])}
     result = run_cli(
         "promote", "--candidate", SOURCE, "--data-dir", str(synth_dir), cwd=tmp_path, env={"MLFLOW_RUN_ID": launched}

@@ -95,3 +95,36 @@ def test_logging_a_split_with_cell_counts_prints_no_warning(store):
     assert [str(w.message)[:60] for w in caught] == []
     schema = json.loads(tracking.get_run(tr.run_id).inputs.dataset_inputs[0].dataset.schema)
     assert {c["name"]: c["type"] for c in schema["mlflow_colspec"]}["cells"] == "long"  # counts stay integers
+
+
+def test_a_server_that_stalls_on_a_search_is_named_not_a_traceback(monkeypatch):
+    """Found under load: a server that answered /health but took over 5 s to answer a search made
+    `train` end in a TimeoutError traceback. The stall here never ends, so no clock is raced."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/health":
+                release.wait(30)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri, before = f"http://127.0.0.1:{server.server_address[1]}", mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.raises(tracking.TrackingError, match="did not answer a search within 1 s"):
+            tracking.check_reachable(timeout=1.0)
+    finally:
+        release.set()
+        server.shutdown()
+        mlflow.set_tracking_uri(before)
