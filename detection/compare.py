@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import figures, tracking
+from . import figures, second_look, tracking
 from .choices import COMPARE_AXES, MATCHERS, PREFIX_MATCHERS, PROTOCOLS
 from .evaluate import EvaluationError, Request, earlier_evaluation, evaluate, load_cache, load_pipeline_cache
 from .inference import Cache
 from .metrics import FROC_TARGETS, MIN_UNITS, case_of, counted_area_mm2, fdr_at, rates, threshold_counts
 from .postprocess import PostProcess
-from .tta import fused_postprocess
+from .tta import fused_postprocess, kept_cache
 
 TARGETS = {"fdr": (0.90, 0.95, 0.99), "froc": FROC_TARGETS}
 EXPERIMENT = "brecahad"
@@ -168,6 +168,31 @@ def interval(units: Units, read, seed: int, n: int) -> Interval:
 # --- the comparison ------------------------------------------------------------------------------
 
 
+def class_view(cache: Cache, pp: PostProcess, label: int) -> tuple[Cache, PostProcess]:
+    """One class of what the version keeps: post-processed with every class, as it runs (down to
+    threshold 0, so the sweep sees every score), then that class's detections and cells alone."""
+    kept = second_look.kept(cache, replace(pp, score_thresh=0.0), cache.meta["match_radius"])
+    parts = []
+    for i in range(len(kept)):
+        k = slice(*kept.det_range(i))
+        mine = kept.det_labels[k] == label
+        parts.append((kept.det_boxes[k][mine], kept.det_scores[k][mine], kept.det_labels[k][mine]))
+    one = kept_cache(kept, parts, {})
+    cells = one.gt_labels == label
+    one = replace(one, gt_item=one.gt_item[cells], gt_points=one.gt_points[cells], gt_labels=one.gt_labels[cells])
+    return one, fused_postprocess(0.0)
+
+
+def views_of(cache: Cache, pp: PostProcess) -> list[tuple[str, Cache, PostProcess]]:
+    """(class, cache, post-processing) to read curves off: every class pooled (`all`), then, with
+    several classes, each one on its own."""
+    out = [("all", cache, pp)]
+    if cache.n_classes > 1:
+        names = list(cache.meta.get("classes", [])) or [str(c) for c in range(1, cache.n_classes + 1)]
+        out += [(name, *class_view(cache, pp, label)) for label, name in enumerate(names, start=1)]
+    return out
+
+
 def compare(req: CompareRequest) -> tuple[str, pd.DataFrame]:
     """Evaluate (or reuse evaluations of) every version and log the comparison as one run."""
     req.check()
@@ -177,16 +202,18 @@ def compare(req: CompareRequest) -> tuple[str, pd.DataFrame]:
     with tracking.run(EXPERIMENT, name=f"compare {req.split} {req.protocol} {req.axis}") as tr:
         curves, per_version = {}, []
         for ref in refs:
-            run_id, cache, pp = judged(req, ref, radius_um, tr.run_id)
-            images, thresholds, counts = threshold_counts(cache, pp, req.matching, cache.meta["match_radius"])
-            units = Units.of(cache, images, counts)
-            label = f"{ref.name} v{ref.version}"
-            pooled, area = units.pooled()
-            dr, fdr = rates(pooled)
-            curves[label] = pd.DataFrame(
-                {"threshold": thresholds, "detection_rate": dr, "fdr": fdr, "fp_per_mm2": pooled[:, 1] / area}
-            )
-            per_version.append((ref, run_id, label, units, pp))
+            run_id, judged_cache, judged_pp = judged(req, ref, radius_um, tr.run_id)
+            for cls, cache, pp in views_of(judged_cache, judged_pp):
+                images, thresholds, counts = threshold_counts(cache, pp, req.matching, cache.meta["match_radius"])
+                units = Units.of(cache, images, counts)
+                label = f"{ref.name} v{ref.version}" + ("" if cls == "all" else f" {cls}")
+                if cls == "all":  # the figure's curves: what each version keeps, every class pooled
+                    pooled, area = units.pooled()
+                    dr, fdr = rates(pooled)
+                    curves[label] = pd.DataFrame(
+                        {"threshold": thresholds, "detection_rate": dr, "fdr": fdr, "fp_per_mm2": pooled[:, 1] / area}
+                    )
+                per_version.append((ref, run_id, label, units, judged_pp, cls))
         targets = list(req.goals)
         if req.axis == "fdr":
             reachable = highest_common(curves)
@@ -203,10 +230,11 @@ def highest_common(curves: dict[str, pd.DataFrame]) -> float:
 
 
 def _row(
-    req: CompareRequest, targets: list[float], ref, run_id: str, label: str, units: Units, pp: PostProcess
+    req: CompareRequest, targets: list[float], ref, run_id: str, label: str, units: Units, pp: PostProcess, cls: str
 ) -> dict:
     row = {
         "version": label,
+        "class": cls,
         "model": ref.pinned,
         "evaluation_run": run_id,
         "ci_unit": units.unit,
@@ -241,7 +269,7 @@ def _log(
             "matching": req.matching,
             "axis": req.axis,
             "match_radius_um": f"{radius_um:g}",
-            "versions": ", ".join(table.version),
+            "versions": ", ".join(table.version[table["class"] == "all"]),
         }
         | ({"highest_common_detection_rate": f"{targets[-1]:.4f}"} if req.axis == "fdr" else {})
     )

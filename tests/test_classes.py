@@ -59,3 +59,18 @@ def test_tunes_replay_of_per_class_thresholds_is_the_pipelines():
     assert (counts.tp, counts.fp, counts.fn) == (4, 0, 0)
     assert replay.counts(KEEP_ALL, None, ()).fp == 2
     assert np.isfinite(replay.froc(KEEP_ALL, None, (0.4, 0.25))["froc"])
+
+
+def test_compare_reads_each_class_off_what_the_version_keeps_and_the_classes_sum_to_the_pooled():
+    from detection.compare import views_of
+    from detection.metrics import threshold_counts
+
+    cache = make_cache(ITEMS, classes=("tumor", "lymphocyte"))
+    cache.meta["match_radius"] = 10
+    views = views_of(cache, PostProcess(0.05, 0.5, 100, False))
+    assert [name for name, _, _ in views] == ["all", "tumor", "lymphocyte"]
+    grid = np.round(np.arange(0, 1, 0.05), 2)
+    counts = {name: threshold_counts(c, pp, "greedy", 10, grid)[2].sum(0) for name, c, pp in views}
+    assert np.array_equal(counts["tumor"] + counts["lymphocyte"], counts["all"])
+    assert counts["tumor"][grid.tolist().index(0.4)].tolist() == [2, 0, 0]  # at 0.4: both cells, no FP
+    assert counts["lymphocyte"][grid.tolist().index(0.4)].tolist() == [1, 0, 1]
