@@ -153,21 +153,16 @@ def _centres(geometry: dict) -> list[tuple[float, float]]:
     import shapely.validation
 
     kind, coords = geometry.get("type"), geometry.get("coordinates")
+    if kind not in ("Point", "MultiPoint", "Polygon", "MultiPolygon"):
+        raise ValueError(f"geometry {kind!r} is not a cell (Point, MultiPoint, Polygon, MultiPolygon)")
     try:
         if kind == "Point":
             return [(float(coords[0]), float(coords[1]))]
         if kind == "MultiPoint":
             return [(float(c[0]), float(c[1])) for c in coords]
-        if kind in ("Polygon", "MultiPolygon"):
-            shape = shapely.geometry.shape(geometry)
-        else:
-            raise ValueError(f"geometry {kind!r} is not a cell (Point, MultiPoint, Polygon, MultiPolygon)")
-    except (TypeError, IndexError, KeyError, AttributeError) as e:
+        shape = shapely.geometry.shape(geometry)
+    except (TypeError, IndexError, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{kind} with malformed coordinates ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        if "not a cell" in str(e):
-            raise
-        raise ValueError(f"{kind} with malformed coordinates ({e})") from None
     if not shape.is_valid:
         raise ValueError(
             f"{kind} is not a valid polygon ({shapely.validation.explain_validity(shape)}); fix it in QuPath"
@@ -321,7 +316,9 @@ def build(req: ImportRequest) -> Dataset:
     shapes, mpps = {}, {}
     for name, path in images.items():
         try:
-            shapes[name] = read_rgb(path).shape[:2]  # every pixel read: a truncated file is found here
+            # Every pixel read, so a truncated file is found before anything is written; `write` reads
+            # each image again rather than hold them all in memory.
+            shapes[name] = read_rgb(path).shape[:2]
         except ValueError as e:
             problems.append(str(e))
             continue
