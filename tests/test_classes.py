@@ -74,3 +74,33 @@ def test_compare_reads_each_class_off_what_the_version_keeps_and_the_classes_sum
     assert np.array_equal(counts["tumor"] + counts["lymphocyte"], counts["all"])
     assert counts["tumor"][grid.tolist().index(0.4)].tolist() == [2, 0, 0]  # at 0.4: both cells, no FP
     assert counts["lymphocyte"][grid.tolist().index(0.4)].tolist() == [1, 0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_model_trained_on_two_classes_finds_each_above_chance(synth_dir, tmp_path):
+    """Synthetic tumour and non-tumour cells trained together (data.classes=[tumor,non_tumor]): on the
+    test split each class's detection rate beats what as many detections of that class, scattered at
+    random, could reach (1 - exp(-N pi r^2 / A) bounds it: a cell is hit if any lands within r)."""
+    import math
+
+    import mlflow
+
+    from tests.conftest import run_cli, train_tiny
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    trained = train_tiny(
+        synth_dir, "train.epochs=4 data.classes=[tumor,non_tumor] model.num_classes=3", cwd=tmp_path, env=env
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    judged = run_cli(
+        "evaluate", "--model", "models:/brecahad-faster-rcnn/1", "--data-dir", str(synth_dir), cwd=tmp_path, env=env
+    )
+    assert judged.returncode == 0, judged.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    m = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName LIKE 'evaluate%'").iloc[0]
+    disc_mm2 = math.pi * (7.5e-3) ** 2  # the match radius, 7.5 um
+    for c in ("tumor", "non_tumor"):
+        found = m[f"metrics.test/{c}/tp"] + m[f"metrics.test/{c}/fp"]
+        chance = 1 - math.exp(-found * disc_mm2 / m["metrics.test/area_mm2"])
+        assert m[f"metrics.test/{c}/detection_rate"] > chance + 0.1, (c, m[f"metrics.test/{c}/detection_rate"], chance)
