@@ -2,8 +2,9 @@
 
 Reads cell points from QuPath GeoJSON ("Export objects as GeoJSON": a FeatureCollection, a list of
 features, or one feature per line; a polygon is taken at its centroid), COCO JSON (keypoints, or
-boxes at their centres) or a CSV of `image, x, y, class`, with their images (TIFF, PNG, JPEG), and
-writes images/NAME.tif (with its resolution) + groundTruth/NAME.json + dataset.json (class map, µm
+boxes at their centres) or a CSV of `image, x, y, class`, with their images (TIFF, PNG, JPEG, or
+regions of whole slides: an unclassified polygon around the cells, else their box), and writes
+images/NAME.tif (with its resolution) + groundTruth/NAME.json + dataset.json (class map, µm
 per px, source digests, counts per class). validate, train, evaluate and tune read the result as
 they read BreCaHAD. Everything is read and checked first; the folder appears whole or not at all.
 """
@@ -27,6 +28,10 @@ from .errors import DetectionError
 
 FORMATS = ("qupath", "coco", "csv")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+# Whole slides: annotated regions of them are imported as images (a tiled, pyramidal TIFF is one too).
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".svslide")
+REGION_MARGIN = 64  # px around a slide's cells when no region is drawn
+MAX_REGION_SIDE = 8192  # px: a region is an image the model sees whole, not a slide
 # QuPath objects that stand for cells; others (a TMA core, a tile) are not one.
 CELL_OBJECTS = ("annotation", "detection", "cell")
 MAX_PROBLEMS = 20  # listed in full; a broken export would otherwise print thousands of lines
@@ -55,6 +60,7 @@ class Cell:
     y: float  # px, y down
     cls: str | None  # None: unclassified
     where: str  # file and feature/row, for messages
+    bounds: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 of a polygon
 
 
 @dataclass
@@ -140,15 +146,16 @@ def _qupath_feature(out: Read, feature, image: str, where: str) -> None:
         return
     named = (props.get("classification") or {}).get("name") if isinstance(props.get("classification"), dict) else None
     try:
-        points = _centres(feature["geometry"])
+        points, bounds = _centres(feature["geometry"])
     except ValueError as e:
         out.problems.append(f"{where}: {e}")
         return
-    out.cells.extend(Cell(image, x, y, named, where) for x, y in points)
+    out.cells.extend(Cell(image, x, y, named, where, bounds) for x, y in points)
 
 
-def _centres(geometry: dict) -> list[tuple[float, float]]:
-    """A Point or each point of a MultiPoint; a (Multi)Polygon at its centroid, refused when invalid."""
+def _centres(geometry: dict) -> tuple[list[tuple[float, float]], tuple | None]:
+    """A Point or each point of a MultiPoint; a (Multi)Polygon at its centroid, refused when
+    invalid, with its bounds (an unclassified polygon on a slide is the region annotated)."""
     import shapely.geometry
     import shapely.validation
 
@@ -157,9 +164,9 @@ def _centres(geometry: dict) -> list[tuple[float, float]]:
         raise ValueError(f"geometry {kind!r} is not a cell (Point, MultiPoint, Polygon, MultiPolygon)")
     try:
         if kind == "Point":
-            return [(float(coords[0]), float(coords[1]))]
+            return [(float(coords[0]), float(coords[1]))], None
         if kind == "MultiPoint":
-            return [(float(c[0]), float(c[1])) for c in coords]
+            return [(float(c[0]), float(c[1])) for c in coords], None
         shape = shapely.geometry.shape(geometry)
     except (TypeError, IndexError, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{kind} with malformed coordinates ({type(e).__name__}: {e})") from None
@@ -169,7 +176,7 @@ def _centres(geometry: dict) -> list[tuple[float, float]]:
         )
     if shape.is_empty or shape.area == 0:
         raise ValueError(f"{kind} encloses no area")
-    return [(shape.centroid.x, shape.centroid.y)]
+    return [(shape.centroid.x, shape.centroid.y)], tuple(float(v) for v in shape.bounds)
 
 
 def read_coco(src: Path) -> Read:
@@ -245,7 +252,81 @@ READERS = {"qupath": read_qupath, "coco": read_coco, "csv": read_csv}
 
 def image_paths(folder: Path) -> dict[str, Path]:
     files = [folder] if folder.is_file() else sorted(folder.iterdir())
-    return {p.stem: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    return {p.stem: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES + SLIDE_SUFFIXES}
+
+
+def is_slide(path: Path) -> bool:
+    """A whole slide: a scanner's format, or a tiled TIFF with more than one page (a pyramid)."""
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.pages[0].is_tiled and len(tif.pages) > 1
+    except Exception:  # read_rgb names an unreadable file
+        return False
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an imported image's pixels come from: a whole file, or a box of a slide's level 0."""
+
+    path: Path
+    box: tuple[int, int, int, int] | None = None  # x, y, w, h in slide px
+    mpp: float | None = None  # a slide's recorded (or --mpp) resolution
+
+    def read(self) -> np.ndarray:
+        if self.box is None:
+            return read_rgb(self.path)
+        from .slides import open_slide
+
+        return open_slide(self.path, self.mpp).read(*self.box)
+
+
+def slide_regions(cells: list[Cell], slides: dict[str, Path], req: ImportRequest, problems: list[str]):
+    """Each slide's annotated regions as images NAME-rK, and its cells moved into them. A region is
+    an unclassified polygon drawn around the cells (QuPath), else the box around all of a slide's
+    cells with a margin; a cell outside every region is refused."""
+    from .slides import SlideError, open_slide
+
+    sources, moved = {}, [c for c in cells if c.image not in slides]
+    for name, path in slides.items():
+        try:
+            slide = open_slide(path, req.mpp)
+        except SlideError as e:
+            problems.append(str(e))
+            continue
+        mine = [c for c in cells if c.image == name]
+        outlines = [c.bounds for c in mine if c.cls is None and c.bounds]
+        points = [c for c in mine if not (c.cls is None and c.bounds)]
+        if not outlines and points:
+            xs, ys = [c.x for c in points], [c.y for c in points]
+            outlines = [
+                (min(xs) - REGION_MARGIN, min(ys) - REGION_MARGIN, max(xs) + REGION_MARGIN, max(ys) + REGION_MARGIN)
+            ]
+        w, h = slide.size
+        boxes = []
+        for x0, y0, x1, y1 in outlines:
+            x0, y0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+            box = (x0, y0, min(w, int(np.ceil(x1))) - x0, min(h, int(np.ceil(y1))) - y0)
+            if max(box[2:]) > MAX_REGION_SIDE or min(box[2:]) < MIN_SIDE:
+                problems.append(
+                    f"{path}: a region of {box[2]}x{box[3]} px at ({x0}, {y0}); regions are {MIN_SIDE} to "
+                    f"{MAX_REGION_SIDE} px a side: draw an unclassified rectangle around each annotated area"
+                )
+                continue
+            boxes.append(box)
+        for k, box in enumerate(boxes, start=1):
+            sources[f"{name}-r{k}"] = Source(path, box, slide.mpp)
+        for c in points:
+            inside = [k for k, (x, y, bw, bh) in enumerate(boxes, start=1) if x <= c.x <= x + bw and y <= c.y <= y + bh]
+            if not inside:
+                problems.append(f"{c.where}: ({c.x:.1f}, {c.y:.1f}) px lies outside every region of {path}")
+                continue
+            x, y = boxes[inside[0] - 1][:2]
+            moved.append(Cell(f"{name}-r{inside[0]}", c.x - x, c.y - y, c.cls, c.where))
+    return sources, moved
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -281,7 +362,7 @@ class Dataset:
     classes: tuple[str, ...]
     mpp: float
     points: dict[str, dict[str, list[tuple[float, float]]]]  # image -> class -> px points
-    images: dict[str, Path]
+    images: dict[str, Source]
     shapes: dict[str, tuple[int, int]]  # (height, width)
     unannotated: list[str]
     skipped: int  # unclassified objects left out
@@ -299,10 +380,13 @@ def build(req: ImportRequest) -> Dataset:
     req.check()
     read = READERS[req.format](req.src)
     problems = list(read.problems)
-    images = image_paths(req.images)
-    if not images:
-        raise AnnotationError([f"{req.images}: no image ({', '.join(IMAGE_SUFFIXES)})"])
-    cells = [c if c.cls else Cell(c.image, c.x, c.y, req.default_class or None, c.where) for c in read.cells]
+    paths = image_paths(req.images)
+    if not paths:
+        raise AnnotationError([f"{req.images}: no image ({', '.join(IMAGE_SUFFIXES + SLIDE_SUFFIXES)})"])
+    slides = {n: p for n, p in paths.items() if is_slide(p)}
+    regions, cells = slide_regions(read.cells, slides, req, problems)
+    images = {n: Source(p) for n, p in paths.items() if n not in slides} | regions
+    cells = [c if c.cls else Cell(c.image, c.x, c.y, req.default_class or None, c.where) for c in cells]
     skipped = sum(c.cls is None for c in cells)
     cells = [c for c in cells if c.cls is not None]
     classes = req.classes or tuple(sorted({c.cls for c in cells}))
@@ -314,15 +398,16 @@ def build(req: ImportRequest) -> Dataset:
         elif c.cls not in classes:
             problems.append(f"{c.where}: class {c.cls!r} is outside the class map ({', '.join(classes)})")
     shapes, mpps = {}, {}
-    for name, path in images.items():
+    for name, source in images.items():
+        path = source.path
         try:
             # Every pixel read, so a truncated file is found before anything is written; `write` reads
             # each image again rather than hold them all in memory.
-            shapes[name] = read_rgb(path).shape[:2]
-        except ValueError as e:
+            shapes[name] = source.read().shape[:2]
+        except (ValueError, DetectionError) as e:
             problems.append(str(e))
             continue
-        mpps[name] = req.mpp or image_mpp(path)
+        mpps[name] = source.mpp or req.mpp or image_mpp(path)
         declared = read.sizes.get(name)
         if declared and declared != (shapes[name][1], shapes[name][0]):
             problems.append(
@@ -414,8 +499,8 @@ def write(ds: Dataset, req: ImportRequest) -> Path:
         (staging / "images").mkdir()
         (staging / "groundTruth").mkdir()
         per_cm = 1e4 / ds.mpp
-        for name, path in ds.images.items():
-            image = read_rgb(path)
+        for name, source in ds.images.items():
+            image = source.read()
             tifffile.imwrite(
                 staging / "images" / f"{name}.tif",
                 image,
@@ -449,6 +534,7 @@ def summary(ds: Dataset, req: ImportRequest) -> dict:
         "counts": ds.counts(),
         "unannotated": ds.unannotated,
         "unclassified_skipped": ds.skipped,
+        "regions": {n: {"slide": str(src.path), "box_xywh": list(src.box)} for n, src in ds.images.items() if src.box},
     }
 
 

@@ -353,7 +353,12 @@ def _add_import(sub) -> None:
     )
     p.add_argument("src", type=Path, help="the annotations: a GeoJSON file or a folder of them, a COCO JSON, a CSV")
     p.add_argument("--format", required=True, choices=("qupath", "coco", "csv"), help="the annotations' format")
-    p.add_argument("--images", type=Path, required=True, help="folder of the images (TIFF, PNG, JPEG), by file stem")
+    p.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="folder of the images (TIFF, PNG, JPEG) or whole slides (regions of them), by file stem",
+    )
     p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (new or empty)")
     p.add_argument(
         "--mpp", type=_optional_float, default=None, help="um per pixel of images that record none (BreCaHAD: 0.514)"

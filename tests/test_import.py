@@ -46,8 +46,8 @@ def square(x0, y0, side):
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def imported(tmp_path, src, fmt, images, **options):
-    req = ImportRequest(src, fmt, images, tmp_path / "dataset", **({"mpp": MPP} | options))
+def imported(tmp_path, src, fmt, images, out="dataset", **options):
+    req = ImportRequest(src, fmt, images, tmp_path / out, **({"mpp": MPP} | options))
     return req, build(req)
 
 
@@ -310,3 +310,54 @@ def test_a_version_of_another_architecture_is_refused_as_a_start(tmp_path):
     child = build_model(three, start=parent.state_dict())  # a fresh predictor for three classes
     assert torch.equal(child.backbone.body.conv1.weight, parent.backbone.body.conv1.weight)
     assert child.roi_heads.box_predictor.cls_score.out_features == 3
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """A pyramidal TIFF slide of two real fields on white, at 0.25 um/px, and the fields' origins."""
+    pytest.importorskip("tiffslide", reason="the slides extra: pip install -e '.[slides]'")
+    from detection.synth import mosaic, write_slide
+
+    names = sorted(p.name for p in (need_shared(SAMPLE) / "images").glob("*.tif"))[:2]
+    fields = [tifffile.imread(SAMPLE / "images" / n) for n in names]
+    canvas, origins = mosaic(fields, 2, 200)
+    folder = tmp_path_factory.mktemp("slides")
+    return write_slide(folder / "scan.tiff", canvas, 0.25), fields, origins
+
+
+def test_regions_of_a_whole_slide_import_as_images_with_their_cells(tmp_path, slide, store):
+    path, fields, origins = slide
+    (x1, y1), (x2, y2) = origins
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    features = [
+        feature(square(x1, y1, 1000), None),  # the regions QuPath's user drew around the cells
+        feature(square(x2, y2, 1000), None),
+        feature(point(x1 + 100.5, y1 + 200.25), "tumor"),
+        feature(point(x2 + 10, y2 + 20), "tumor"),
+        feature(point(x2 + 30, y2 + 40), "lymphocyte"),
+    ]
+    (exports / "scan.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    req, ds = imported(tmp_path, exports, "qupath", path.parent, mpp=None)
+    assert sorted(ds.images) == ["scan-r1", "scan-r2"] and ds.mpp == pytest.approx(0.25) and ds.skipped == 0
+    run_import(req)
+    samples = {s.name: s for s in load_dataset(req.out)}
+    assert np.array_equal(samples["scan-r1"].read_image(), fields[0][:1000, :1000])
+    assert np.abs(samples["scan-r1"].points["tumor"] - [[100.5, 200.25]]).max() < 1e-9
+    assert np.abs(samples["scan-r2"].points["lymphocyte"] - [[30, 40]]).max() < 1e-9
+    assert samples["scan-r2"].mpp() == pytest.approx(0.25)
+    regions = json.loads((req.out / "dataset.json").read_text())["regions"]
+    assert regions["scan-r2"]["box_xywh"] == [x2, y2, 1000, 1000]
+
+    # Without a drawn region, the box around the slide's cells (64 px margin) is the one region.
+    rows = tmp_path / "cells.csv"
+    rows.write_text(f"image,x,y,class\nscan.tiff,{x1 + 100},{y1 + 100},tumor\nscan.tiff,{x1 + 300},{y1 + 200},tumor\n")
+    _, ds = imported(tmp_path, rows, "csv", path.parent, "from-csv", mpp=None)
+    assert ds.images["scan-r1"].box == (x1 + 36, y1 + 36, 328, 228)
+    assert ds.points["scan-r1"] == {"tumor": [(64.0, 64.0), (264.0, 164.0)]}
+
+    features.append(feature(point(50, 50), "tumor"))  # in the white margin, outside both regions
+    (exports / "scan.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with pytest.raises(AnnotationError, match="lies outside every region of"):
+        imported(tmp_path, exports, "qupath", path.parent, "refused", mpp=None)
+    assert not (tmp_path / "refused").exists()
