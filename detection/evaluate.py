@@ -118,6 +118,7 @@ def class_metrics(cache: Cache, scored: Scored, agnostic: Scored) -> dict[str, f
     out = {}
     for label, name in enumerate(names, start=1):
         out |= {f"{name}/{k}": v for k, v in operating_metrics(scored.class_counts(cache, label)).items()}
+        out[f"{name}/ap"] = point_ap(scored, cache, label)
     any_class = sum(agnostic.counts(), Counts(0, 0, 0))
     return out | {f"any_class/{k}": v for k, v in operating_metrics(any_class).items()}
 

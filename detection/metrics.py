@@ -395,15 +395,16 @@ def bootstrap(images: pd.DataFrame, seed: int = 0, n_resamples: int = 2000) -> I
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation
 
 
-def point_ap(scored: Scored, cache: Cache) -> float:
-    """Average precision over the score of the kept detections, with the project's matching (centre
-    within the radius, one-to-one, in score order) and COCO's 101-point interpolated precision.
-    NaN without cells, 0 without detections."""
-    cells = sum(int(c.sum()) for c in scored.cells)
+def point_ap(scored: Scored, cache: Cache, label: int | None = None) -> float:
+    """Average precision over the score of the kept detections (of class `label` and its cells
+    alone, if given), with the project's matching (centre within the radius, one-to-one, in score
+    order) and COCO's 101-point interpolated precision. NaN without cells, 0 without detections."""
+    cells = sum(int(c.sum() if label is None else c[label - 1]) for c in scored.cells)
     if cells == 0:
         return float("nan")
-    scores = np.concatenate([cache.det_scores[k][c] for k, c in zip(scored.kept, scored.counted)] or [np.zeros(0)])
-    tp = np.concatenate([t[c] for t, c in zip(scored.tp, scored.counted)] or [np.zeros(0, bool)])
+    picks = [c if label is None else c & (cache.det_labels[k] == label) for k, c in zip(scored.kept, scored.counted)]
+    scores = np.concatenate([cache.det_scores[k][p] for k, p in zip(scored.kept, picks)] or [np.zeros(0)])
+    tp = np.concatenate([t[p] for t, p in zip(scored.tp, picks)] or [np.zeros(0, bool)])
     if len(scores) == 0:
         return 0.0
     order = np.argsort(-scores, kind="mergesort")

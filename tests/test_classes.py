@@ -39,6 +39,17 @@ def test_each_class_is_kept_above_its_own_threshold():
     assert per_class["tumor/fp"] == 0 and per_class["lymphocyte/tp"] == 2
 
 
+def test_point_ap_is_read_per_class():
+    """A tumour false positive scoring above a true tumour cell costs the tumour class's AP alone:
+    precision 2/3 past recall 0.5, so (51 x 1 + 50 x 2/3) / 101 on COCO's 101 recall points."""
+    items = [([(180, 20, 0.6, 1) if d[2] == 0.3 else d for d in ITEMS[0][0]], ITEMS[0][1])]
+    report = judge(make_cache(items, classes=("tumor", "lymphocyte")), KEEP_ALL, "greedy", 10).metrics
+    assert report["tumor/ap"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+    assert report["lymphocyte/ap"] == pytest.approx(1.0)
+    alone = judge(make_cache([([(20, 20, 0.9), (60, 60, 0.5)], [(20, 20), (99, 99)])]), KEEP_ALL, "greedy", 10)
+    assert alone.metrics["ap"] == pytest.approx(51 / 101)  # one class: the pooled AP is the class's
+
+
 def test_a_version_carries_its_thresholds_and_the_pipeline_built_from_it_applies_them():
     cfg = load(SMOKE, ["data.classes=[tumor,lymphocyte]", "model.num_classes=3", "model.class_score_thresh=[0.4,0.25]"])
     pipe = Pipeline.of(cfg, 10)
