@@ -212,13 +212,14 @@ def test_data_classes_all_takes_the_datasets_classes_and_a_missing_one_is_refuse
 
 @pytest.mark.slow
 def test_qupath_round_trip_fine_tunes_a_registered_version_that_records_its_parent(
-    trained, synth_dir, tmp_path, monkeypatch
+    trained, trained_copy, synth_dir, tmp_path
 ):
-    """predict --format geojson -> the user's corrections -> import -> fine-tune -> evaluate."""
+    """predict --format geojson -> the user's corrections -> import -> fine-tune -> evaluate. In a
+    copy of the trained store: the versions it registers must not move the shared store's challenger."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    env = {"MLFLOW_TRACKING_URI": trained["uri"]}
+    env = {"MLFLOW_TRACKING_URI": trained_copy}
     work = tmp_path / "work"
     work.mkdir()
     scans = sorted((synth_dir / "images").glob("*.tif"))
@@ -259,9 +260,7 @@ def test_qupath_round_trip_fine_tunes_a_registered_version_that_records_its_pare
     parent = "models:/brecahad-faster-rcnn/1"
     tuned = train_tiny(out, f"train.epochs=1 data.classes=[all] model.weights={parent}", cwd=work, env=env)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
-    mlflow.set_tracking_uri(trained["uri"])
-    client = MlflowClient()
+    client = MlflowClient()  # trained_copy aimed this process at the copy
     child = max(client.search_model_versions("name='brecahad-faster-rcnn'"), key=lambda v: int(v.version))
     assert child.tags["parent_version"] == parent and child.description.startswith(f"Fine-tuned from {parent}")
     assert mlflow.get_run(child.run_id).data.tags["detection.parent_version"] == parent
