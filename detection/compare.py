@@ -26,7 +26,7 @@ from .evaluate import EvaluationError, Request, earlier_evaluation, evaluate, lo
 from .inference import Cache
 from .metrics import FROC_TARGETS, MIN_UNITS, case_of, counted_area_mm2, fdr_at, rates, threshold_counts
 from .postprocess import PostProcess
-from .tta import fused_postprocess, kept_cache
+from .tta import fused_postprocess, kept_where
 
 TARGETS = {"fdr": (0.90, 0.95, 0.99), "froc": FROC_TARGETS}
 EXPERIMENT = "brecahad"
@@ -172,12 +172,7 @@ def class_view(cache: Cache, pp: PostProcess, label: int) -> tuple[Cache, PostPr
     """One class of what the version keeps: post-processed with every class, as it runs (down to
     threshold 0, so the sweep sees every score), then that class's detections and cells alone."""
     kept = second_look.kept(cache, replace(pp, score_thresh=0.0), cache.meta["match_radius"])
-    parts = []
-    for i in range(len(kept)):
-        k = slice(*kept.det_range(i))
-        mine = kept.det_labels[k] == label
-        parts.append((kept.det_boxes[k][mine], kept.det_scores[k][mine], kept.det_labels[k][mine]))
-    one = kept_cache(kept, parts, {})
+    one = kept_where(kept, lambda k: kept.det_labels[k] == label, {})
     cells = one.gt_labels == label
     one = replace(one, gt_item=one.gt_item[cells], gt_points=one.gt_points[cells], gt_labels=one.gt_labels[cells])
     return one, fused_postprocess(0.0)

@@ -25,7 +25,7 @@ from .config import Config
 from .inference import Cache, Item, Runtime, raw_inference
 from .postprocess import PostProcess
 from .progress import Bar
-from .tta import flip, fused_cache, fused_postprocess, kept_cache
+from .tta import flip, fused_cache, fused_postprocess, kept_where
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,10 @@ class ClassThresholds:
     def __call__(self, views: dict[str, Cache], step: Step, images: list[np.ndarray]) -> Step:
         kept = second_look.kept(step.cache, step.pp, self.radius)
         bars = np.asarray(self.thresholds, np.float32)
-        parts = []
-        for i in range(len(kept)):
-            k = slice(*kept.det_range(i))
-            sel = kept.det_scores[k] > bars[kept.det_labels[k] - 1]
-            parts.append((kept.det_boxes[k][sel], kept.det_scores[k][sel], kept.det_labels[k][sel]))
+        meta = {"class_score_thresh": list(self.thresholds)}
+        passed = kept_where(kept, lambda k: kept.det_scores[k] > bars[kept.det_labels[k] - 1], meta)
         # What passed is judged as kept: above the lowest threshold, which every survivor clears.
-        return Step(
-            kept_cache(kept, parts, {"class_score_thresh": list(self.thresholds)}), fused_postprocess(min(bars))
-        )
+        return Step(passed, fused_postprocess(min(bars)))
 
 
 def replay_stages(radius: float, tta_thresh: float | None, class_thresh: tuple[float, ...] = ()) -> tuple:

@@ -29,7 +29,7 @@ from .errors import DetectionError
 from .inference import Cache, Runtime
 from .postprocess import PostProcess
 from .progress import Bar
-from .tta import fused_postprocess, kept_cache, kept_in_view
+from .tta import fused_postprocess, kept_cache, kept_in_view, kept_where
 
 
 class SecondLookError(DetectionError, ValueError):
@@ -41,13 +41,7 @@ class SecondLookError(DetectionError, ValueError):
 
 def above(cache: Cache, thresh: float) -> Cache:
     """A kept cache reduced to detections scoring above `thresh`."""
-    parts = []
-    for i in range(len(cache)):
-        lo, hi = cache.det_range(i)
-        k = slice(lo, hi)
-        sel = cache.det_scores[k] > np.float32(thresh)
-        parts.append((cache.det_boxes[k][sel], cache.det_scores[k][sel], cache.det_labels[k][sel]))
-    return kept_cache(cache, parts, {})
+    return kept_where(cache, lambda k: cache.det_scores[k] > np.float32(thresh), {})
 
 
 def kept(cache: Cache, pp: PostProcess, radius: float) -> Cache:

@@ -117,6 +117,16 @@ def fused_cache(caches: dict[str, Cache], pp: PostProcess, radius: float) -> Cac
     )
 
 
+def kept_where(cache: Cache, keep, meta: dict) -> Cache:
+    """A kept cache of the detections `keep(k)` marks, item by item (`k`: the item's slice of det_*)."""
+    parts = []
+    for i in range(len(cache)):
+        k = slice(*cache.det_range(i))
+        sel = keep(k)
+        parts.append((cache.det_boxes[k][sel], cache.det_scores[k][sel], cache.det_labels[k][sel]))
+    return kept_cache(cache, parts, meta)
+
+
 def kept_cache(base: Cache, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], meta: dict) -> Cache:
     """A cache of detections already kept, one pseudo-tile per item of `base` holding that item's
     (boxes, scores, labels), best first: judged with `fused_postprocess`, only its threshold acts."""
