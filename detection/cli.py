@@ -166,7 +166,9 @@ def _add_tune(sub) -> None:
         description="Search post-processing (score threshold, NMS IoU, detections per image, class-agnostic NMS) "
         "by replaying the validation split's cached raw predictions, or training-time IoU thresholds "
         "and the learning rate by training one model per trial. One parent MLflow run per study, one "
-        "nested run per trial; the objective is measured on the validation split only. When the "
+        "nested run per training trial; a postprocess study's trials are series on the parent run (step: trial "
+        "number), a table and figures, with nested runs for the chosen trial, the Pareto front and the top "
+        "ten. The objective is measured on the validation split only. When the "
         "study ends, the chosen point is evaluated once on the test split and registered as a new "
         "version with the alias challenger. Rerun with the same --study to resume it; start several "
         "workers on one --storage to share it.",
@@ -233,6 +235,15 @@ def _add_tune(sub) -> None:
         default="",
         metavar="KEY=VALUE ...",
         help="config overrides for training trials, e.g. 'train.epochs=2'",
+    )
+    p.add_argument(
+        "--sampler",
+        default=choices.TUNE_SAMPLERS[0],
+        choices=choices.TUNE_SAMPLERS,
+        help=f"Optuna's sampler: tpe models the earlier trials (best for up to ~{choices.TPE_MAX_TRIALS} "
+        f"trials; its cost per trial grows with the study), qmc a scrambled Sobol sequence (even cover, "
+        f"the same cost at any size), random; auto: tpe while the study stays within "
+        f"{choices.TPE_MAX_TRIALS} trials, else qmc (default: %(default)s)",
     )
     p.add_argument(
         "--heartbeat",

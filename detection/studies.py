@@ -46,6 +46,7 @@ class Study:
     ref: tracking.ModelRef
     config: Config
     model: object  # the source version's torch model
+    log: tracking.StepLog | None = None  # the trials' series on the parent run; None: not tracked
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -124,10 +125,10 @@ def default_storage() -> str:
     )
 
 
-def open_storage(url: str, heartbeat: float = TUNE_HEARTBEAT):
+def open_storage(url: str, heartbeat: float | None = TUNE_HEARTBEAT):
     """An Optuna storage: a journal file path (the default, beside mlflow.db) or any RDB URL.
-    RDB storages record Optuna's own trial heartbeats and retry a trial whose worker died.
-    Fails before any trial when the storage cannot be reached."""
+    RDB storages record Optuna's own trial heartbeats (unless `heartbeat` is None) and retry a trial
+    whose worker died. Fails before any trial when the storage cannot be reached."""
     try:
         if "://" not in url:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -151,19 +152,22 @@ def open_storage(url: str, heartbeat: float = TUNE_HEARTBEAT):
         raise TuneError(f"Optuna storage {redact(url)!r} cannot be opened: {type(e).__name__}: {e}") from None
 
 
-def _rdb_storage(url: str, heartbeat: float):
+def _rdb_storage(url: str, heartbeat: float | None):
     # Workers opening a fresh database together race to create its tables: one at a time, and
     # on a database without a shared lock, a lost race is retried (the tables exist by then).
+    beats = (
+        {
+            "heartbeat_interval": max(1, round(heartbeat)),
+            "grace_period": max(2, round(3 * heartbeat)),
+            "heartbeat_stale_trial_callback": retry,
+        }
+        if heartbeat
+        else {}
+    )
     for attempt in range(SCHEMA_ATTEMPTS):
         try:
             with storage_lock(url, "brecahad-optuna-schema"):
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=max(1, round(heartbeat)),
-                    grace_period=max(2, round(3 * heartbeat)),
-                    heartbeat_stale_trial_callback=retry,
-                )
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beats)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt + 1 == SCHEMA_ATTEMPTS:
                 raise
@@ -259,16 +263,22 @@ def settle(s: Study) -> list[str]:
 def _optimize(s: Study, objective, n_trials: int) -> None:
     with Bar(n_trials, f"study {s.req.study}", every=max(1, n_trials // 10)) as bar:
         s.study.optimize(
-            _beating(objective, s.req.heartbeat),
+            objective,
             n_trials=n_trials,
             catch=(),
             callbacks=[lambda study, trial: bar.advance(trial=trial.number)],
         )
+    if s.log is not None:
+        s.log.flush()
 
 
-def run(s: Study, objective) -> list[str]:
+def run(s: Study, objective, beat: bool = True) -> list[str]:
     """This worker's trials, then the retries of trials whose worker died, until none is left
-    that this worker could take; returns what it found of dead workers."""
+    that this worker could take; returns what it found of dead workers. With `beat`, each trial
+    records a heartbeat while it runs; trials that last milliseconds need none (a trial still
+    running long after its start belongs to a dead worker) and would pay a thread and a storage
+    write each."""
+    objective = _beating(objective, s.req.heartbeat) if beat else objective
     lines = fail_stale(s)
     _optimize(s, objective, s.req.n_trials)
     lines += settle(s)

@@ -439,9 +439,18 @@ class Tracker:
         self.skip = skip or {}
         self._params: set[str] | None = None  # the run's logged params, read once
 
-    def log_metrics(self, values: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, values: dict[str, float], step: int, model_id: str | None = None, dataset: tuple[str, str] | None = None
+    ) -> None:
+        """Metrics at `step`; with `model_id`, linked to that LoggedModel (and to the dataset
+        (name, digest) they were measured on), so `mlflow.search_logged_models` ranks by them."""
         now = int(1000 * time.time())
-        fresh = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.skip.get(k, -1)]
+        name, digest = dataset or (None, None)
+        fresh = [
+            Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+            for k, v in values.items()
+            if step > self.skip.get(k, -1)
+        ]
         if fresh:  # queued: a per-step round trip to a remote server would stall training
             self.client.log_batch(self.run_id, metrics=fresh, synchronous=False)
 
@@ -662,9 +671,45 @@ def create_child_run(
     return child.info.run_id
 
 
-def log_model(artifacts: dict[str, str], input_example, signature, name: str = "model"):
-    """Log a version from MODEL_CODE with its config and weights, then load it back (through the
-    same check as every load) and predict once: a model that fails here is never registered."""
+class StepLog:
+    """Metrics of many steps of one run (a study's trials, step = trial number) written a batch at
+    a time: one store write per MAX metrics or per `every` seconds by `clock`, and on `flush`.
+    A write per step cost a 10,000-trial study more than its trials; MLflow's own asynchronous
+    queue still writes each call's batch on its own (51 s for 10,000 calls against 3 s batched)."""
+
+    MAX = 1000  # metrics per log_batch, MLflow's limit
+
+    def __init__(self, run_id: str, every: float = 10.0, clock=time.monotonic):
+        self.run_id, self.every, self.clock = run_id, every, clock
+        self._queued: list[Metric] = []
+        self._last = clock()
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        now = int(1000 * time.time())
+        self._queued += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if self.clock() - self._last >= self.every:
+            self.flush()
+        elif len(self._queued) >= self.MAX:
+            batch, self._queued = self._queued[: self.MAX], self._queued[self.MAX :]
+            client().log_batch(self.run_id, metrics=batch)
+
+    def flush(self) -> None:
+        queued, self._queued, self._last = self._queued, [], self.clock()
+        for start in range(0, len(queued), self.MAX):
+            client().log_batch(self.run_id, metrics=queued[start : start + self.MAX])
+
+
+def log_model(
+    artifacts: dict[str, str],
+    input_example,
+    signature,
+    name: str = "model",
+    step: int = 0,
+    params: dict[str, Any] | None = None,
+):
+    """Log a version from MODEL_CODE with its config and weights as an MLflow LoggedModel (`name`,
+    at `step`, with `params`), then load it back (through the same check as every load) and
+    predict once: a model that fails here is marked FAILED and never registered."""
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
@@ -672,9 +717,41 @@ def log_model(artifacts: dict[str, str], input_example, signature, name: str = "
         pip_requirements=requirements(),
         signature=signature,
         input_example=input_example,
+        step=step,
+        params={k: str(v) for k, v in (params or {}).items()},
+        model_type="detector",
     )
-    load_pyfunc(info.model_uri).predict(input_example)
+    try:
+        load_pyfunc(info.model_uri).predict(input_example)
+    except BaseException:
+        client().finalize_logged_model(info.model_id, "FAILED")
+        raise
     return info
+
+
+def delete_logged_models(run_id: str, names: list[str]) -> list[str]:
+    """Delete the LoggedModels called one of `names` that `run_id` logged; their ids."""
+    if not names:
+        return []
+    listed = ", ".join(f"'{n}'" for n in names)
+    found = mlflow.search_logged_models(
+        experiment_ids=[get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name IN ({listed})",
+        output_format="list",
+    )
+    for m in found:
+        client().delete_logged_model(m.model_id)
+    return [m.model_id for m in found]
+
+
+def logged_model(run_id: str, name: str) -> str | None:
+    """The URI of the READY LoggedModel `name` that `run_id` logged (models:/m-...), or None."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}' AND status = 'READY'",
+        output_format="list",
+    )
+    return f"models:/{found[0].model_id}" if found else None
 
 
 def version_with_tags(name: str, tags: dict[str, Any]) -> int | None:

@@ -4,9 +4,16 @@
 microseconds, not an inference pass. `training` studies train one model per trial (a nested run)
 over the training-time IoU thresholds and the learning rate, pruned on the validation metric.
 
-One parent MLflow run per study holds one nested run per trial; workers on one storage share it.
-When a worker ends and no trial is still running, it evaluates the chosen point once on the test
-split, registers a version carrying it, and gives that version the alias `challenger`.
+One parent MLflow run per study; workers on one storage share it. A training trial is a nested run
+of its own. A postprocess trial costs less than a store write, so its figures are series on the
+parent run (step: trial number), written a batch at a time; when the study ends the parent gets
+every trial as one table with its figures, and nested runs for the trials a user looks at (the
+chosen one, the Pareto front, the top ten). When a worker ends and no trial is still running, it
+evaluates the chosen point once on the test split, registers a version carrying it, and gives
+that version the alias `challenger`.
+
+Optuna's storage keeps every trial: its user attributes `settings` (what the version would run)
+and `val` (its validation counts and rates), one write each.
 """
 
 from __future__ import annotations
@@ -22,8 +29,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from . import figures, tracking
-from .choices import OBJECTIVES, PROTOCOLS, TUNE_HEARTBEAT, TUNE_KINDS, TUNE_MAX_FDR, TUNE_RANGES
+from . import figures, model_card, tracking
+from .choices import (
+    OBJECTIVES,
+    PROTOCOLS,
+    TPE_MAX_TRIALS,
+    TUNE_HEARTBEAT,
+    TUNE_KINDS,
+    TUNE_MAX_FDR,
+    TUNE_RANGES,
+    TUNE_SAMPLERS,
+)
 from .config import Config
 from .evaluate import (
     Request,
@@ -53,6 +69,8 @@ from .studies import (
 )
 
 NMS_STEP = 0.05  # NMS runs once per distinct IoU value, so the IoU search is on a grid
+TOP_K = 10  # a postprocess study's best trials that get a nested run of their own
+SERIES = ("detection_rate", "fdr", "f1", "froc")  # a trial's figures charted on the parent run (trial/...)
 
 
 class Pruned(optuna.TrialPruned):
@@ -74,6 +92,7 @@ class TuneRequest:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     train_overrides: tuple[str, ...] = ()  # for training studies, e.g. train.epochs=1
     heartbeat: float = TUNE_HEARTBEAT  # seconds between a running trial's heartbeats
+    sampler: str = TUNE_SAMPLERS[0]
 
     @property
     def storage_url(self) -> str:
@@ -93,6 +112,8 @@ class TuneRequest:
             raise TuneError(f"kind={self.kind!r} must be one of {', '.join(TUNE_KINDS)}")
         if self.objective not in OBJECTIVES:
             raise TuneError(f"objective={self.objective!r} must be one of {', '.join(OBJECTIVES)}")
+        if self.sampler not in TUNE_SAMPLERS:
+            raise TuneError(f"sampler={self.sampler!r} must be one of {', '.join(TUNE_SAMPLERS)}")
         if self.n_trials <= 0:
             raise TuneError(f"n_trials={self.n_trials} must be > 0")
         if self.objective == "froc" and self.kind != "postprocess":
@@ -183,20 +204,58 @@ def suggest_postprocess(trial: optuna.Trial, space: dict, multiclass: bool) -> P
         # With one foreground class, per-class and class-agnostic NMS are the same thing.
         class_agnostic=trial.suggest_categorical("class_agnostic", [False, True]) if multiclass else False,
     )
-    for k, v in pp.__dict__.items():
-        trial.set_user_attr(f"pp.{k}", v)
     return pp
 
 
+# A trial's record in Optuna's storage. Studies made before issue 26 wrote each entry as an attribute
+# of its own (pp.score_thresh, f1, tta.tta_thresh...), fifteen storage writes a trial; they still resume.
+
+
+def trial_settings(trial: optuna.trial.FrozenTrial) -> dict:
+    """What the version would run at this trial: PostProcess's fields, and tta_thresh and
+    class_score_thresh where searched."""
+    if "settings" in trial.user_attrs:
+        return trial.user_attrs["settings"]
+    attrs = trial.user_attrs
+    out = {k[3:]: v for k, v in attrs.items() if k.startswith("pp.") and k != "pp.class_score_thresh"}
+    if "tta.tta_thresh" in attrs:
+        out["tta_thresh"] = attrs["tta.tta_thresh"]
+    if "pp.class_score_thresh" in attrs:
+        out["class_score_thresh"] = attrs["pp.class_score_thresh"]
+    return out
+
+
+def trial_metrics(trial: optuna.trial.FrozenTrial) -> dict:
+    """The trial's validation counts and rates (operating_metrics, and the FROC where read)."""
+    if "val" in trial.user_attrs:
+        return trial.user_attrs["val"]
+    return {k: v for k, v in trial.user_attrs.items() if "." not in k and k != "heartbeat"}
+
+
 def trial_postprocess(trial: optuna.trial.FrozenTrial) -> PostProcess:
-    return PostProcess(**{k: trial.user_attrs[f"pp.{k}"] for k in PostProcess.__dataclass_fields__})
+    settings = trial_settings(trial)
+    return PostProcess(**{k: settings[k] for k in PostProcess.__dataclass_fields__})
 
 
 def choose(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The operating point: the best trial, or on a Pareto front the one with the best F1."""
     if len(study.directions) == 1:
         return study.best_trial
-    return max(study.best_trials, key=lambda t: (t.user_attrs["f1"], t.number))
+    return max(study.best_trials, key=lambda t: (trial_metrics(t)["f1"], t.number))
+
+
+def make_sampler(name: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler `name` asks for; auto is TPE for a study of at most TPE_MAX_TRIALS trials in all
+    (`trials`: those it has and those this worker adds), else QMC."""
+    if name == "auto":
+        name = "tpe" if trials <= TPE_MAX_TRIALS else "qmc"
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():  # "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
 
 
 # --- the study --------------------------------------------------------------------------------
@@ -210,9 +269,9 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
             storage=storage,
             load_if_exists=True,
             directions=directions(req.objective),
-            sampler=optuna.samplers.TPESampler(seed=req.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
         )
+        study.sampler = make_sampler(req.sampler, req.seed, len(study.get_trials(deepcopy=False)) + req.n_trials)
         attrs = study.user_attrs
         mine = {
             "model_uri": ref.uri,
@@ -262,24 +321,13 @@ def open_study(req: TuneRequest, storage, ref: tracking.ModelRef, cfg: Config, m
     return Study(req, study, parent, ref, cfg, model)
 
 
-def _log_trial(
-    s: Study,
-    trial: optuna.Trial,
-    params: dict,
-    counts: Counts,
-    extra_tags: dict | None = None,
-    curve: dict | None = None,
-) -> None:
-    attrs = operating_metrics(counts) | (curve or {})
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    tracking.create_child_run(
-        s.parent,
-        f"trial {trial.number}",
-        params | {"trial": trial.number},
-        {f"val/{k}": v for k, v in attrs.items()},
-        {"study": s.req.study, "trial": trial.number} | (extra_tags or {}),
-    )
+def record_trial(s: Study, trial: optuna.Trial, settings: dict, values: dict[str, float]) -> None:
+    """A postprocess trial in Optuna's storage (two writes) and, when the study is tracked, its
+    figures on the parent run's trial/... series, written a batch at a time."""
+    trial.set_user_attr("settings", settings)
+    trial.set_user_attr("val", values)
+    if s.log is not None:
+        s.log.add({f"trial/{k}": values[k] for k in SERIES if k in values}, trial.number)
 
 
 class PipelineReplay:
@@ -306,11 +354,11 @@ class PipelineReplay:
 
 
 def trial_class_thresh(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
-    return tuple(trial.user_attrs.get("pp.class_score_thresh", ()))
+    return tuple(trial_settings(trial).get("class_score_thresh", ()))
 
 
 def trial_tta_thresh(trial: optuna.trial.FrozenTrial) -> float | None:
-    return trial.user_attrs.get("tta.tta_thresh")
+    return trial_settings(trial).get("tta_thresh")
 
 
 def postprocess_objective(s: Study, replayer: Replayer, staged: PipelineReplay | None = None):
@@ -324,23 +372,21 @@ def postprocess_objective(s: Study, replayer: Replayer, staged: PipelineReplay |
 
     def objective(trial: optuna.Trial):
         pp = suggest_postprocess(trial, space, multiclass)
-        params = {f"pp.{k}": v for k, v in pp.__dict__.items()}
+        settings = dict(pp.__dict__)
         if staged is None:
             counts = replayer.counts(pp)
             reading = (lambda: froc(replayer.table(pp, replayer.thresholds(pp)))) if by_froc else dict
         else:
             tta_thresh = trial.suggest_float("tta_thresh", *space["tta_thresh"]) if s.config.eval.tta_views else None
             if tta_thresh is not None:
-                trial.set_user_attr("tta.tta_thresh", tta_thresh)
-                params["tta.tta_thresh"] = tta_thresh
+                settings["tta_thresh"] = tta_thresh
             per_class = tuple(trial.suggest_float(f"score_thresh.{c}", *space["score_thresh"]) for c in classes)
             if per_class:
-                trial.set_user_attr("pp.class_score_thresh", list(per_class))
-                params |= {f"pp.score_thresh.{c}": t for c, t in zip(classes, per_class, strict=True)}
+                settings["class_score_thresh"] = list(per_class)
             counts = staged.counts(pp, tta_thresh, per_class)
             reading = (lambda: staged.froc(pp, tta_thresh, per_class)) if by_froc else dict
         curve = reading()  # the FROC of what the trial keeps, over its thresholds (objective froc only)
-        _log_trial(s, trial, params, counts, curve=curve)
+        record_trial(s, trial, settings, operating_metrics(counts) | curve)
         if s.req.objective == "pareto" and counts.tp + counts.fp == 0:
             # Detecting nothing has FDR 0 and would sit on the front; it is no operating point.
             raise optuna.TrialPruned("keeps no detection")
@@ -380,8 +426,7 @@ def training_objective(s: Study, data_dir: Path):
         run_id, model_uri, _ = train_nested(cfg, data_dir, split, s.parent, f"trial {trial.number}", on_epoch)
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("model_uri", model_uri)
-        for k, v in operating_metrics(last["counts"]).items():
-            trial.set_user_attr(k, v)
+        trial.set_user_attr("val", operating_metrics(last["counts"]))
         return objective_values(s.req.objective, last["counts"], s.req.max_fdr)
 
     return objective
@@ -398,9 +443,13 @@ def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> d
         if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials) or not done:
             return None  # another worker is still at it and will finish the study
         attrs = s.study.user_attrs
-        if attrs.get("registered_trial") == choose(s.study).number:
-            # The choice did not change since the last registration: no second, identical version.
-            tracking.client().set_terminated(s.parent, "FINISHED")
+        chosen = choose(s.study)
+        if attrs.get("registered_trial") == chosen.number:
+            # The choice did not change since the last registration: no second, identical version;
+            # the study's table and figures show the trials this worker added.
+            with tracking.reopen(s.parent) as tr:
+                _log_study_figures(tr, s, chosen)
+                KINDS[s.req.kind].looked_at(s, chosen)
             return {
                 "trial": attrs["registered_trial"],
                 "params": attrs["registered_params"],
@@ -419,6 +468,7 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
     with tracking.reopen(s.parent) as tr:
         _log_study_figures(tr, s, chosen)
         kind = KINDS[s.req.kind]
+        kind.looked_at(s, chosen)
         test_metrics, chosen_params = kind.chosen_on_test(s, chosen, tr, test_views)
         tags = {
             "study": s.req.study,
@@ -438,11 +488,9 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
             _, test_metrics = evaluate(
                 Request(f"models:/{s.ref.name}/{version}", data_dir, "test", s.req.protocol), parent=s.parent
             )
-        tracking.client().update_model_version(
-            s.ref.name, str(version), description=describe(s, chosen, chosen_params, test_metrics)
-        )
         tr.set_tags({"chosen_trial": chosen.number, "registered_version": version})
         tr.log_params({f"chosen.{k}": v for k, v in chosen_params.items()})
+        model_card.publish(s.ref.name, version)
     return {
         "trial": chosen.number,
         "params": chosen_params,
@@ -451,57 +499,66 @@ def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> 
     }
 
 
-def describe(s: Study, chosen: optuna.trial.FrozenTrial, params: dict, test: dict) -> str:
-    """The registry's description of a tuned version: source, study, chosen settings, test figures."""
-    what = KINDS[s.req.kind].what
-    settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+def trial_row(t: optuna.trial.FrozenTrial, objectives: int) -> dict:
+    """A trial as one row of the study's table: number, state, parameters, settings, validation
+    figures and objective values (objective, or objective0, objective1...)."""
+    values = t.values or [None] * objectives
     return (
-        f"Version {s.ref.version} with its {what} tuned by Optuna study `{s.req.study}` (objective "
-        f"{s.req.objective}, {s.req.protocol} images of the val split): trial {chosen.number}, {settings}. "
-        f"Test at registration: detection rate {test['detection_rate']:.3f}, FDR {test['fdr']:.3f}, "
-        f"F1 {test['f1']:.3f}. Study run {s.parent}."
+        {"trial": t.number, "state": t.state.name}
+        | {f"param.{k}": v for k, v in t.params.items()}
+        | {f"settings.{k}": v if np.isscalar(v) else json.dumps(v) for k, v in trial_settings(t).items()}
+        | {f"val.{k}": v for k, v in trial_metrics(t).items()}
+        | {f"objective{i if objectives > 1 else ''}": v for i, v in enumerate(values)}
     )
 
 
 def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
+    """The study's every trial as a table (study_trials.json for mlflow.load_table, .csv for the UI's
+    table view) and its figures: history or Pareto front, parallel coordinates, the trade-off."""
     from optuna.visualization import matplotlib as ovm
 
-    rows = [
-        {
-            "trial": t.number,
-            **t.params,
-            **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
-            **{k: t.user_attrs.get(k) for k in ("detection_rate", "fdr", "f1")},
-            "values": json.dumps(t.values),
-        }
-        for t in s.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    ]
-    tr.client.log_table(tr.run_id, pd.DataFrame(rows), "study_trials.json")
+    table = pd.DataFrame([trial_row(t, len(s.study.directions)) for t in s.study.get_trials(deepcopy=False)])
+    tracking.delete_artifacts(tr.run_id, ["study_trials.json"])  # log_table appends to a table already there
+    tr.client.log_table(tr.run_id, table, "study_trials.json")
+    tr.client.log_text(tr.run_id, table.to_csv(index=False), "study_trials.csv")
+    multi = len(s.study.directions) > 1
     # Optuna's plots switch matplotlib to its own style globally; rc_context puts it back.
     with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if len(s.study.directions) > 1:
+        if multi:
             front = [
-                {
-                    "trial": t.number,
-                    **t.params,
-                    **{k: v for k, v in t.user_attrs.items() if k.startswith("pp.")},
-                    "detection_rate": t.values[0],
-                    "fdr": t.values[1],
-                }
+                {"trial": t.number, **t.params, **trial_settings(t), "detection_rate": t.values[0], "fdr": t.values[1]}
                 for t in s.study.best_trials
             ]
+            tracking.delete_artifacts(tr.run_id, ["pareto_front.json"])
             tr.client.log_table(tr.run_id, pd.DataFrame(front), "pareto_front.json")
-            ax = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])
+            history = ovm.plot_pareto_front(s.study, target_names=["detection rate", "FDR"])
+            lines = ovm.plot_parallel_coordinate(s.study, target=lambda t: t.values[0], target_name="detection rate")
         else:
-            ax = ovm.plot_optimization_history(s.study)
-        fig = ax.figure
-        fig.set_size_inches(8, 5)
-        tr.client.log_figure(tr.run_id, fig, "figures/study.png")
-        figures.close(fig)
-    fig = figures.tradeoff(rows, chosen.number, s.req.study)
+            history = ovm.plot_optimization_history(s.study)
+            lines = ovm.plot_parallel_coordinate(s.study, target_name=s.req.objective)
+        for ax, name in ((history, "study"), (lines, "parallel_coordinates")):
+            fig = ax.figure
+            fig.set_size_inches(9 if name == "parallel_coordinates" else 8, 5)
+            tr.client.log_figure(tr.run_id, fig, f"figures/{name}.png")
+            figures.close(fig)
+    complete = s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [{"trial": t.number, **trial_metrics(t)} for t in complete]
+    fig = figures.tradeoff(done, chosen.number, s.req.study)
     tr.client.log_figure(tr.run_id, fig, "figures/tradeoff.png")
     figures.close(fig)
+
+
+def looked_at(study: optuna.Study, chosen: optuna.trial.FrozenTrial, k: int = TOP_K) -> list[optuna.trial.FrozenTrial]:
+    """The trials a user opens: the chosen one, the Pareto front (several objectives) or the best
+    `k` (one), in that order, each once."""
+    if len(study.directions) > 1:
+        best = sorted(study.best_trials, key=lambda t: t.number)
+    else:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        best = sorted(done, key=lambda t: (-sign * t.value, t.number))[:k]
+    return [chosen] + [t for t in best if t.number != chosen.number]
 
 
 def check_inputs(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
@@ -525,12 +582,13 @@ def tune(req: TuneRequest) -> tuple[str, dict | None, list[str]]:
     detector = tracking.load_model(ref)
     cfg = detector.config
     check_inputs(req, ref, cfg)
-    storage = open_storage(url, req.heartbeat)
+    kind = KINDS[req.kind]
+    storage = open_storage(url, req.heartbeat if kind.beats else None)
     tracking.ensure_store()
     s = open_study(req, storage, ref, cfg, detector.model)
-    kind = KINDS[req.kind]
+    s.log = tracking.StepLog(s.parent) if not kind.beats else None
     objective, test_views = kind.prepare(s)
-    lines = run(s, objective)
+    lines = run(s, objective, kind.beats)
     return s.parent, finalize(s, req.data_dir, test_views), lines
 
 
@@ -542,6 +600,7 @@ class PostprocessStudy:
     the source version's raw caches: one inference pass on val and one on test, whatever the trials."""
 
     what = "post-processing"
+    beats = False  # a trial takes milliseconds: no heartbeat, and its figures are series on the parent
 
     @staticmethod
     def check(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
@@ -582,6 +641,28 @@ class PostprocessStudy:
         return report.metrics, chosen_params
 
     @staticmethod
+    def looked_at(s: Study, chosen) -> None:
+        """A nested run for each trial a user opens (looked_at), once: every other trial is a row of
+        the study's table and a step of its series."""
+        api = tracking.client()
+        experiment = tracking.get_run(s.parent).info.experiment_id
+        existing = {
+            r.data.tags.get(tracking.TAG + "trial")
+            for r in api.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{s.parent}'", max_results=5000)
+        }
+        for t in looked_at(s.study, chosen):
+            if str(t.number) in existing:
+                continue
+            params = {f"pp.{k}": v for k, v in trial_settings(t).items()} | t.params | {"trial": t.number}
+            tracking.create_child_run(
+                s.parent,
+                f"trial {t.number}",
+                params,
+                {f"val/{k}": v for k, v in trial_metrics(t).items()},
+                {"study": s.req.study, "trial": t.number},
+            )
+
+    @staticmethod
     def chosen_model(s: Study, chosen, tr: tracking.Tracker) -> str:
         """The source detector with the chosen settings, logged in the study's run, which carries
         the split to judge it by."""
@@ -601,10 +682,15 @@ class TrainingStudy:
     judged on its validation counts; the chosen model is evaluated on test once registered."""
 
     what = "training"
+    beats = True  # a trial trains for minutes: it beats, and is a nested run of its own
 
     @staticmethod
     def check(req: TuneRequest, ref: tracking.ModelRef, cfg: Config) -> None:
         cfg.replace(*req.train_overrides)  # names a bad override before any trial
+
+    @staticmethod
+    def looked_at(s: Study, chosen) -> None:
+        """Every trial is its training run already."""
 
     @staticmethod
     def prepare(s: Study):

@@ -26,14 +26,16 @@ def test_the_froc_objective_scores_a_trial_by_the_froc_of_what_it_keeps(store, s
     cache = make_cache([(DETECTIONS, CELLS)])
     req = TuneRequest("models:/x/1", Path("."), "froc", 1, objective="froc")
     parent = tracking.create_run("brecahad", "tune froc", {})
-    s = Study(req, optuna.create_study(), parent, None, config.load(SMOKE), None)
+    s = Study(req, optuna.create_study(), parent, None, config.load(SMOKE), None, tracking.StepLog(parent))
     objective = postprocess_objective(s, Replayer(cache, "greedy", RADIUS))
     trial = optuna.trial.FixedTrial({"score_thresh": score_thresh, "nms_step": 16, "detections_per_img": 100})
     value = objective(trial)
     assert value == pytest.approx(expected)
     pp = PostProcess(score_thresh, 0.9, 100)
     assert value == pytest.approx(froc(exact_curve(cache, pp, "greedy", RADIUS))["froc"])
-    (run,) = tracking.client().search_runs(
-        [tracking.get_run(parent).info.experiment_id], "tags.`detection.trial` = '0'"
-    )
-    assert run.data.metrics["val/froc"] == pytest.approx(expected) and "val/froc_dr_at_300" in run.data.metrics
+    # The trial's figures are in Optuna's storage and, once written, on the parent's trial/ series.
+    assert trial.user_attrs["val"]["froc"] == pytest.approx(expected) and "froc_dr_at_300" in trial.user_attrs["val"]
+    assert trial.user_attrs["settings"]["score_thresh"] == score_thresh
+    s.log.flush()
+    (point,) = tracking.client().get_metric_history(parent, "trial/froc")
+    assert point.value == pytest.approx(expected) and point.step == trial.number

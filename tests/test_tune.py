@@ -21,7 +21,7 @@ from detection.metrics import Replayer
 from detection.postprocess import PostProcess, apply, keep
 from detection.sampling import to_float
 from detection.split import Split
-from detection.tune import TuneError, TuneRequest, parse_ranges
+from detection.tune import TuneError, TuneRequest, parse_ranges, trial_metrics
 from tests.conftest import ROOT, run_cli
 
 MODEL = "brecahad-faster-rcnn"
@@ -68,7 +68,8 @@ def _mlflow_tune(workdir, uri, *params):
 
 
 def _study_runs(client, study: str):
-    """A postprocess study's parent run and its trials' nested runs."""
+    """A postprocess study's parent run, the nested runs of the trials a user opens (the chosen one,
+    the top ten or the Pareto front), and the study's table of every trial."""
     (parent,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         f"tags.`detection.study` = '{study}' and tags.`detection.study_kind` = 'postprocess'",
@@ -77,7 +78,8 @@ def _study_runs(client, study: str):
         [parent.info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
     )
-    return parent, trials
+    table = client.load_table(parent.info.experiment_id, "study_trials.json", run_ids=[parent.info.run_id])
+    return parent, trials, table
 
 
 @pytest.mark.slow
@@ -96,14 +98,18 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         journal,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    parent, trials = _study_runs(client, "pp")
-    assert len(trials) == 40 and all("val/f1" in t.data.metrics for t in trials)
+    parent, trials, table = _study_runs(client, "pp")
+    assert sorted(table["trial"]) == list(range(40)) and table["val.f1"].notna().all()
+    assert len(client.get_metric_history(parent.info.run_id, "trial/f1")) == 40
+    # Nested runs for the chosen trial and the top ten, not forty.
+    assert 10 <= len(trials) <= 11 and all("val/f1" in t.data.metrics for t in trials)
     assert all(t.data.params["pp.score_thresh"] for t in trials)
     assert parent.info.status == "FINISHED"
     for k in ("detection_rate", "fdr", "f1", "ap", "box_ap50", "cells"):
         assert f"test/{k}" in parent.data.metrics
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/study.png", "figures/tradeoff.png", "figures/fig4_tpr_fdr.png"} <= files
+    assert "figures/parallel_coordinates.png" in files
 
     assert client.get_model_version(MODEL, source.version).tags["tune.study.pp"] == parent.info.run_id
     new = client.get_model_version_by_alias(MODEL, "challenger")
@@ -124,7 +130,8 @@ def test_postprocess_study_through_mlflow_run(in_store, synth_dir, tmp_path):
         journal,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(_study_runs(client, "pp")[1]) == 45  # the rerun resumed the same study under the same parent run
+    # The rerun resumed the same study under the same parent run, whose table now holds every trial.
+    assert sorted(_study_runs(client, "pp")[2]["trial"]) == list(range(45))
 
     # Both runs replayed one inference pass per split of the source version (made by the first
     # study, or by an earlier evaluation of the same version and images).
@@ -177,13 +184,12 @@ def test_a_froc_study_maximises_the_mean_detection_rate_at_10_to_300_fp_per_mm2(
         cwd=in_store["workdir"],
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    parent, trials = _study_runs(client, "froc")
-    assert len(trials) == 12 and all(
-        "val/froc" in t.data.metrics and "val/froc_dr_at_300" in t.data.metrics for t in trials
-    )
+    parent, trials, table = _study_runs(client, "froc")
+    assert len(table) == 12 and table["val.froc"].notna().all() and table["val.froc_dr_at_300"].notna().all()
     by_trial = {t.data.tags["detection.trial"]: t for t in trials}
     chosen = by_trial[parent.data.tags["detection.chosen_trial"]]
-    assert chosen.data.metrics["val/froc"] == max(t.data.metrics["val/froc"] for t in trials)
+    assert chosen.data.metrics["val/froc"] == pytest.approx(table["val.froc"].max())
+    assert "val/froc_dr_at_300" in chosen.data.metrics
     best = chosen
     # A trial's FROC is the evaluation's FROC of the same settings on the val cache.
     _, cache = cached_evaluation(Request(f"models:/{MODEL}/{source.version}", synth_dir, "val"))
@@ -239,15 +245,20 @@ def test_three_workers_share_one_fresh_sqlite_study(in_store, synth_dir, tmp_pat
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert sorted(t.number for t in study.trials if t.state in done) == list(range(60))
     # A trial that keeps nothing (FDR 0) is pruned, never on the Pareto front.
-    assert all(t.user_attrs["tp"] + t.user_attrs["fp"] > 0 for t in study.best_trials)
+    assert all(trial_metrics(t)["tp"] + trial_metrics(t)["fp"] > 0 for t in study.best_trials)
     assert sum("registered version" in out for out, _ in outputs) == 1  # one worker finished the study
     client = MlflowClient()
     parent = client.get_run(study.user_attrs["mlflow_run_id"])
+    # The three workers' trials are one series on the shared parent run, and one table.
+    steps = sorted(m.step for m in client.get_metric_history(parent.info.run_id, "trial/f1"))
+    assert steps == list(range(60))
+    table = client.load_table(parent.info.experiment_id, "study_trials.json", run_ids=[parent.info.run_id])
+    assert sorted(table["trial"]) == list(range(60))
     trials = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`detection.trial` != ''",
     )
-    assert len(trials) == 60
+    assert {int(t.data.tags["detection.trial"]) for t in trials} >= {t.number for t in study.best_trials}
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "pareto_front.json" in files
 
@@ -382,4 +393,4 @@ def test_a_postprocess_study_of_a_tta_version_searches_the_fused_threshold(in_st
     assert cfg.eval.tta_views == ("none", "h") and cfg.eval.tta_thresh == chosen.params["tta_thresh"]
     assert cfg.model.box_score_thresh == chosen.params["score_thresh"]
     _, metrics = evaluate(Request(tuned.pinned, synth_dir, "val"))
-    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == tuple(chosen.user_attrs[k] for k in ("tp", "fp", "fn"))
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == tuple(trial_metrics(chosen)[k] for k in ("tp", "fp", "fn"))
