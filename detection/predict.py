@@ -216,9 +216,16 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_png(image)]})
 
 
-def log_detector(cfg: config_mod.Config, model: torch.nn.Module, second_look: torch.nn.Module | None = None) -> str:
+def log_detector(
+    cfg: config_mod.Config,
+    model: torch.nn.Module,
+    second_look: torch.nn.Module | None = None,
+    name: str = "model",
+    step: int = 0,
+    params: dict | None = None,
+) -> str:
     """Log weights + config (+ the second look's weights) as the project's pyfunc in the active run,
-    checked by loading it back."""
+    an MLflow LoggedModel called `name` at `step`, checked by loading it back; its models:/m-... URI."""
     with tempfile.TemporaryDirectory(prefix="brecahad-model-") as tmp:
         weights, config_path = Path(tmp) / "weights.pt", Path(tmp) / "config.yaml"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
@@ -227,4 +234,4 @@ def log_detector(cfg: config_mod.Config, model: torch.nn.Module, second_look: to
         if second_look is not None:
             torch.save({k: v.cpu() for k, v in second_look.state_dict().items()}, Path(tmp) / "second_look.pt")
             artifacts["second_look"] = str(Path(tmp) / "second_look.pt")
-        return tracking.log_model(artifacts, input_example(), signature()).model_uri
+        return tracking.log_model(artifacts, input_example(), signature(), name, step, params).model_uri

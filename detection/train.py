@@ -2,8 +2,9 @@
 
 prepare (config, data, split, model: everything that can fail fast, before a run exists)
 -> fit (epochs of train_one_epoch + validate; a local checkpoint after each, uploaded every
-   `train.checkpoint_every` epochs)
--> finish (figures, the logged pyfunc, the registry version with its alias).
+   `train.checkpoint_every` epochs; the epoch's model as an MLflow LoggedModel every
+   `train.model_every` epochs and after the last, its validation metrics linked to it)
+-> finish (the last epoch's LoggedModel registered with its alias, and its model card).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from . import config as config_mod
-from . import figures, tracking
+from . import figures, model_card, tracking
 from .config import Config
 from .data import Sample, configured_for, content_digest, load_dataset
 from .engine import LOSS_NAMES, PRECISION_NAMES, Validation, autocast_dtype, pick_device, train_one_epoch, validate
@@ -53,6 +54,10 @@ class Prepared:
     digest: str
     model: torch.nn.Module
     parent: tracking.ModelRef | None = None  # the registered version fine-tuning started from
+
+    def dataset(self, split: str) -> tuple[str, str]:
+        """(name, digest) of a split's images, as the run's dataset inputs record them."""
+        return f"brecahad-{split}", content_digest(self.samples[split], self.split.sha256)
 
 
 def prepare(cfg: Config, data_dir: Path, recorded: Split | None = None) -> Prepared:
@@ -121,8 +126,8 @@ def log_setup(tr: tracking.Tracker, prep: Prepared) -> None:
     index = _index(prep)
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         part = index[index.split == split].reset_index(drop=True)
-        digest = content_digest(prep.samples[split], prep.split.sha256)
-        tr.log_dataset(part, str(prep.data_dir), digest, f"brecahad-{split}", context)
+        name, digest = prep.dataset(split)
+        tr.log_dataset(part, str(prep.data_dir), digest, name, context)
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -299,6 +304,8 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
+    # Models a killed process logged for epochs this run trains again belong to weights it discards.
+    tracking.delete_logged_models(tr.run_id, [epoch_model_name(e) for e in range(start_epoch, cfg.train.epochs)])
     train_set = TrainPatches(prep.samples["train"], cfg.data, cfg.train.seed)
     order = EpochOrder(len(train_set), cfg.train.seed)
     # On a CPU a patch costs ~1 ms against seconds per step: worker processes would only take cores.
@@ -351,16 +358,19 @@ def fit(
                 f"{val.counts.detection_rate:.3f}, FDR {val.counts.false_discovery_rate:.3f} "
                 f"({len(val_set)} val patches)"
             )
+            model_id = log_epoch_model(prep, model, epoch, step) if epoch_model_due(cfg, epoch) else None
             tr.log_metrics(
                 {
                     "val/loss": val.loss,
                     "val/detection_rate": val.counts.detection_rate,
                     "val/fdr": val.counts.false_discovery_rate,
                     "val/f1": val.counts.f1,
-                    "lr": lr,
                 },
                 epoch,
+                model_id,
+                prep.dataset("val"),
             )
+            tr.log_metrics({"lr": lr}, epoch)
             if (epoch + 1) % cfg.train.figure_every == 0 or epoch + 1 == cfg.train.epochs:
                 log_figures(tr, val_set, val.detections, epoch, per_epoch)
             checkpoints.save(
@@ -376,6 +386,38 @@ def fit(
             if on_epoch:
                 on_epoch(epoch, val)
     return model
+
+
+def epoch_model_name(epoch: int) -> str:
+    return f"epoch-{epoch + 1}"
+
+
+def epoch_model_due(cfg: Config, epoch: int) -> bool:
+    return (epoch + 1) % cfg.train.model_every == 0 or epoch + 1 == cfg.train.epochs
+
+
+def log_epoch_model(prep: Prepared, model: torch.nn.Module, epoch: int, step: int | None) -> str:
+    """The epoch's weights as an MLflow LoggedModel `epoch-N` (step = epoch) in the active run;
+    its id, to link the epoch's validation metrics to. `mlflow.search_logged_models` then ranks
+    a run's epochs by them; the last one is what `finish` registers."""
+    uri = log_detector(
+        prep.cfg,
+        model,
+        name=epoch_model_name(epoch),
+        step=epoch,
+        params={"epoch": epoch + 1, "config": prep.cfg.name, "split_hash": prep.split.digest}
+        | ({"step": step} if step is not None else {}),
+    )
+    return uri.removeprefix("models:/")
+
+
+def final_model(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> str:
+    """The URI of the last epoch's LoggedModel; logged now if this run has none (a resumed run
+    killed after its last epoch, before the model was written)."""
+    last = prep.cfg.train.epochs - 1
+    return tracking.logged_model(tr.run_id, epoch_model_name(last)) or (
+        "models:/" + log_epoch_model(prep, model, last, None)
+    )
 
 
 def _server_lost(tr: tracking.Tracker, checkpoints: Checkpoints, where: str = "") -> tracking.TrackingLost:
@@ -428,21 +470,6 @@ def log_figures(tr: tracking.Tracker, val_set, detections, epoch: int, per_epoch
         figures.close(fig)
 
 
-def describe(prep: Prepared, run_id: str) -> str:
-    """The registry's description of a trained version: config, images, split, run, last val figures."""
-    cfg, n = prep.cfg, {s: len(prep.samples[s]) for s in SPLITS}
-    last = {k: tracking.metric_history(run_id, f"val/{k}") for k in ("detection_rate", "fdr")}
-    figures_ = ", ".join(f"{k.replace('_', ' ')} {v[-1][1]:.3f}" for k, v in last.items() if v) or "none logged"
-    lineage = f"Fine-tuned from {prep.parent.pinned} (training run {prep.parent.run_id}). " if prep.parent else ""
-    return lineage + (
-        f"Faster R-CNN ({cfg.model.backbone} FPN, weights {cfg.model.weights}) trained with config "
-        f"`{cfg.name}` for {cfg.train.epochs} epochs on {n['train']} images of {prep.data_dir} "
-        f"(split mode {cfg.data.split.mode}, seed {cfg.data.split.seed}: {n['train']} train / {n['val']} val / "
-        f"{n['test']} test images, split hash {prep.split.digest[:12]}), training run {run_id}. "
-        f"Last validation: {figures_}. Test figures come from `evaluate` on the held-out images."
-    )
-
-
 def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
     """Log the trained model, then register it with the configured alias. A run that already
     registered a version (killed between registration and alias, then resumed) keeps that one."""
@@ -453,14 +480,14 @@ def finish(tr: tracking.Tracker, prep: Prepared, model: torch.nn.Module) -> int:
         tracking.client().set_registered_model_alias(name, cfg.tracking.alias, str(version))
     else:
         version = tracking.register(
-            log_detector(cfg, model),
+            final_model(tr, prep, model),
             name,
             cfg.tracking.alias,
             {"split_hash": prep.split.digest, "config": cfg.name, "classes": ",".join(cfg.data.classes)}
             | ({"parent_version": prep.parent.pinned} if prep.parent else {}),
-            describe(prep, tr.run_id),
         )
     tr.set_tags({"registered_model": cfg.tracking.registered_model, "registered_version": version})
+    model_card.publish(name, version)
     return version
 
 
@@ -565,7 +592,7 @@ def train_nested(
             model = fit(tr, prep, None, on_epoch)
         finally:  # a trial is re-run from scratch, never resumed
             discard_local(tr.run_id)
-        model_uri = log_detector(cfg, model)
+        model_uri = final_model(tr, prep, model)
         tidy_checkpoints(tr.run_id, keep=f"slot-{(cfg.train.epochs - 1) % 2}.pt")
         return tr.run_id, model_uri, model
 
@@ -595,13 +622,13 @@ def reregister(uri: str) -> tuple[str, int]:
         tr.client.log_text(tr.run_id, config_mod.dump(cfg), "config.yaml")
         tr.set_tags({"reregistered_from": ref.pinned})
         model_uri = log_detector(cfg, model, second_look)
-        description = f"{source.description or ''}\n\nRe-registered from version {ref.version} (a pickled object)."
         version = tracking.register(
             model_uri,
             ref.name,
             cfg.tracking.alias,
             {k: v for k, v in source.tags.items() if not k.startswith("promotion.")}
             | {"reregistered_from": ref.version},
-            description.strip(),
         )
+        tr.set_tags({"registered_version": version})
+        model_card.publish(ref.name, version)
         return tr.run_id, version

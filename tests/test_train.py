@@ -39,6 +39,17 @@ def _steps(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def _epoch_models(run, order_by=None):
+    """The READY LoggedModels a training run logged, one per epoch (oldest first unless `order_by`)."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND status = 'READY'",
+        order_by=order_by or [{"field_name": "creation_time", "ascending": True}],
+        output_format="list",
+    )
+    return found
+
+
 def _mlflow_run(store: Path, data_dir: Path, overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ) | {
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -103,8 +114,18 @@ def test_mlflow_run_trains_logs_and_registers(store, synth_dir):
 
     version = client.get_model_version_by_alias(MODEL, "challenger")
     assert version.run_id == run.info.run_id and int(version.version) == 1
-    for words in ("config `smoke`", "2 train / ", run.info.run_id, "Last validation: detection rate"):
+    # Issue 26: the version's description is its model card, also among its files.
+    for words in ("config `smoke`", "| train | 2 | 1: Case_", run.info.run_id, "Training's last validation"):
         assert words in version.description
+    assert "## Intended use" in version.description and "## Known limits" in version.description
+    card = mlflow.artifacts.load_text(f"models:/{MODEL}/{version.version}/model_card.md")
+    assert card == version.description
+    # The version is the last epoch's MLflow LoggedModel, its validation metrics linked to it.
+    (epoch,) = _epoch_models(run)
+    assert epoch.name == "epoch-1" and version.source == f"models:/{epoch.model_id}"
+    linked = {m.key: m for m in epoch.metrics}
+    assert linked["val/f1"].value == run.data.metrics["val/f1"] and linked["val/f1"].dataset_name == "brecahad-val"
+    assert f"logged model `{epoch.model_id}`" in card
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@challenger")
     image = load_dataset(synth_dir)[0].read_image()
     out = model.predict(pd.DataFrame({"image": [image]}))
@@ -202,7 +223,21 @@ def test_killed_run_resumes_without_duplicated_or_missing_steps(store, synth_dir
         assert _steps(client, run_id, key) == [0, 1, 2]
     lrs = [m.value for m in sorted(client.get_metric_history(run_id, "lr"), key=lambda m: m.step)]
     assert np.allclose(lrs, [1e-4, 0.95e-4, 0.95**2 * 1e-4])  # the schedule carried over the restart
-    assert client.get_model_version_by_alias(MODEL, "challenger").run_id == run_id
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    assert version.run_id == run_id
+    # Issue 26: an epoch's model each, across the kill: what the killed process logged for the epochs
+    # the resume trained again was removed. The version is the last epoch's.
+    epochs = {m.name: m for m in _epoch_models(run)}
+    assert sorted(epochs) == ["epoch-1", "epoch-2", "epoch-3"]
+    assert version.source == f"models:/{epochs['epoch-3'].model_id}"
+    f1 = {m.step: m.value for m in client.get_metric_history(run_id, "val/f1")}
+    for name, m in epochs.items():  # epoch 2's figures may be the killed process's, logged before its model
+        linked = {x.key: x.value for x in m.metrics}
+        assert linked.get("val/f1", f1[int(name[-1]) - 1]) == f1[int(name[-1]) - 1]
+    best = _epoch_models(run, [{"field_name": "metrics.val/f1", "ascending": False}])[0]
+    assert {x.key: x.value for x in best.metrics}["val/f1"] == max(
+        {x.key: x.value for x in m.metrics}.get("val/f1", -1) for m in epochs.values()
+    )
 
 
 @pytest.mark.subprocess
