@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import figures, tracking
+from . import figures, model_card, tracking
 from .config import Config
 from .data import Sample, classes_for, content_digest
 from .engine import PRECISION_NAMES
@@ -273,7 +273,8 @@ def evaluate(req: Request, parent: str | None = None) -> tuple[str, dict[str, fl
         log_report(tr, req.split, report, cache, items, pp)
         if req.protocol == "whole":
             log_geojson(tr, report, cache, items, ref.pinned)
-        return tr.run_id, report.metrics
+    model_card.publish(ref.name, ref.version)  # the card's metrics come from the finished run
+    return tr.run_id, report.metrics
 
 
 def infer_views(

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from . import figures, tracking
+from . import figures, model_card, tracking
 from .choices import CHAMPION, MATCHERS, PREVIOUS, PROMOTE_METRIC, PROTOCOLS
 from .config import TrackingConfig
 from .errors import DetectionError
@@ -204,24 +203,12 @@ def decide(req: PromoteRequest, cand: Judged, champ: Judged | None) -> Decision:
 
 
 TEST_DECISIONS = "test_decisions"  # promotion.test_decisions: decisions made on the version's test images
-_TEST_LINE = re.compile(r"\n*Promotion decisions made on its test images: \d+\.?$")
 
 
 def test_decisions(ref: tracking.ModelRef) -> int:
     """How many promotion decisions have used the version's test images so far."""
     version = tracking.client().get_model_version(ref.name, str(ref.version))
     return int(version.tags.get(f"promotion.{TEST_DECISIONS}", "0"))
-
-
-def describe_test_decisions(name: str, version: int, n: int) -> None:
-    """The count as the last line of the version's description (test figures chosen among many are
-    optimistic), once there is one; written as a total, so repeating it changes nothing."""
-    if n == 0:
-        return
-    current = tracking.client().get_model_version(name, str(version)).description or ""
-    text = _TEST_LINE.sub("", current).rstrip()
-    line = f"Promotion decisions made on its test images: {n}."
-    tracking.client().update_model_version(name, str(version), description=f"{text}\n\n{line}".lstrip())
 
 
 def record(decision: Decision, run_id: str) -> dict:
@@ -249,23 +236,24 @@ def record(decision: Decision, run_id: str) -> dict:
     counts = {cand.ref.version: test_decisions(cand.ref) + on_test} | (
         {champ.ref.version: test_decisions(champ.ref) + on_test} if champ else {}
     )
-    promotion = {
+    detail = {
         "decision": decision.outcome,
+        "reason": decision.reason,
         "metric": req.metric,
+        "candidate_version": cand.ref.version,
         "candidate_value": decision.candidate_value,
-        "champion_value": "" if decision.champion_value is None else decision.champion_value,
+        "champion_version": champ.ref.version if champ else None,
+        "champion_value": decision.champion_value,
         "candidate_eval_run": cand.decisive.run_id,
-        "champion_eval_run": champ.decisive.run_id if champ else "",
+        "champion_eval_run": champ.decisive.run_id if champ else None,
         "candidate_test_eval_run": cand.test.run_id,
-        "promotion_run": run_id,
+        "champion_test_eval_run": champ.test.run_id if champ else None,
     }
-    tags = {cand.ref.version: {f"promotion.{k}": v for k, v in promotion.items()}}
-    if champ:  # the champion's own promotion.* tags keep saying how it became champion
-        tags[champ.ref.version] = {
-            "promotion.challenge.by_version": cand.ref.version,
-            "promotion.challenge.decision": decision.outcome,
-            "promotion.challenge.promotion_run": run_id,
-        }
+    tr.client.log_dict(run_id, detail, "decision.json")
+    # A version keeps the few tags a user filters the registry on; the rest is the decision run's.
+    tags = {cand.ref.version: {"promotion.decision": decision.outcome, "promotion.run": run_id}}
+    if champ:  # the champion's promotion.decision keeps saying how it became champion
+        tags[champ.ref.version] = {"promotion.last_challenge": f"v{cand.ref.version} {decision.outcome} ({run_id})"}
     for version, n in counts.items() if on_test else ():
         tags[version][f"promotion.{TEST_DECISIONS}"] = n
     aliases = {}
@@ -275,13 +263,17 @@ def record(decision: Decision, run_id: str) -> dict:
         "run": run_id,
         "aliases": aliases,
         "tags": {str(v): {k: str(x) for k, x in t.items()} for v, t in tags.items()},
-        "test_decisions": {str(v): n for v, n in counts.items()} if on_test else {},
         "run_tags": {
             "decision": decision.outcome,
             "reason": decision.reason,
             "candidate_version": cand.ref.version,
             "champion_version": champ.ref.version if champ else "",
             "metric": req.metric,
+            "candidate_value": decision.candidate_value,
+            "champion_value": "" if decision.champion_value is None else decision.champion_value,
+            "candidate_eval_run": cand.decisive.run_id,
+            "champion_eval_run": champ.decisive.run_id if champ else "",
+            "candidate_test_eval_run": cand.test.run_id,
             "decided_on_test": str(on_test).lower(),
             f"candidate_{TEST_DECISIONS}": counts[cand.ref.version],
         }
@@ -302,10 +294,10 @@ def carry_out(name: str, plan: dict) -> None:
         api.set_registered_model_alias(name, alias, str(version))
     for version, tags in plan["tags"].items():
         tracking.tag_version(name, int(version), "", tags)
-    for version, n in plan.get("test_decisions", {}).items():
-        describe_test_decisions(name, int(version), n)
     tracking.Tracker(plan["run"]).set_tags(plan["run_tags"])
     api.set_terminated(plan["run"], "FINISHED")
+    for version in plan["tags"]:  # their cards say the decision, the aliases and the test decisions
+        model_card.publish(name, int(version))
     api.delete_registered_model_tag(name, PENDING)
 
 
@@ -344,7 +336,7 @@ def _rollback(name: str) -> dict:
             "run": run_id,
             "aliases": {CHAMPION: prev.version, PREVIOUS: champ.version},
             "tags": {
-                str(ref.version): {"promotion.decision": "rolled back", "promotion.promotion_run": run_id}
+                str(ref.version): {"promotion.decision": "rolled back", "promotion.run": run_id}
                 for ref in (champ, prev)
             },
             "run_tags": {

@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 
 from . import config as config_mod
-from . import figures, tracking
+from . import figures, model_card, tracking
 from .choices import promoted_alias_problem
 from .classifier import BATCH, build_classifier, crops, normalise
 from .config import Config, SecondLookConfig
@@ -142,11 +142,11 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
                 "second_look_weight": choice.weight,
                 "second_look_thresh": choice.thresh,
             },
-            describe(ref.version, tuned.second_look, ex["train"], choice, tr.run_id),
         )
         tr.set_tags(
             {"registered_model": ref.name, "registered_version": version, "precision": PRECISION_NAMES[rt.dtype]}
         )
+        model_card.publish(ref.name, version)
         summary = {
             "weight": choice.weight,
             "thresh": choice.thresh,
@@ -157,17 +157,6 @@ def second_look(req: SecondLookRequest) -> tuple[str, int, dict]:
             "train_true_positives": ex["train"].positives,
         }
         return tr.run_id, version, summary
-
-
-def describe(source: int, sl: SecondLookConfig, train: Examples, choice: Choice, run_id: str) -> str:
-    """The registry's description of a version with a second look."""
-    return (
-        f"Version {source} plus a learned second look: ResNet-18 on {sl.crop} px crops around each detection, "
-        f"trained on {len(train)} crops ({train.positives} true positives) of the training split in run "
-        f"{run_id}. Fused score (1 - w) x detector + w x classifier with w = {sl.weight:g}, kept above "
-        f"{sl.thresh:g}. On val at detection rate {choice.detection_rate:.3f}: FDR {choice.fdr_alone:.3f} "
-        f"alone, {choice.fdr:.3f} with the second look."
-    )
 
 
 def _log_choice(tr, choice: Choice) -> None:

@@ -6,10 +6,11 @@ Builds a demo store in --store unless it holds one (synthetic images; two smoke 
 evaluation, a tune study and a promotion, all through `python -m detection`), starts `mlflow ui` and
 `optuna-dashboard` on 127.0.0.1, opens them in headless Chromium (Playwright driving Debian's
 /usr/bin/chromium, or $BRECAHAD_CHROMIUM: a browser download is not possible everywhere) and saves:
-runs.png (the runs table), compare.png (two training runs side by side), study.png (the study's
-trials on parallel coordinates), versions.png (the registered versions with their aliases) and
-dashboard.png (optuna-dashboard on the study). Needs `pip install -e '.[docs]'` and Chromium
-(`apt-get install -y chromium`).
+runs.png (the runs table), compare.png (two training runs side by side), study.png (the trials a
+user opens, chosen and top ten, on parallel coordinates), study-run.png (the study run's trial/...
+series: every trial), versions.png (the registered versions with their aliases), card.png (a
+version's model card and source model) and dashboard.png (optuna-dashboard on the study). Needs
+`pip install -e '.[docs]'` and Chromium (`apt-get install -y chromium`).
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def ids(store: Path) -> dict:
     runs = client.search_runs([exp.experiment_id], max_results=500)
     train = [r.info.run_id for r in runs if r.info.run_name.startswith("train ")][:2]
     trials = [r.info.run_id for r in runs if r.info.run_name.startswith("trial ")][:40]
-    return {"experiment": exp.experiment_id, "train": train, "trials": trials}
+    study = next(r.info.run_id for r in runs if r.info.run_name == f"tune {STUDY}")
+    return {"experiment": exp.experiment_id, "train": train, "trials": trials, "study": study}
 
 
 def take(store: Path, out: Path) -> dict[str, float]:
@@ -204,6 +206,8 @@ def take(store: Path, out: Path) -> dict[str, float]:
                 "pp.score_thresh",
             ),
             ("versions", f"{base}/#/models/{MODEL}?{view}", "champion"),
+            ("card", f"{base}/#/models/{MODEL}/versions/1?{view}", "Intended use"),
+            ("study-run", f"{base}/#/experiments/{exp}/runs/{found['study']}/model-metrics?{view}", "trial/f1"),
             ("dashboard", f"http://127.0.0.1:{dash}/dashboard/studies/0", STUDY),
         ]
         for name, url, wait_for in pages:

@@ -50,6 +50,13 @@ def test_the_printed_link_opens_the_runs_table_and_the_model_page_shows_the_cham
         with screenshots.browser() as page:
             versions = screenshots.shot(page, f"{base}/#/models/brecahad-faster-rcnn", "champion", None)
             assert "Version 1" in versions and "champion" in versions
+        with screenshots.browser() as page:  # issue 26: the version's page shows its card and its logged model
+            url = f"{base}/#/models/brecahad-faster-rcnn/versions/1?workflowType=machine_learning"
+            card = screenshots.shot(page, url, "Intended use", store / "card.png")
+            for heading in ("Data and split", "Metrics", "Operating point", "Known limits", "Lineage"):
+                assert heading in card
+            source = page.get_by_role("link", name="epoch-1", exact=True)  # "Source Model: epoch-1"
+            assert source.count() == 1 and "Source Model" in card
     assert (store / "first-look.png").stat().st_size > 10_000
 
 

@@ -59,15 +59,26 @@ def test_promotion_gate_and_rollback(in_store, synth_dir, versions):
 
     client = MlflowClient()
     tags = client.get_model_version(name, str(versions["tie"])).tags
-    assert tags["promotion.decision"] == "kept champion" and tags["promotion.metric"] == "test/detection_rate"
-    assert float(tags["promotion.candidate_value"]) == float(tags["promotion.champion_value"])
-    run = client.get_run(tags["promotion.promotion_run"])
+    # Issue 26: a version keeps the promotion tags a user filters on; the decision's run keeps the rest.
+    kept = {"promotion.decision", "promotion.run", "promotion.test_decisions"}  # decided on test here
+    assert {k for k in tags if k.startswith("promotion.")} == kept
+    assert tags["promotion.decision"] == "kept champion"
+    champion = client.get_model_version(name, str(versions["all"])).tags
+    assert champion["promotion.decision"] == "promoted"  # how it became champion, and its last challenge
+    assert champion["promotion.last_challenge"] == f"v{versions['tie']} kept champion ({tags['promotion.run']})"
+    run = client.get_run(tags["promotion.run"])
     assert run.data.tags["detection.decision"] == "kept champion"
+    assert run.data.tags["detection.metric"] == "test/detection_rate"
+    detail = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/decision.json")
+    assert detail["candidate_value"] == detail["champion_value"] and detail["metric"] == "test/detection_rate"
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"side_by_side.json", "side_by_side.png"} <= files
+    assert {"side_by_side.json", "side_by_side.png", "decision.json"} <= files
     for key in ("candidate_eval_run", "champion_eval_run"):
-        evaluated = client.get_run(tags[f"promotion.{key}"])
+        evaluated = client.get_run(detail[key])
         assert evaluated.data.tags["detection.evaluation"] == "true"
+    # The card of each version says where it stands.
+    card = client.get_model_version(name, str(versions["tie"])).description
+    assert "## Lineage" in card and f"promotion: kept champion (decision run `{run.info.run_id}`)" in card
 
     back = _promote(in_store, synth_dir, name, versions["all"], "--rollback", "true")
     assert back.returncode == 0 and back.stdout.startswith("rolled back")
@@ -86,21 +97,22 @@ def test_promotion_decides_on_val_reports_test_and_counts_the_decisions_made_on_
     first = _promote(in_store, synth_dir, name, made["none"])  # the default metric: val/f1
     assert first.returncode == 0 and "first champion" in first.stdout, first.stderr[-3000:]
     tags = client.get_model_version(name, str(made["none"])).tags
-    run = client.get_run(tags["promotion.promotion_run"])
-    assert tags["promotion.metric"] == "val/f1" and run.data.tags["detection.decided_on_test"] == "false"
+    run = client.get_run(tags["promotion.run"])
+    assert run.data.tags["detection.metric"] == "val/f1" and run.data.tags["detection.decided_on_test"] == "false"
     assert run.data.tags["detection.candidate_test_decisions"] == "0" and "promotion.test_decisions" not in tags
     table = pd.DataFrame(mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/side_by_side.json")["data"], columns=None)
     decides = {row[0].split("/")[0]: row[1] for row in table.itertuples(index=False)}
     assert decides == {"val": True, "test": False}  # test is reported beside the decision, not decided on
-    assert client.get_run(tags["promotion.candidate_test_eval_run"]).data.tags["detection.split"] == "test"
+    test_eval = run.data.tags["detection.candidate_test_eval_run"]
+    assert client.get_run(test_eval).data.tags["detection.split"] == "test"
 
     second = _promote(in_store, synth_dir, name, made["all"], "--metric", "test/f1")
     assert second.returncode == 0, second.stderr[-3000:]
     for v in made.values():  # both versions' test images decided this one
         version = client.get_model_version(name, str(v))
         assert version.tags["promotion.test_decisions"] == "1"
-        assert version.description.endswith("Promotion decisions made on its test images: 1.")
-    run = client.get_run(client.get_model_version(name, str(made["all"])).tags["promotion.promotion_run"])
+        assert "Promotion decisions made on its test images: 1." in version.description
+    run = client.get_run(client.get_model_version(name, str(made["all"])).tags["promotion.run"])
     assert run.data.tags["detection.candidate_test_decisions"] == "1"
     assert run.data.tags["detection.champion_test_decisions"] == "1"
 
