@@ -28,7 +28,7 @@ def test_the_froc_objective_scores_a_trial_by_the_froc_of_what_it_keeps(store, s
     parent = tracking.create_run("brecahad", "tune froc", {})
     s = Study(req, optuna.create_study(), parent, None, config.load(SMOKE), None, tracking.StepLog(parent))
     objective = postprocess_objective(s, Replayer(cache, "greedy", RADIUS))
-    trial = optuna.trial.FixedTrial({"score_thresh": score_thresh, "nms_step": 16, "detections_per_img": 100})
+    trial = optuna.trial.FixedTrial({"score_thresh": score_thresh, "nms_step": 16, "topk_step": 10})
     value = objective(trial)
     assert value == pytest.approx(expected)
     pp = PostProcess(score_thresh, 0.9, 100)

@@ -158,3 +158,12 @@ def test_trials_recorded_before_issue_26_still_read():
     assert tune.trial_metrics(legacy) == {"f1": 0.5, "tp": 3}
     row = tune.trial_row(legacy, 1)  # as the study's table shows it
     assert row["settings.tta_thresh"] == 0.2 and row["val.f1"] == 0.5 and row["objective"] == 0.5
+
+
+def test_top_k_is_searched_on_a_log_grid_that_keeps_both_ends():
+    """A plan of the replay is made once per top-k value: a grid lets a long study reuse them."""
+    grid = tune.topk_grid(*tune.TUNE_RANGES["detections_per_img"])
+    assert grid[0] == 10 and grid[-1] == 1000 and len(grid) == 21
+    assert np.all(grid[1:] / grid[:-1] <= 1.34)  # no step wider than a third
+    assert tune.topk_grid(7, 33).tolist() == [7, 8, 10, 12, 15, 20, 25, 30, 33]
+    assert tune.topk_grid(100, 100).tolist() == [100]
