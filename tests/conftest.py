@@ -1,10 +1,12 @@
 import contextlib
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,8 @@ def need_shared(path: Path) -> Path:
     return path
 
 
-# Fixtures that start the CLI or a server: a test using one pays an interpreter's start.
+# Fixtures that train a model through the CLI or start a server: a test using one pays for it, and
+# `make test-fast` leaves it out with the tests that start an interpreter.
 SPAWNING_FIXTURES = {"trained", "trained_copy", "in_store", "versions", "server", "stack", "team"}
 # Programs that are a fresh interpreter (the CLI, mlflow's servers, a shell running them).
 INTERPRETERS = ("python", "mlflow", "bash", "sh")
@@ -126,16 +129,74 @@ def child_env(env: dict | None = None) -> dict:
     return inherited | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"} | (env or {})
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = child_env(env)
-    return subprocess.run(
-        [sys.executable, "-m", "detection", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 600, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """`python -m detection ARGS` in `cwd`, with `env` on top of this process's environment; its
+    exit code and what it printed. It runs in this process (cli.main, as the console script calls
+    it): a fresh interpreter pays 7 s of imports (torch, mlflow) a call, most of a small command,
+    and the suite makes a hundred. `fresh=True` starts one, for what only a process shows: its
+    temp dir, its logging, a race or a kill."""
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", "detection", *args],
+            cwd=cwd,
+            env=child_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    out, err = io.StringIO(), io.StringIO()
+    with _as_a_command(cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _main(list(args))
+    return subprocess.CompletedProcess(["python", "-m", "detection", *args], code, out.getvalue(), err.getvalue())
+
+
+def _main(argv: list[str]) -> int:
+    """cli.main as `python -m detection` ends: its return value, argparse's exit, or 1 and the
+    traceback of a bug."""
+    from detection import cli
+
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+@contextlib.contextmanager
+def _as_a_command(cwd: Path, env: dict | None):
+    """This process as a fresh command would find it: the child's environment and working
+    directory, no tracking URI or experiment chosen in-process, and everything put back after
+    (the command's own environment changes too), with any run it left active ended as MLflow's
+    exit handler ends it."""
+    import tempfile
+
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    import mlflow.tracking.fluent as fluent
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id)
+    saved_tmp, wanted = tempfile.tempdir, child_env(env)
+    os.environ.clear()
+    os.environ.update(wanted)
+    tracking_utils._tracking_uri = registry_utils._registry_uri = fluent._active_experiment_id = None
+    tempfile.tempdir = None  # TMPDIR, as a new process reads it
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id = saved
+        tempfile.tempdir = saved_tmp
 
 
 def train_tiny(

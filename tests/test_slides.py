@@ -205,8 +205,18 @@ def test_three_slides_on_embedded_ray_match_one_by_one(detector, in_store, field
     paths = [slide_of(tmp_path / f"s{k}.tiff", fields[k : k + 1], margin=32)[0] for k in range(3)]
     for path in paths:
         count(open_slide(path), job(detector, region=1024), predictor(detector), tmp_path / "alone")
-    ray = run_cli("slides", *map(str, paths), "--model", MODEL, "--region", "1024", "--out", str(tmp_path / "ray"),
-                  cwd=in_store["workdir"])  # fmt: skip
+    ray = run_cli(
+        "slides",
+        *map(str, paths),
+        "--model",
+        MODEL,
+        "--region",
+        "1024",
+        "--out",
+        str(tmp_path / "ray"),
+        cwd=in_store["workdir"],
+        fresh=True,
+    )  # fmt: skip  (Ray's embedded cluster ends with its process)
     assert ray.returncode == 0, ray.stderr[-3000:]
     for k in range(3):
         a = pd.read_parquet(tmp_path / "alone" / f"s{k}.parquet")

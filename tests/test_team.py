@@ -142,7 +142,7 @@ def test_a_team_works_through_the_stack(stack, team, synth_dir, tmp_path):
     outputs = []
 
     def cli(*args):
-        result = run_cli(*args, cwd=team)
+        result = run_cli(*args, cwd=team, fresh=True)  # its output is checked for the password
         outputs.append(result.stdout + result.stderr)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
@@ -239,7 +239,7 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
     before = len(_runs(client))
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
-    wrong = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=team)
+    wrong = run_cli("train", "--config", SMOKE, "--data-dir", str(synth_dir), cwd=team, fresh=True)
     assert wrong.returncode == 2 and "refused the login (HTTP 401)" in wrong.stderr.strip().splitlines()[-1]
     assert "not-the-password" not in wrong.stderr + wrong.stdout
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.client_env()["MLFLOW_TRACKING_PASSWORD"])
@@ -256,6 +256,7 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
         "--storage",
         dead_db,
         cwd=team,
+        fresh=True,  # all it prints, MLflow's and the driver's logging too, is checked for the password
     )
     last = unreachable.stderr.strip().splitlines()[-1]
     assert unreachable.returncode == 2 and "cannot be reached" in last and "Connection refused" in last
@@ -279,6 +280,7 @@ def test_team_misconfigurations_fail_before_any_work_with_the_cause(stack, team,
             str(synth_dir),
             cwd=team,
             env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+            fresh=True,
         )
     assert bad_s3.returncode == 2 and "cannot reach its artifact store" in bad_s3.stderr.strip().splitlines()[-1]
     assert len(_runs(client)) == before
@@ -342,7 +344,8 @@ def test_the_s3_artifact_path_against_moto(tmp_path, synth_dir):
             s3.create_bucket(Bucket="lab")
             with serving(server, f"http://127.0.0.1:{port}/health", tmp_path, timeout=180):
                 uri = f"http://127.0.0.1:{port}"
-                trained = run_cli(*tiny_args(synth_dir), cwd=tmp_path, env=env | {"MLFLOW_TRACKING_URI": uri})
+                env |= {"MLFLOW_TRACKING_URI": uri}
+                trained = run_cli(*tiny_args(synth_dir), cwd=tmp_path, env=env, fresh=True)
                 assert trained.returncode == 0, trained.stderr[-3000:]
                 keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lab").get("Contents", [])]
                 assert any(k.endswith("checkpoints/latest.json") for k in keys) and any("MLmodel" in k for k in keys)
