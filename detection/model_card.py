@@ -12,7 +12,7 @@ command that registers a version writes its card; `evaluate` and `promote` write
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,26 +168,28 @@ def render(f: Facts) -> str:
     return "\n\n".join(p for p in parts if p).strip() + "\n"
 
 
+# What a version was made from, one sentence per lineage tag it carries.
+ORIGINS = (
+    ("parent_version", "Fine-tuned from {parent_version}."),
+    (
+        "study",
+        "Version {source_version} with its thresholds tuned by Optuna study `{study}` (trial {trial}, "
+        "objective {objective}).",
+    ),
+    ("second_look_of", "Version {second_look_of} with a learned second look that rescores each detection."),
+    ("reregistered_from", "Version {reregistered_from} re-registered from its weights (it was a pickled object)."),
+)
+
+
 def _summary(f: Facts) -> str:
-    t = f.tags
-    lines = []
-    if t.get("parent_version"):
-        lines.append(f"Fine-tuned from {t['parent_version']}.")
-    if t.get("study"):
+    tags = defaultdict(lambda: "?", f.tags)
+    lines = [sentence.format_map(tags) for key, sentence in ORIGINS if f.tags.get(key)]
+    val = f.training
+    if f.tags.get("second_look_of") and {"val/detection_rate", "val/fdr_alone", "val/fdr"} <= val.keys():
         lines.append(
-            f"Version {t.get('source_version', '?')} with its thresholds tuned by Optuna study `{t['study']}` "
-            f"(trial {t.get('trial', '?')}, objective {t.get('objective', '?')})."
+            f"On val at detection rate {val['val/detection_rate']:.3f} it takes the FDR from "
+            f"{val['val/fdr_alone']:.3f} (the detector alone) to {val['val/fdr']:.3f}."
         )
-    if t.get("second_look_of"):
-        lines.append(f"Version {t['second_look_of']} with a learned second look that rescores each detection.")
-        val = f.training
-        if {"val/detection_rate", "val/fdr_alone", "val/fdr"} <= val.keys():
-            lines.append(
-                f"On val at detection rate {val['val/detection_rate']:.3f} it takes the FDR from "
-                f"{val['val/fdr_alone']:.3f} (the detector alone) to {val['val/fdr']:.3f}."
-            )
-    if t.get("reregistered_from"):
-        lines.append(f"Version {t['reregistered_from']} re-registered from its weights (it was a pickled object).")
     cfg = f.config
     if cfg is not None:
         classes = ", ".join(cfg.data.classes)

@@ -66,3 +66,16 @@ def test_a_card_too_long_for_the_registry_is_cut_at_a_section_and_points_to_the_
     assert len(described) <= model_card.DESCRIPTION_LIMIT and "## B" not in described
     assert described.endswith("the full card is model_card.md among the version's files.")
     assert model_card.description("# short\n") == "# short\n"
+
+
+def test_a_tuned_or_second_look_version_says_what_it_was_made_from():
+    cfg = config.load(SMOKE)
+    split = _split(("Case_4-01",))
+    tags = {"study": "pp", "trial": "12", "objective": "f1", "source_version": "2"}
+    card = model_card.render(_facts(cfg, split, tags=tags))
+    assert "Version 2 with its thresholds tuned by Optuna study `pp` (trial 12, objective f1)." in card
+    val = {"val/detection_rate": 0.9, "val/fdr_alone": 0.6, "val/fdr": 0.4}
+    card = model_card.render(_facts(cfg, split, tags={"second_look_of": "3"}, training=val))
+    assert "Version 3 with a learned second look that rescores each detection." in card
+    assert "it takes the FDR from 0.600 (the detector alone) to 0.400." in card
+    assert "Optuna" not in card and "?" not in card.split("## Intended use")[0]
