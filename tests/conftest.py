@@ -224,7 +224,7 @@ def trained(tmp_path_factory, synth_dir) -> dict:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     result = train_tiny(synth_dir, cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger"}
+    return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger", "stdout": result.stdout}
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Evaluation of a real (tiny) registered model on real stores; marked slow."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,8 +253,10 @@ def test_missing_test_images_and_leakage_are_refused(in_store, synth_dir, copy_o
     assert leak.returncode == 2 and "are training images" in leak.stderr
     for name in split["train"]:
         assert name in leak.stderr
+    # A training image beside a held-out one is enough to evaluate with the overlap allowed.
+    mixed = _only(synth_dir, [split["train"][0], split["test"][0]], partial.parent / "mixed")
     allowed = run_cli(
-        "evaluate", "--data-dir", str(synth_dir), "--split", "all", "--allow-overlap", "true", cwd=in_store["workdir"]
+        "evaluate", "--data-dir", str(mixed), "--split", "all", "--allow-overlap", "true", cwd=in_store["workdir"]
     )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     run = client.get_run(allowed.stdout.split()[1].rstrip(":"))
@@ -261,7 +264,16 @@ def test_missing_test_images_and_leakage_are_refused(in_store, synth_dir, copy_o
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1  # evaluation never touches the registry
 
 
-def test_model_without_a_recorded_split(in_store, synth_dir):
+def _only(data: Path, names: list[str], dst: Path) -> Path:
+    """A dataset folder holding `names` of `data` alone."""
+    for sub, ext in (("images", ".tif"), ("groundTruth", ".json")):
+        (dst / sub).mkdir(parents=True)
+        for name in names:
+            shutil.copy(data / sub / f"{name}{ext}", dst / sub / f"{name}{ext}")
+    return dst
+
+
+def test_model_without_a_recorded_split(in_store, synth_dir, tmp_path):
     client = MlflowClient()
     version = client.get_model_version_by_alias(MODEL, "challenger")
     # The same weights, registered from a run that never recorded a split.
@@ -274,8 +286,9 @@ def test_model_without_a_recorded_split(in_store, synth_dir):
     result = run_cli("evaluate", "--model", uri, "--data-dir", str(synth_dir), cwd=in_store["workdir"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "recorded no split.json" in result.stderr and "split=all" in result.stderr
+    new_cohort = _only(synth_dir, ["Case_1-01"], tmp_path / "cohort")
     cohort = run_cli(
-        "evaluate", "--model", uri, "--data-dir", str(synth_dir), "--split", "all", cwd=in_store["workdir"]
+        "evaluate", "--model", uri, "--data-dir", str(new_cohort), "--split", "all", cwd=in_store["workdir"]
     )
     assert cohort.returncode == 0, cohort.stderr[-2000:]  # a new cohort needs no recorded split
     client.delete_registered_model("orphan-model")
