@@ -7,10 +7,11 @@ evaluation, a tune study and a promotion, all through `python -m detection`), st
 `optuna-dashboard` on 127.0.0.1, opens them in headless Chromium (Playwright driving Debian's
 /usr/bin/chromium, or $BRECAHAD_CHROMIUM: a browser download is not possible everywhere) and saves:
 runs.png (the runs table), compare.png (two training runs side by side), study.png (the trials a
-user opens, chosen and top ten, on parallel coordinates), study-run.png (the study run's trial/...
-series: every trial), versions.png (the registered versions with their aliases), card.png (a
-version's model card and source model) and dashboard.png (optuna-dashboard on the study). Needs
-`pip install -e '.[docs]'` and Chromium (`apt-get install -y chromium`).
+user opens, chosen and top ten, on parallel coordinates), study-run.png (the study run's
+trial/... series: every trial), study-table.png (its table of every trial, best first),
+versions.png (the registered versions with their aliases), card.png (a version's model card and
+source model) and dashboard.png (optuna-dashboard on the study). Needs `pip install -e
+'.[docs]'` and Chromium (`apt-get install -y chromium`).
 """
 
 from __future__ import annotations
@@ -133,14 +134,25 @@ def close_assistant(page) -> None:
         page.locator("[aria-label*='lose' i]").last.click(timeout=3000)
 
 
-def shot(page, url: str, wait_for: str, path: Path | None, settle: float = 2.0, assistant: bool = False) -> str:
+def shot(
+    page,
+    url: str,
+    wait_for: str,
+    path: Path | None,
+    settle: float = 2.0,
+    assistant: bool = False,
+    charts: str | None = None,
+) -> str:
     """Open `url`, wait until `wait_for` is on the page, save a screenshot; returns the page's text.
-    With `assistant`, the Assistant panel stays as a fresh profile shows it."""
+    With `assistant`, the Assistant panel stays as a fresh profile shows it; with `charts`, a run's
+    metric charts are narrowed to those whose names hold it (the page's own search box)."""
     page.goto(url)
     page.reload()  # a single-page app keeps the previous page's state when only the #route changes
     page.wait_for_function("text => document.body.innerText.includes(text)", arg=wait_for, timeout=90_000)
     if not assistant:
         close_assistant(page)
+    if charts:
+        page.get_by_placeholder("Search metric charts").fill(charts)
     time.sleep(settle)  # charts draw after the text appears
     if path is not None:
         page.screenshot(path=str(path))
@@ -207,13 +219,19 @@ def take(store: Path, out: Path) -> dict[str, float]:
             ),
             ("versions", f"{base}/#/models/{MODEL}?{view}", "champion"),
             ("card", f"{base}/#/models/{MODEL}/versions/1?{view}", "Intended use"),
-            ("study-run", f"{base}/#/experiments/{exp}/runs/{found['study']}/model-metrics?{view}", "trial/f1"),
+            ("study-run", f"{base}/#/experiments/{exp}/runs/{found['study']}/model-metrics?{view}", "Model metrics"),
+            (
+                "study-table",
+                f"{base}/#/experiments/{exp}/runs/{found['study']}/artifacts/study_trials.csv?{view}",
+                "Previewing",
+            ),
             ("dashboard", f"http://127.0.0.1:{dash}/dashboard/studies/0", STUDY),
         ]
         for name, url, wait_for in pages:
             start = time.monotonic()
             try:
-                shot(page, url, wait_for, out / f"{name}.png")
+                # A study's every trial: the parent run's trial/... series, step = trial number.
+                shot(page, url, wait_for, out / f"{name}.png", charts="trial/" if name == "study-run" else None)
             except Exception as e:
                 page.screenshot(path=str(out / f"{name}-failed.png"))
                 raise RuntimeError(

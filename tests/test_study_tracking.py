@@ -1,11 +1,13 @@
 """Issue 26: a postprocess study tracks what its trials cost, not a run per trial. Real Optuna
 journal storages and a real sqlite MLflow store in a temp dir, a hand-built cache (no model)."""
 
+import io
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
@@ -92,6 +94,13 @@ def test_every_trial_is_kept_and_only_the_looked_at_ones_are_runs(store, tmp_pat
         a.path for a in tracking.client().list_artifacts(s.parent, "figures")
     }
     assert {"study_trials.csv", "figures/parallel_coordinates.png", "figures/tradeoff.png"} <= files
+    # The UI previews a CSV's first 500 rows: the best trials come first there.
+    shown = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{s.parent}/study_trials.csv")))
+    assert len(shown) == 40
+    if objective == "f1":
+        assert shown["objective"].is_monotonic_decreasing and shown["trial"].iloc[0] == chosen.number
+    else:
+        assert set(shown["trial"].iloc[: len(s.study.best_trials)]) == {t.number for t in s.study.best_trials}
 
     _end(s)  # a study resumed and ended again opens no second run for the same trial, nor a second row
     assert set(_nested(s.parent)) == set(nested)
