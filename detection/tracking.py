@@ -729,16 +729,20 @@ def log_model(
     return info
 
 
+def _run_models(run_id: str, where: str) -> list:
+    """The LoggedModels `run_id` logged that match `where` (a search_logged_models filter)."""
+    return mlflow.search_logged_models(
+        experiment_ids=[get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND {where}",
+        output_format="list",
+    )
+
+
 def delete_logged_models(run_id: str, names: list[str]) -> list[str]:
     """Delete the LoggedModels called one of `names` that `run_id` logged; their ids."""
     if not names:
         return []
-    listed = ", ".join(f"'{n}'" for n in names)
-    found = mlflow.search_logged_models(
-        experiment_ids=[get_run(run_id).info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name IN ({listed})",
-        output_format="list",
-    )
+    found = _run_models(run_id, "name IN ({})".format(", ".join(f"'{n}'" for n in names)))
     for m in found:
         client().delete_logged_model(m.model_id)
     return [m.model_id for m in found]
@@ -746,11 +750,7 @@ def delete_logged_models(run_id: str, names: list[str]) -> list[str]:
 
 def logged_model(run_id: str, name: str) -> str | None:
     """The URI of the READY LoggedModel `name` that `run_id` logged (models:/m-...), or None."""
-    found = mlflow.search_logged_models(
-        experiment_ids=[get_run(run_id).info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}' AND status = 'READY'",
-        output_format="list",
-    )
+    found = _run_models(run_id, f"name = '{name}' AND status = 'READY'")
     return f"models:/{found[0].model_id}" if found else None
 
 
