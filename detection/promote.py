@@ -236,6 +236,8 @@ def record(decision: Decision, run_id: str) -> dict:
     counts = {cand.ref.version: test_decisions(cand.ref) + on_test} | (
         {champ.ref.version: test_decisions(champ.ref) + on_test} if champ else {}
     )
+    # The decision run's tags (empty where there is no champion) and, with the champion's test
+    # evaluation, its decision.json.
     detail = {
         "decision": decision.outcome,
         "reason": decision.reason,
@@ -247,9 +249,9 @@ def record(decision: Decision, run_id: str) -> dict:
         "candidate_eval_run": cand.decisive.run_id,
         "champion_eval_run": champ.decisive.run_id if champ else None,
         "candidate_test_eval_run": cand.test.run_id,
-        "champion_test_eval_run": champ.test.run_id if champ else None,
     }
-    tr.client.log_dict(run_id, detail, "decision.json")
+    champion_test = champ.test.run_id if champ else None
+    tr.client.log_dict(run_id, detail | {"champion_test_eval_run": champion_test}, "decision.json")
     # A version keeps the few tags a user filters the registry on; the rest is the decision run's.
     tags = {cand.ref.version: {"promotion.decision": decision.outcome, "promotion.run": run_id}}
     if champ:  # the champion's promotion.decision keeps saying how it became champion
@@ -263,20 +265,8 @@ def record(decision: Decision, run_id: str) -> dict:
         "run": run_id,
         "aliases": aliases,
         "tags": {str(v): {k: str(x) for k, x in t.items()} for v, t in tags.items()},
-        "run_tags": {
-            "decision": decision.outcome,
-            "reason": decision.reason,
-            "candidate_version": cand.ref.version,
-            "champion_version": champ.ref.version if champ else "",
-            "metric": req.metric,
-            "candidate_value": decision.candidate_value,
-            "champion_value": "" if decision.champion_value is None else decision.champion_value,
-            "candidate_eval_run": cand.decisive.run_id,
-            "champion_eval_run": champ.decisive.run_id if champ else "",
-            "candidate_test_eval_run": cand.test.run_id,
-            "decided_on_test": str(on_test).lower(),
-            f"candidate_{TEST_DECISIONS}": counts[cand.ref.version],
-        }
+        "run_tags": {k: "" if v is None else v for k, v in detail.items()}
+        | {"decided_on_test": str(on_test).lower(), f"candidate_{TEST_DECISIONS}": counts[cand.ref.version]}
         | ({f"champion_{TEST_DECISIONS}": counts[champ.ref.version]} if champ else {}),
     }
 
