@@ -44,11 +44,16 @@ class Request:
                 raise EvaluationError(f"{name}={value!r} must be one of {', '.join(choices)}")
 
 
+def run_split(run_id: str) -> Split:
+    """The split a training run recorded (its split.json); TrackingError when it recorded none."""
+    return Split.from_dict(yaml.safe_load(tracking.read_artifact_text(run_id, "split.json")))
+
+
 def recorded_split(ref: tracking.ModelRef) -> Split:
     if not ref.run_id:
         raise EvaluationError(f"{ref.uri} (version {ref.version}) has no training run; use split=all")
     try:
-        return Split.from_dict(yaml.safe_load(tracking.read_artifact_text(ref.run_id, "split.json")))
+        return run_split(ref.run_id)
     except tracking.TrackingError:
         raise EvaluationError(
             f"{ref.uri} (version {ref.version}): its training run {ref.run_id} recorded no split.json, "

@@ -21,7 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from . import config as config_mod
-from . import tracking
+from . import heldout, tracking
 from .config import Config
 from .metrics import case_of
 from .split import SPLITS, Split
@@ -117,7 +117,7 @@ def _split(run_id: str | None) -> Split | None:
     if not run_id:
         return None
     try:
-        return Split.from_dict(yaml.safe_load(tracking.read_artifact_text(run_id, "split.json")))
+        return heldout.run_split(run_id)
     except (tracking.TrackingError, KeyError, TypeError):
         return None
 
