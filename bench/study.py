@@ -94,8 +94,7 @@ def study(model: str, store: Path, trials: int, tracked: bool, sampler: str) -> 
         start = time.perf_counter()
         chosen = tune.choose(s.study)
         with tracking.reopen(s.parent) as tr:
-            tune._log_study_figures(tr, s, chosen)
-            tune.PostprocessStudy.looked_at(s, chosen)
+            tune.log_study(tr, s, chosen)
         end = time.perf_counter() - start
     else:
         tracking.client().set_terminated(s.parent, "FINISHED")

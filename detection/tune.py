@@ -458,8 +458,7 @@ def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> d
             # The choice did not change since the last registration: no second, identical version;
             # the study's table and figures show the trials this worker added.
             with tracking.reopen(s.parent) as tr:
-                _log_study_figures(tr, s, chosen)
-                KINDS[s.req.kind].looked_at(s, chosen)
+                log_study(tr, s, chosen)
             return {
                 "trial": attrs["registered_trial"],
                 "params": attrs["registered_params"],
@@ -476,9 +475,8 @@ def finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> d
 def _finalize(s: Study, data_dir: Path, test_views: dict[str, Cache] | None) -> dict:
     chosen = choose(s.study)
     with tracking.reopen(s.parent) as tr:
-        _log_study_figures(tr, s, chosen)
+        log_study(tr, s, chosen)
         kind = KINDS[s.req.kind]
-        kind.looked_at(s, chosen)
         test_metrics, chosen_params = kind.chosen_on_test(s, chosen, tr, test_views)
         tags = {
             "study": s.req.study,
@@ -531,6 +529,13 @@ def best_first(table: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
     front = table["trial"].isin([t.number for t in study.best_trials])
     ranked = table.assign(_front=front).sort_values(["_front", "val.f1", "trial"], ascending=[False, False, True])
     return ranked.drop(columns="_front")
+
+
+def log_study(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
+    """What a study's end tracks on its parent run: every trial's table and the figures, and a
+    nested run for each trial a user opens (a training trial is one already)."""
+    _log_study_figures(tr, s, chosen)
+    KINDS[s.req.kind].log_looked_at(s, chosen)
 
 
 def _log_study_figures(tr: tracking.Tracker, s: Study, chosen: optuna.trial.FrozenTrial) -> None:
@@ -663,7 +668,7 @@ class PostprocessStudy:
         return report.metrics, chosen_params
 
     @staticmethod
-    def looked_at(s: Study, chosen) -> None:
+    def log_looked_at(s: Study, chosen) -> None:
         """A nested run for each trial a user opens (looked_at), once: every other trial is a row of
         the study's table and a step of its series."""
         api = tracking.client()
@@ -711,7 +716,7 @@ class TrainingStudy:
         cfg.replace(*req.train_overrides)  # names a bad override before any trial
 
     @staticmethod
-    def looked_at(s: Study, chosen) -> None:
+    def log_looked_at(s: Study, chosen) -> None:
         """Every trial is its training run already."""
 
     @staticmethod

@@ -46,8 +46,7 @@ def _end(s):
     """What the study's end tracks: its table and figures, and nested runs for the trials a user opens."""
     chosen = tune.choose(s.study)
     with tracking.reopen(s.parent) as tr:
-        tune._log_study_figures(tr, s, chosen)
-        tune.PostprocessStudy.looked_at(s, chosen)
+        tune.log_study(tr, s, chosen)
     return chosen
 
 
