@@ -136,7 +136,8 @@ def run_cli(
     exit code and what it printed. It runs in this process (cli.main, as the console script calls
     it): a fresh interpreter pays 7 s of imports (torch, mlflow) a call, most of a small command,
     and the suite makes a hundred. `fresh=True` starts one, for what only a process shows: its
-    temp dir, its logging, a race or a kill."""
+    temp dir, its logging, a race or a kill. `timeout` bounds a fresh process only: an in-process
+    command cannot be stopped from outside."""
     if fresh:
         return subprocess.run(
             [sys.executable, "-m", "detection", *args],
