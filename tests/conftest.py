@@ -225,7 +225,35 @@ def trained(tmp_path_factory, synth_dir) -> dict:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     result = train_tiny(synth_dir, cwd=workdir, env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"workdir": workdir, "uri": uri, "model": "models:/brecahad-faster-rcnn@challenger", "stdout": result.stdout}
+    version = _registry(uri).get_model_version_by_alias(TRAINED_NAME, "challenger").version
+    return {
+        "workdir": workdir,
+        "uri": uri,
+        "model": f"models:/{TRAINED_NAME}@challenger",
+        "version": version,
+        "stdout": result.stdout,
+    }
+
+
+TRAINED_NAME = "brecahad-faster-rcnn"
+
+
+def _registry(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(autouse=True)
+def _trained_challenger_put_back(request):
+    """A worker's tests share one trained store, and a study or a training in it moves its
+    `challenger` to the version it registers. After each test that used the store the alias is on
+    the trained version again, so what a test loads as `@challenger` never depends on which tests
+    its pytest-xdist worker ran before it."""
+    trained = request.getfixturevalue("trained") if "trained" in request.fixturenames else None
+    yield
+    if trained is not None:
+        _registry(trained["uri"]).set_registered_model_alias(TRAINED_NAME, "challenger", trained["version"])
 
 
 @pytest.fixture
